@@ -1,0 +1,36 @@
+"""Ragged per-(row, KV head) storage: pack kept slots tightly, pad them back only transiently.
+
+The flat layout is row-major over ``(b, h, slot)``: all kept slots of (0, 0), then (0, 1), ...
+Slots keep their order inside each head, so positions stay increasing.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pack_ragged(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Select kept slots into one flat tensor.
+
+    Args:
+        padded: ``[B, H, L, *rest]``.
+        keep: ``bool [B, H, L]``.
+    Returns:
+        ``[N, *rest]`` with ``N = keep.sum()``, a fresh tensor (owns exactly its own storage).
+    """
+    return padded[keep]
+
+
+def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``pack_ragged`` for a left-aligned layout.
+
+    Args:
+        flat: ``[N, *rest]``, ``N = lengths.sum()``.
+        lengths: ``long [B, H]``, slots of each head.
+    Returns:
+        ``(padded [B, H, max(lengths), *rest], valid bool [B, H, max(lengths)])``; empty slots hold ``fill``.
+    """
+    width = int(lengths.max()) if lengths.numel() else 0
+    valid = torch.arange(width, device=lengths.device) < lengths[..., None]
+    padded = flat.new_full((*lengths.shape, width, *flat.shape[1:]), fill)
+    padded[valid] = flat
+    return padded, valid

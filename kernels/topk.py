@@ -1,0 +1,24 @@
+"""Per-head top-k selection with a variable k per (row, head): the eviction primitive (torch reference)."""
+from __future__ import annotations
+
+import torch
+
+
+def select_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
+                protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``k`` best valid slots of each head, protected slots first.
+
+    Args:
+        scores: ``float [B, H, n]``, higher = keep.
+        k: ``long [B, H]``, slots to keep per head (clipped to the valid count).
+        valid: ``bool [B, H, n]``; invalid slots are never kept.
+        protected: ``bool [B, H, n]`` or None; always kept (callers check they fit in ``k``).
+    Returns:
+        ``bool [B, H, n]`` with exactly ``min(k, valid.sum(-1))`` True per head. Ties go to the earlier slot.
+    """
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    if protected is not None:
+        ranked = ranked.masked_fill(protected & valid, float("inf"))
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (ranks < k[..., None]) & valid

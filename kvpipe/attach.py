@@ -1,0 +1,217 @@
+"""``Pipeline.attach(model)``: hooks and attention function that put a pipeline on a model, and the ``Handle``.
+
+* a forward pre-hook on the decoder adopts (or creates) the cache and records the 2D padding mask;
+* the kvpipe attention function observes queries and masks compressed layers per head;
+* a forward hook on the decoder compresses every layer once all layers have been observed.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvpipe.attention import BASES, register_attention
+from kvpipe.cache import KVPipeCache, KVPipeLayer
+from kvpipe.context import Observation
+from kvpipe.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from kvpipe.pipeline import Pipeline
+
+
+@dataclass
+class ForwardState:
+    """What one forward call of the attached decoder works with."""
+
+    cache: KVPipeCache
+    padding: torch.Tensor | None          # 2D mask [B, seen] (1 = real token), None = no padding
+    compressing: bool                     # a fresh cache: observe now, compress after the forward
+    observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+class Session:
+    """The live link between one pipeline and one model (shared by the handle, hooks and caches)."""
+
+    def __init__(self, pipeline: Pipeline, model: torch.nn.Module):
+        self.pipeline, self.model = pipeline, model
+        self.decoder = find_decoder(model)
+        self.base = model.config._attn_implementation
+        self.attached = False
+        self.active: ForwardState | None = None
+        self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
+        self.base_attention = base_attention_function(self.base, self.decoder)
+
+    def ensure_attached(self) -> None:
+        if not self.attached:
+            raise UnsupportedModelError("this cache belongs to a kvpipe handle that was detached; "
+                                        "create a new cache (or attach again) to keep generating")
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def before_forward(self, module, args, kwargs):
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = self.model.config.use_cache
+        cache = kwargs.get("past_key_values")
+        if not use_cache and cache is None:
+            self.active = None
+            return args, kwargs
+        cache = self.adopt(cache)
+        kwargs["past_key_values"] = cache
+        padding = kwargs.get("attention_mask")
+        if padding is not None and padding.dim() != 2:
+            raise UnsupportedModelError("kvpipe needs the usual 2D attention mask (1 = token, 0 = padding); "
+                                        f"got a {padding.dim()}D mask")
+        fresh = cache.get_seq_length() == 0
+        self.active = ForwardState(cache, padding, compressing=fresh and self.pipeline.compresses)
+        self.last_cache = cache
+        return args, kwargs
+
+    def after_forward(self, module, args, kwargs, output):
+        forward, self.active = self.active, None
+        if forward is not None and forward.compressing:
+            self.pipeline.compress(forward)
+        return output
+
+    def observe(self, forward: ForwardState, module, query, key, value, scaling) -> None:
+        layer_idx = module.layer_idx
+        batch, _, q, _ = query.shape
+        padding = forward.padding
+        query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
+        kv_valid = (padding[:, -key.shape[2]:].bool() if padding is not None
+                    else query.new_ones(batch, key.shape[2], dtype=torch.bool))
+        obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5,
+                          query_valid, kv_valid[:, None].expand(batch, key.shape[1], -1))
+        for stage in self.pipeline.observers:
+            forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(obs)
+
+    # --- caches ---------------------------------------------------------------------------------
+    def new_cache(self) -> KVPipeCache:
+        return KVPipeCache(self, len(self.decoder.layers))
+
+    def adopt(self, cache) -> KVPipeCache:
+        """Our own cache as is; an empty plain ``DynamicCache`` (what ``generate()`` makes) converted."""
+        if cache is None:
+            return self.new_cache()
+        if isinstance(cache, KVPipeCache):
+            if cache.kvpipe_session is not self:
+                raise UnsupportedModelError("this cache was made by another kvpipe handle; use handle.cache()")
+            return cache
+        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        if not plain or getattr(cache, "offloading", False):
+            raise UnsupportedModelError(
+                f"kvpipe cannot adopt a {type(cache).__name__}: it manages its own storage and quantization. "
+                "Pass no cache (generate() makes one), an empty DynamicCache, or handle.cache()")
+        if cache.get_seq_length() > 0:
+            raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
+                                        "filled without the pipeline. Start from an empty cache or handle.cache()")
+        cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
+        cache.layers = [KVPipeLayer(self) for _ in range(len(self.decoder.layers))]
+        cache.kvpipe_session = self
+        return cache
+
+
+def base_attention_function(base: str, decoder: torch.nn.Module):
+    """The function the wrapper delegates to: HF's sdpa, or the model module's own eager attention."""
+    if base == "sdpa":
+        return sdpa_attention_forward
+    # Eager is not in HF's registry: each modeling file defines its own eager function.
+    return sys.modules[type(decoder.layers[0].self_attn).__module__].eager_attention_forward
+
+
+def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``model.model`` for HF causal LMs), checked for what kvpipe needs."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a decoder-only model with `model.layers[i].self_attn`; "
+            "kvpipe supports Llama-style Hugging Face causal LMs (Llama, Qwen2/3, Mistral, SmolLM...)")
+    return decoder
+
+
+def check_model(model: torch.nn.Module) -> None:
+    config = model.config
+    if getattr(model, "_kvpipe_session", None) is not None:
+        raise UnsupportedModelError("a kvpipe pipeline is already attached to this model; detach it first")
+    base = config._attn_implementation
+    if base not in BASES:
+        raise UnsupportedModelError(
+            f"attention implementation {base!r} is not supported: per-head eviction needs an arbitrary mask. "
+            "Load the model with attn_implementation='sdpa' (or 'eager')")
+    kinds = set(getattr(config, "layer_types", None) or
+                ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
+    if kinds != {"full_attention"}:
+        raise UnsupportedModelError(
+            f"layer types {sorted(kinds)} are not supported yet: kvpipe compresses full-attention layers only; "
+            "sliding-window layers would need their own cache layer")
+
+
+class Handle:
+    """What ``attach()`` returns. Also a context manager: ``with pipeline.attach(model) as handle: ...``."""
+
+    def __init__(self, pipeline: Pipeline, model: torch.nn.Module):
+        check_model(model)
+        self.session = session = Session(pipeline, model)
+        self.original_attention = session.base
+        name = register_attention(session.base)
+        for layer in session.decoder.layers:
+            layer.self_attn._kvpipe_session = session
+        self._hooks = [
+            session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
+            session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
+        ]
+        model._kvpipe_session = session
+        model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            self.detach()
+            raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {name!r}")
+        session.attached = True
+
+    def detach(self) -> None:
+        """Remove hooks and attention function; the model computes exactly as before ``attach``."""
+        session = self.session
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for layer in session.decoder.layers:
+            layer.self_attn.__dict__.pop("_kvpipe_session", None)
+        session.model.__dict__.pop("_kvpipe_session", None)
+        if session.model.config._attn_implementation != self.original_attention:
+            session.model.set_attn_implementation(self.original_attention)
+        session.attached, session.active, session.last_cache = False, None, None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def cache(self) -> KVPipeCache:
+        """A fresh compressed cache for manual loops: ``model(ids, past_key_values=handle.cache())``."""
+        return self.session.new_cache()
+
+    def stats(self, cache: KVPipeCache | None = None) -> dict:
+        """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
+
+        Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
+        dtype), ``compression_ratio``, ``kept_tokens`` (``long [layers, B, Hkv]``) and ``seen_tokens``.
+        """
+        if cache is None:
+            cache = self.session.last_cache
+            if cache is None:
+                raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
+        layers = [layer for layer in cache.layers if layer.is_initialized]
+        kv_bytes = sum(layer.nbytes for layer in layers)
+        full = sum(2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1]
+                   * layer.keys.dtype.itemsize for layer in layers)
+        return {
+            "kv_bytes": kv_bytes,
+            "kv_bytes_full": full,
+            "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
+            "kept_tokens": torch.stack([layer.kept_slots() for layer in layers]) if layers else torch.empty(0),
+            "seen_tokens": cache.get_seq_length(),
+        }

@@ -1,0 +1,70 @@
+"""The attention function kvpipe installs: per-head masks over a compressed layer, and observation.
+
+Only the attention function sees post-RoPE queries, so this is where stages observe. One name is
+registered per wrapped base implementation (``kvpipe_sdpa``, ``kvpipe_eager``) together with that
+base's mask function: without the mask registration transformers builds no mask and padding is lost.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from kvpipe.errors import UnsupportedModelError
+
+BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
+
+
+def wrapped_name(base: str) -> str:
+    return f"kvpipe_{base}"
+
+
+def register_attention(base: str) -> str:
+    """Register (idempotently) the kvpipe attention wrapping ``base``; returns its name."""
+    name = wrapped_name(base)
+    AttentionInterface.register(name, kvpipe_attention)
+    AttentionMaskInterface.register(name, BASES[base])
+    return name
+
+
+def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs):
+    """``query [B, Hq, q, D]``, ``key``/``value [B, Hkv, kv, D]`` as returned by the cache."""
+    session = getattr(module, "_kvpipe_session", None)
+    if session is None:
+        raise UnsupportedModelError(
+            "this model's attention implementation is a kvpipe one but no pipeline is attached to it; "
+            "restore it with model.set_attn_implementation('sdpa') or attach a pipeline")
+    forward = session.active
+    if forward is not None:
+        layer = forward.cache.layers[module.layer_idx]
+        if layer.store is not None:
+            attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
+        if forward.compressing:
+            session.observe(forward, module, query, key, value, kwargs.get("scaling"))
+    return session.base_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, additive: bool) -> torch.Tensor:
+    """Mask ``[B, Hq, q, width + T]`` for a compressed layer: kept slots per head, then HF's new-token block.
+
+    HF's mask is built for one physical width shared by all layers; thanks to ``get_mask_sizes`` its last
+    ``q`` columns are exactly the new tokens (causal + padding), so only those are reused.
+    """
+    batch, q_heads, q, _ = query.shape
+    past = layer.physical_length - q
+    valid = layer.past_valid(past)                                                  # [B, Hkv, past]
+    if hf_mask is None:
+        new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()[None, None]
+    elif hf_mask.dtype == torch.bool:
+        new = hf_mask[..., -q:]
+    else:
+        new = hf_mask[..., -q:] == 0
+    heads = valid.shape[1]
+    mask = torch.cat([valid[:, :, None, :].expand(batch, heads, q, past),
+                      new.expand(batch, heads, q, q)], dim=-1)
+    mask = mask.repeat_interleave(q_heads // heads, dim=1)
+    if additive:
+        return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    return mask

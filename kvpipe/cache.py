@@ -1,0 +1,134 @@
+"""The compressed cache: a transformers ``DynamicCache`` whose layers can hold fewer tokens than were fed.
+
+Each ``KVPipeLayer`` holds two parts:
+
+* ``store`` — a ``RaggedStore`` of the slots kept at the last compression (per-head lengths differ);
+* a *tail* — ``self.keys``/``self.values [B, Hkv, T, D]``, the tokens fed since then, uncompressed.
+
+Before the first compression the layer behaves exactly like ``DynamicLayer`` (so an attached model
+with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the **logical** number of
+tokens fed, never the number kept: transformers derives RoPE positions and resume offsets from it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvpipe.context import LayerView
+from kvpipe.store import RaggedStore
+
+if TYPE_CHECKING:
+    from kvpipe.attach import Session
+
+
+class KVPipeLayer(DynamicLayer):
+    is_croppable = False
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self.session = session
+        self.seen = 0
+        self.store: RaggedStore | None = None
+
+    # --- the transformers layer contract -------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]``."""
+        self.session.ensure_attached()
+        keys, values = super().update(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        if self.store is None:
+            return keys, values
+        past_keys, past_values, _ = self.store.padded()
+        return torch.cat([past_keys, keys], dim=-2), torch.cat([past_values, values], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Width = what update() will return; the offset makes HF's last q mask columns the new tokens.
+        physical = self.physical_length
+        return physical + query_length, self.seen - physical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a kvpipe cache cannot be cropped: evicted tokens cannot be put back")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = torch.arange(self.keys.shape[0], device=self.keys.device)
+            self._select_rows(rows.repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.store = 0, None
+
+    # --- what kvpipe adds -----------------------------------------------------------------------
+    @property
+    def tail_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+    @property
+    def physical_length(self) -> int:
+        """Padded width attention sees: longest kept head plus the tail."""
+        return (self.store.width if self.store is not None else 0) + self.tail_length
+
+    def past_valid(self, upto: int) -> torch.Tensor:
+        """``bool [B, Hkv, upto]``: validity of the first ``upto`` physical slots (store, then tail)."""
+        batch, heads = self.keys.shape[:2]
+        store = self.store.valid() if self.store is not None else self.keys.new_zeros((batch, heads, 0), dtype=torch.bool)
+        tail = torch.ones(batch, heads, upto - store.shape[-1], dtype=torch.bool, device=store.device)
+        return torch.cat([store, tail], dim=-1)
+
+    def view(self, padding: torch.Tensor | None) -> LayerView:
+        """Everything stored, padded per head, for stages. ``padding``: the 2D mask ``[B, seen]`` or None."""
+        batch, heads, tail, _ = self.keys.shape
+        tail_pos = torch.arange(self.seen - tail, self.seen, device=self.keys.device).expand(batch, heads, tail)
+        tail_valid = (padding[:, tail_pos[0, 0]].bool()[:, None].expand(batch, heads, tail) if padding is not None
+                      else torch.ones(batch, heads, tail, dtype=torch.bool, device=self.keys.device))
+        if self.store is None:
+            return LayerView(self.keys, self.values, tail_pos, tail_valid)
+        keys, values, positions = self.store.padded()
+        return LayerView(torch.cat([keys, self.keys], -2), torch.cat([values, self.values], -2),
+                         torch.cat([positions, tail_pos], -1), torch.cat([self.store.valid(), tail_valid], -1))
+
+    def compact(self, view: LayerView, keep: torch.Tensor) -> None:
+        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``); the rest is freed, not masked."""
+        self.store = RaggedStore.from_padded(view.keys, view.values, view.positions, keep & view.valid)
+        self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+
+    def kept_slots(self) -> torch.Tensor:
+        """``long [B, Hkv]``: slots held per head (kept store slots plus the tail)."""
+        batch, heads = self.keys.shape[:2]
+        stored = self.store.lengths.long() if self.store is not None else torch.zeros(batch, heads, dtype=torch.long)
+        return stored + self.tail_length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage this layer really holds."""
+        if not self.is_initialized:
+            return 0
+        tail = self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+        return tail + (self.store.nbytes if self.store is not None else 0)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys[index], self.values[index]
+        if self.store is not None:
+            self.store = self.store.select_rows(index)
+
+
+class KVPipeCache(DynamicCache):
+    """A ``DynamicCache`` made of ``KVPipeLayer``s, bound to the handle that created it."""
+
+    def __init__(self, session: Session, num_layers: int):
+        Cache.__init__(self, layers=[KVPipeLayer(session) for _ in range(num_layers)])
+        self.kvpipe_session = session

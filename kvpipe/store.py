@@ -1,0 +1,62 @@
+"""The compressed part of one layer: kept slots stored ragged, per (row, KV head)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpipe.kernels import pack_ragged, unpack_ragged
+
+POSITION_DTYPE = torch.int32
+
+
+@dataclass
+class RaggedStore:
+    """Kept slots packed tightly: no head is padded to the longest one.
+
+    ``keys``/``values [N, D]``, ``positions int32 [N]`` (logical token index of each slot), ``lengths
+    int32 [B, Hkv]``; layout row-major over (row, head, slot), slots in increasing position.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                    keep: torch.Tensor) -> RaggedStore:
+        """Pack the ``keep [B, Hkv, n]`` slots of padded ``keys``/``values [B, Hkv, n, D]``."""
+        return cls(pack_ragged(keys, keep), pack_ragged(values, keep),
+                   pack_ragged(positions, keep).to(POSITION_DTYPE), keep.sum(-1).to(POSITION_DTYPE))
+
+    @property
+    def width(self) -> int:
+        """Length of the longest head: the padded width attention sees."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def valid(self) -> torch.Tensor:
+        """``bool [B, Hkv, width]``: which padded slots hold a kept token."""
+        return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
+        keys, _ = unpack_ragged(self.keys, self.lengths)
+        values, _ = unpack_ragged(self.values, self.lengths)
+        positions, _ = unpack_ragged(self.positions.long(), self.lengths, fill=-1)
+        return keys, values, positions
+
+    def select_rows(self, index: torch.Tensor) -> RaggedStore:
+        """Rows ``index`` (beam reorder, batch selection, repeat): ``index long [B']``."""
+        keys, values, positions = self.padded()
+        return RaggedStore.from_padded(keys[index], values[index], positions[index], self.valid()[index])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the storage these tensors really hold."""
+        return sum(t.untyped_storage().nbytes() for t in (self.keys, self.values, self.positions, self.lengths))
+
+    @staticmethod
+    def slot_bytes(head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one kept slot costs: its key, its value and its position."""
+        return 2 * head_dim * dtype.itemsize + POSITION_DTYPE.itemsize

@@ -1,0 +1,52 @@
+"""Attention mass (H2O's heavy hitters, "importance"): how much attention each cached token received."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import CompressionContext, Observation
+from kvpipe.registry import Params, Stage, register
+
+QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
+
+
+class AttentionMassParams(Params):
+    window: int | None = Field(None, ge=1, description="score with the last `window` real queries only "
+                                                        "(SnapKV's observation window); null = all queries (H2O)")
+    normalize: bool = Field(True, description="divide by the number of queries that could see each token, "
+                                              "so early tokens are not favoured just for being seen more")
+    group: Literal["mean", "max"] = Field("mean", description="how the query heads of one KV head are combined")
+
+
+@register("attention_mass", family="scoring")
+class AttentionMass(Stage):
+    """Score = softmax attention a token receives from the prompt's queries, summed (or averaged) over them."""
+
+    Params = AttentionMassParams
+    writes = ("scores",)
+    observes = True
+
+    def observe(self, obs: Observation) -> torch.Tensor:
+        """Returns ``float32 [B, Hkv, kv]``."""
+        batch, q_heads, q, _ = obs.query.shape
+        kv = obs.key.shape[2]
+        start = 0 if self.params.window is None else max(0, q - self.params.window)
+        mass = torch.zeros(batch, q_heads, kv, device=obs.query.device)
+        for lo in range(start, q, QUERY_CHUNK):
+            mass += obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).sum(2)
+        if self.params.normalize:
+            mass /= seen_by(obs.query_valid[:, start:], kv - q + start, kv).clamp(min=1)[:, None, :]
+        grouped = mass.view(batch, q_heads // obs.groups, obs.groups, kv)
+        return grouped.mean(2) if self.params.group == "mean" else grouped.amax(2)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        ctx.slots["scores"] = ctx.observed(self)
+
+
+def seen_by(query_valid: torch.Tensor, first_position: int, kv: int) -> torch.Tensor:
+    """``float [B, kv]``: how many valid queries (at positions ``first_position + i``) see each key causally."""
+    per_position = torch.zeros(query_valid.shape[0], kv, device=query_valid.device)
+    per_position[:, first_position:first_position + query_valid.shape[1]] = query_valid.float()
+    return per_position.flip(-1).cumsum(-1).flip(-1)

@@ -1,0 +1,39 @@
+"""StreamingLLM's protected set: the first tokens (attention sinks) and the most recent window."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import CompressionContext
+from kvpipe.registry import Params, Stage, register
+
+
+class SinksWindowParams(Params):
+    sinks: int = Field(4, ge=0, description="first real tokens always kept (attention sinks)")
+    window: int = Field(64, ge=0, description="most recent real tokens always kept")
+
+
+@register("sinks_window", family="candidate selection")
+class SinksWindow(Stage):
+    """Marks sinks and the recent window as protected: every eviction after it keeps them."""
+
+    Params = SinksWindowParams
+    writes = ("candidates",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        ctx.slots["candidates"] = [protected_ends(view.valid, self.params.sinks, self.params.window)
+                                   for view in ctx.layers]
+
+    def check_budget(self, budget) -> str | None:
+        protected = self.params.sinks + self.params.window
+        if budget.kind == "tokens" and budget.tokens < protected:
+            return (f"budget of {budget.tokens} tokens per head is below the {protected} that sinks_window protects "
+                    f"({self.params.sinks} sinks + {self.params.window} window); raise the budget or shrink them")
+        return None
+
+
+def protected_ends(valid: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """``bool [B, H, n]``: the first ``sinks`` and last ``window`` valid slots of each head (padding skipped)."""
+    rank = valid.long().cumsum(-1) - 1                     # index among valid slots
+    count = valid.sum(-1, keepdim=True)
+    return valid & ((rank < sinks) | (rank >= count - window))

@@ -1,0 +1,31 @@
+"""Top-k eviction: keep the best-scored slots each head is allocated; the cache then frees the rest."""
+from __future__ import annotations
+
+from kvpipe.context import CompressionContext
+from kvpipe.errors import BudgetError
+from kvpipe.kernels import select_topk
+from kvpipe.registry import Stage, register
+
+
+@register("topk", family="eviction")
+class TopK(Stage):
+    """Per head, keep protected candidates plus the highest scores up to the allocation."""
+
+    reads = ("scores", "allocation")
+    optional_reads = ("candidates",)
+    writes = ("keep",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        protected_all = ctx.slots.get("candidates", [None] * len(ctx.layers))
+        keep = []
+        for layer, (view, scores, k, protected) in enumerate(
+                zip(ctx.layers, ctx.slots["scores"], ctx.slots["allocation"], protected_all)):
+            if protected is not None:
+                need = (protected & view.valid).sum(-1)
+                if bool((need > k).any()):
+                    raise BudgetError(
+                        f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
+                        "protected (sinks + recent window); the prompt is too short for this budget. "
+                        "Raise the budget or shrink sinks/window")
+            keep.append(select_topk(scores, k, view.valid, protected))
+        ctx.slots["keep"] = keep

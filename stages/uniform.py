@@ -1,0 +1,19 @@
+"""Uniform allocation: every (layer, KV head) of a row keeps the same number of slots."""
+from __future__ import annotations
+
+from kvpipe.context import CompressionContext
+from kvpipe.registry import Stage, register
+
+
+@register("uniform", family="budget allocation")
+class Uniform(Stage):
+    """Allocation = the budget read per row (``keep × real tokens``, ``tokens``, or the byte equivalent)."""
+
+    writes = ("allocation",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        allocation = []
+        for layer, view in enumerate(ctx.layers):
+            per_row = ctx.slots_per_head(layer)
+            allocation.append(per_row[:, None].expand(view.valid.shape[:2]).clone())
+        ctx.slots["allocation"] = allocation
