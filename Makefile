@@ -25,7 +25,7 @@ demo: setup
 
 # pytest exits 5 when it collected nothing; that must fail, not pass.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,8 +42,7 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
     else:
         location = name
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF loading prints per-tensor progress bars and notices
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # GGUF loading prints notices per tensor
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -52,7 +51,6 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
                           "or a local path; nothing is downloaded at run time here") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

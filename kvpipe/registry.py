@@ -13,7 +13,7 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -111,7 +111,13 @@ def describe_params(cls: type[Stage]) -> list[tuple[str, str, Any, str]]:
     """``(name, type, default, description)`` per parameter, read from the pydantic model."""
     rows = []
     for pname, field in cls.Params.model_fields.items():
-        ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        ann = _type_name(field.annotation)
         default = "required" if field.is_required() else field.default
         rows.append((pname, ann, default, field.description or ""))
     return rows
+
+
+def _type_name(annotation) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -90,7 +90,9 @@ def parse_spec(source: YamlSource) -> PipelineSpec:
 
 def first_error(err: ValidationError, source: YamlSource, prefix: tuple, model: type[BaseModel]):
     """Turn pydantic's first error into a one-line ``SpecError`` with file, line and key path."""
-    e = err.errors()[0]
+    # An unknown key usually explains a "field required" next to it (a typo), so report it first.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    e = errors[0]
     loc = prefix + tuple(p for p in e["loc"] if not _is_union_tag(p))
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
@@ -100,8 +102,9 @@ def first_error(err: ValidationError, source: YamlSource, prefix: tuple, model: 
             msg += f" (allowed: {', '.join(sorted(allowed))})"
     elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
         msg += f", got {e['input']!r}"
-    more = len(err.errors()) - 1
-    return source.error(loc, msg + (f" (and {more} more error{'s' * (more > 1)})" if more else ""))
+    more = len(errors) - 1
+    return source.error(loc, msg + (f" (and {more} more error{'s' * (more > 1)})" if more else ""),
+                        at_key=e["type"] == "extra_forbidden")
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -23,17 +23,20 @@ class YamlSource:
 
     data: Any
     name: str = "<dict>"
-    marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)      # where each value starts
+    key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)  # where each mapping key starts
 
-    def locate(self, path: KeyPath) -> tuple[int | None, int | None]:
-        """Mark of ``path`` or, when it does not exist (a missing key), of its nearest parent."""
+    def locate(self, path: KeyPath, at_key: bool = False) -> tuple[int | None, int | None]:
+        """Mark of the value at ``path`` (of its key with ``at_key``); a missing path gets its nearest parent's."""
         path = tuple(path)
+        if at_key and path in self.key_marks:
+            return self.key_marks[path]
         while path not in self.marks and path:
             path = path[:-1]
         return self.marks.get(path, (None, None))
 
-    def error(self, path: KeyPath, message: str) -> SpecError:
-        line, column = self.locate(path)
+    def error(self, path: KeyPath, message: str, at_key: bool = False) -> SpecError:
+        line, column = self.locate(path, at_key)
         return SpecError(message, self.name, line, column, format_path(path))
 
 
@@ -82,9 +85,8 @@ def _record(node: yaml.Node, path: KeyPath, source: YamlSource) -> None:
                 line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
                 raise SpecError(f"duplicate key {key!r}", source.name, line, col, format_path(path + (key,)))
             seen.add(key)
+            source.key_marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             _record(value_node, path + (key,), source)
-            # Point key-level errors (unknown key) at the key itself.
-            source.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _record(item, path + (i,), source)

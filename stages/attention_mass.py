@@ -18,6 +18,8 @@ class AttentionMassParams(Params):
     normalize: bool = Field(True, description="divide by the number of queries that could see each token, "
                                               "so early tokens are not favoured just for being seen more")
     group: Literal["mean", "max"] = Field("mean", description="how the query heads of one KV head are combined")
+    pool: int = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; SnapKV uses 7) "
+                                           "so multi-token facts are kept whole; 1 = no pooling")
 
 
 @register("attention_mass", family="scoring")
@@ -39,10 +41,20 @@ class AttentionMass(Stage):
         if self.params.normalize:
             mass /= seen_by(obs.query_valid[:, start:], kv - q + start, kv).clamp(min=1)[:, None, :]
         grouped = mass.view(batch, q_heads // obs.groups, obs.groups, kv)
-        return grouped.mean(2) if self.params.group == "mean" else grouped.amax(2)
+        scores = grouped.mean(2) if self.params.group == "mean" else grouped.amax(2)
+        return pool_neighbours(scores, self.params.pool)
 
     def __call__(self, ctx: CompressionContext) -> None:
         ctx.slots["scores"] = ctx.observed(self)
+
+
+def pool_neighbours(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max over a centred window of ``kernel`` tokens: ``[B, H, n]`` -> ``[B, H, n]``."""
+    if kernel == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pooled = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return pooled[..., :scores.shape[-1]].reshape(scores.shape)
 
 
 def seen_by(query_valid: torch.Tensor, first_position: int, kv: int) -> torch.Tensor:

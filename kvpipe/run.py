@@ -1,0 +1,91 @@
+"""The main job: a needle-in-a-haystack run, full cache and pipeline side by side, one table."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvpipe.pipeline import Pipeline
+from kvpipe.table import human_bytes, render
+from kvpipe.tasks import NeedleCase, make_needle_cases
+
+MAX_NEW_TOKENS = 24  # the model answers "The special magic number for <key> is <number>."
+
+
+@dataclass
+class Tally:
+    """Results of one cache kind over all cases."""
+
+    name: str
+    correct: list[bool] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    kv_bytes_full: list[int] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+
+    def row(self, protocol: str, reference: Tally | None) -> list:
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        agree = (f"{sum(a and b for a, b in zip(self.correct, reference.correct))}/{sum(reference.correct)}"
+                 if reference is not None else "-")
+        return [self.name, protocol, f"{sum(self.correct)}/{len(self.correct)}", agree,
+                human_bytes(mean(self.kv_bytes)), mean(self.kv_bytes_full) / mean(self.kv_bytes),
+                mean(self.prefill_s), mean(self.decode_tps)]
+
+
+def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> tuple[str, float, float]:
+    """Generate an answer; returns ``(text, prefill seconds, decode tokens/s)``.
+
+    Prefill = the compressed part: the context alone (question-agnostic), or the whole prompt but its
+    last token (question-aware). ``generate()`` then resumes from the cache with the rest.
+    """
+    ids = case.ids
+    prefill = ids[:, :-1] if question_aware else case.prefix_ids
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(prefill, past_key_values=cache)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        decode_s = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), prefill_s, len(new) / decode_s
+
+
+def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, question_aware: bool,
+               seed: int = 0) -> tuple[Tally, Tally]:
+    """Every case with the full cache, then with the pipeline attached; same prompts, greedy decoding."""
+    full, piped = Tally("full cache"), Tally(pipeline.spec.name or pipeline.source)
+    for case in tqdm(make_needle_cases(tokenizer, context, cases, seed), desc="needle cases", unit="case"):
+        cache = DynamicCache(config=model.config)
+        text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware)
+        held = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+                   for layer in cache.layers)
+        _record(full, case.is_correct(text), held, held, prefill_s, tps)
+        with pipeline.attach(model) as handle:
+            cache = handle.cache()
+            text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware)
+            stats = handle.stats(cache)
+        _record(piped, case.is_correct(text), stats["kv_bytes"], stats["kv_bytes_full"], prefill_s, tps)
+    return full, piped
+
+
+def _record(tally: Tally, correct, kv_bytes, kv_full, prefill_s, tps) -> None:
+    tally.correct.append(correct)
+    tally.kv_bytes.append(kv_bytes)
+    tally.kv_bytes_full.append(kv_full)
+    tally.prefill_s.append(prefill_s)
+    tally.decode_tps.append(tps)
+
+
+def report(full: Tally, piped: Tally, question_aware: bool, context: int, budget) -> str:
+    protocol = "question-aware" if question_aware else "question-agnostic"
+    headers = ["cache", "protocol", "accuracy", "kept of full's correct", "KV bytes held", "compression",
+               "prefill s", "decode tok/s"]
+    title = (f"needle in a haystack, {context}-token context, budget {budget}; {protocol}: "
+             + ("the question is compressed with the context" if question_aware
+                else "the context is compressed before the question is seen"))
+    return title + "\n" + render(headers, [full.row(protocol, None), piped.row(protocol, full)])

@@ -1,0 +1,93 @@
+"""Needle in a haystack: one fact with a random key and number hidden in real Python documentation.
+
+The question comes *after* the context, so a pipeline can compress the context without seeing it
+(question-agnostic, kvpress's protocol) or with it (question-aware: the whole prompt is compressed).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+ADJECTIVES = ["amber", "brisk", "cobalt", "dusty", "eager", "frosty", "gilded", "hollow", "ivory", "jolly",
+              "lunar", "mellow", "nimble", "olive", "placid", "quiet", "rustic", "silver", "tawny", "velvet"]
+NOUNS = ["falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quarry", "river", "saddle", "thicket",
+         "violin", "walrus", "anchor", "beacon", "canyon", "dragon", "ember", "glacier", "island", "juniper"]
+
+
+@dataclass(frozen=True)
+class NeedleCase:
+    """One case: ``prefix_ids`` = chat prompt up to the end of the context, ``suffix_ids`` = the question
+    and the assistant turn's opening. ``ids = cat(prefix_ids, suffix_ids)``, both ``long [1, n]``."""
+
+    prefix_ids: torch.Tensor
+    suffix_ids: torch.Tensor
+    key: str
+    answer: str
+    depth: float
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return torch.cat([self.prefix_ids, self.suffix_ids], dim=-1)
+
+    def is_correct(self, generated: str) -> bool:
+        return self.answer in generated
+
+
+@lru_cache(maxsize=1)
+def paragraphs() -> tuple[str, ...]:
+    """Paragraphs of prose from the standard library's documentation topics (no code blocks)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            text = " ".join(block.split())
+            # Prose only: code, grammar rules and headings make a poor haystack.
+            if len(text) > 80 and not block.startswith("   ") and "::=" not in text and not text.startswith(("*", "=")):
+                out.append(text)
+    return tuple(out)
+
+
+def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0) -> list[NeedleCase]:
+    """``cases`` seeded cases whose context is ``context_tokens`` tokens long (within a paragraph)."""
+    rng = random.Random(seed)
+    prose = paragraphs()
+    out = []
+    for _ in range(cases):
+        key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        answer = str(rng.randrange(1_000_000, 10_000_000))
+        needle = f"The special magic number for {key} is {answer}."
+        depth = rng.uniform(0.1, 0.9)
+        context = _haystack(tokenizer, prose, rng, context_tokens)
+        split = len(context) * depth
+        cut = context.find(". ", int(split))
+        cut = len(context) if cut < 0 else cut + 2
+        context = context[:cut] + needle + " " + context[cut:]
+        question = f"What is the special magic number for {key}? Answer with the number only."
+        out.append(_encode(tokenizer, context, question, key, answer, depth))
+    return out
+
+
+def _haystack(tokenizer, prose: tuple[str, ...], rng: random.Random, tokens: int) -> str:
+    start = rng.randrange(len(prose))
+    chosen, count = [], 0
+    i = start
+    while count < tokens:
+        paragraph = prose[i % len(prose)]
+        chosen.append(paragraph)
+        count += len(tokenizer(paragraph, add_special_tokens=False).input_ids) + 1
+        i += 1
+    return "\n".join(chosen)
+
+
+def _encode(tokenizer, context: str, question: str, key: str, answer: str, depth: float) -> NeedleCase:
+    marker = "\x00QUESTION\x00"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + marker}],
+                                           add_generation_prompt=True, tokenize=False)
+    head, tail = prompt.split(marker)
+    prefix = tokenizer(head, add_special_tokens=False, return_tensors="pt").input_ids
+    suffix = tokenizer(question + tail, add_special_tokens=False, return_tensors="pt").input_ids
+    return NeedleCase(prefix, suffix, key, answer, depth)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight models (fast) and the real SmolLM2, loaded once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_model(kind: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
+    """A 2-layer random model: 4 query heads, 2 KV heads, head_dim 16. Weights are drawn wider than the usual
+    0.02 so attention is peaked: with near-uniform attention every scorer ties and tests would prove nothing."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                        attn_implementation=attn, initializer_range=0.3, pad_token_id=0, eos_token_id=255, bos_token_id=1, **overrides)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct."""
+    from kvpipe.models import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture
+def random_ids():
+    def make(batch: int, length: int, vocab: int = 256, seed: int | None = None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+        return torch.randint(2, vocab - 1, (batch, length), generator=generator)
+    return make
