@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 
@@ -85,7 +86,7 @@ def _stages(args) -> int:
         slots = f"reads: {', '.join(cls.reads + tuple(s + '?' for s in cls.optional_reads)) or '-'}; " \
                 f"writes: {', '.join(cls.writes) or '-'}"
         print(f"{name}  [{cls.family}]  {slots}\n{textwrap.indent(doc, '  ')}")
-        rows = [[p, t, repr(d), desc] for p, t, d, desc in describe_params(cls)]
+        rows = [[p, t, d if d == "required" else json.dumps(d), desc] for p, t, d, desc in describe_params(cls)]
         if rows:
             print(textwrap.indent(render(["param", "type", "default", "meaning"], rows, align="llll"), "  "))
         print()

@@ -119,5 +119,5 @@ def describe_params(cls: type[Stage]) -> list[tuple[str, str, Any, str]]:
 
 def _type_name(annotation) -> str:
     if get_origin(annotation) is Literal:
-        return " | ".join(repr(a) for a in get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        return " or ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "").replace(" | ", " or ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kvpipe.context import CompressionContext, Observation
 from kvpipe.registry import Params, Stage, register
@@ -20,6 +20,13 @@ class AttentionMassParams(Params):
     group: Literal["mean", "max"] = Field("mean", description="how the query heads of one KV head are combined")
     pool: int = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; SnapKV uses 7) "
                                            "so multi-token facts are kept whole; 1 = no pooling")
+
+    @field_validator("pool")
+    @classmethod
+    def _odd(cls, pool: int) -> int:
+        if pool % 2 == 0:
+            raise ValueError("pool must be odd so the window is centred on the token")
+        return pool
 
 
 @register("attention_mass", family="scoring")
@@ -53,8 +60,7 @@ def pool_neighbours(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     if kernel == 1:
         return scores
     flat = scores.reshape(-1, 1, scores.shape[-1])
-    pooled = torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    return pooled[..., :scores.shape[-1]].reshape(scores.shape)
+    return torch.nn.functional.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
 
 
 def seen_by(query_valid: torch.Tensor, first_position: int, kv: int) -> torch.Tensor:

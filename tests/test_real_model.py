@@ -1,0 +1,85 @@
+"""The embedded SmolLM2-135M-Instruct through attach(), forward and generate(). Loaded once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpipe
+from kvpipe.pipelines import path
+from kvpipe.tasks import make_needle_cases
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm):
+    _, tokenizer = smollm
+    case = make_needle_cases(tokenizer, 400, 1, seed=3)[0]
+    return case
+
+
+def logits_through(model, ids, steps=3, cache=None):
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = [model(ids, past_key_values=cache).logits[:, -1]]
+        for t in range(steps):
+            out.append(model(torch.tensor([[100 + t]]), past_key_values=cache).logits[:, -1])
+    return torch.stack(out)
+
+
+def test_noop_attach_and_detach_are_bit_identical(smollm, prompt):
+    model, _ = smollm
+    before = logits_through(model, prompt.ids)
+    with kvpipe.build(path("noop")).attach(model) as handle:
+        attached = logits_through(model, prompt.ids, cache=handle.cache())
+    after = logits_through(model, prompt.ids)
+    assert (attached - before).abs().max().item() == 0.0
+    assert torch.equal(after, before)
+
+
+def test_default_pipeline_generates_and_frees_half(smollm, prompt):
+    model, tokenizer = smollm
+    ids = prompt.ids
+    with kvpipe.build(path("default")).attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        stats = handle.stats()
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 0
+    assert stats["compression_ratio"] >= 1.9
+    seen = ids.shape[1] + 19
+    assert stats["seen_tokens"] == seen
+    kept = stats["kept_tokens"]
+    assert kept.shape == (30, 1, 3)
+    assert bool((kept == ids.shape[1] // 2 + 19).all())  # half the prompt + the 19 tokens fed while decoding
+
+
+def test_positions_continue_after_eviction(smollm, prompt):
+    model, _ = smollm
+    ids = prompt.ids
+    nxt = torch.tensor([[504]])
+    results = {}
+    with kvpipe.build(path("default")).attach(model) as handle, torch.inference_mode():
+        for name, position in (("implicit", None), ("logical", ids.shape[1]), ("kept", ids.shape[1] // 2)):
+            cache = handle.cache()
+            model(ids, past_key_values=cache)
+            kwargs = {} if position is None else {"position_ids": torch.tensor([[position]])}
+            results[name] = model(nxt, past_key_values=cache, **kwargs).logits
+    assert torch.equal(results["implicit"], results["logical"])
+    assert (results["implicit"] - results["kept"]).abs().max() > 0.1
+
+
+def test_left_padded_batch_matches_single_prompts(smollm):
+    model, tokenizer = smollm
+    cases = make_needle_cases(tokenizer, 300, 2, seed=11)
+    texts = [tokenizer.decode(c.ids[0]) for c in cases]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert batch.attention_mask[:, 0].tolist().count(0) == 1  # one row really is padded
+    with kvpipe.build(path("default")).attach(model):
+        together = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        alone = [model.generate(tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids,
+                                max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                 for t in texts]
+    width = batch.input_ids.shape[1]
+    for row, single in enumerate(alone):
+        assert together[row, width:].tolist() == single[0, -10:].tolist()

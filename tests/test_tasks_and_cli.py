@@ -1,0 +1,56 @@
+"""The needle task generator and the command line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kvpipe.cli import main
+from kvpipe.pipelines import path
+from kvpipe.tasks import make_needle_cases
+
+
+@pytest.mark.real_model
+def test_needle_cases_are_seeded_and_hold_the_needle_once(smollm):
+    _, tokenizer = smollm
+    first = make_needle_cases(tokenizer, 500, 3, seed=5)
+    again = make_needle_cases(tokenizer, 500, 3, seed=5)
+    other = make_needle_cases(tokenizer, 500, 3, seed=6)
+    assert all(a.ids.equal(b.ids) for a, b in zip(first, again))
+    assert not first[0].ids.equal(other[0].ids)
+    for case in first:
+        context = tokenizer.decode(case.prefix_ids[0])
+        question = tokenizer.decode(case.suffix_ids[0])
+        assert context.count(case.answer) == 1 and case.answer not in question
+        assert context.count(case.key) == 1 and case.key in question
+        assert 500 <= case.prefix_ids.shape[1] <= 500 * 1.35  # whole paragraphs: overshoot by one at most
+
+
+def test_stages_lists_every_parameter(capsys):
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sinks_window", "attention_mass", "random", "uniform", "topk"):
+        assert f"{name}  [" in out
+    assert "| window    | int or None     | null " in out and "'mean' or 'max'" in out
+
+
+def test_graph_prints_and_draws(tmp_path, capsys):
+    png = tmp_path / "graph.png"
+    assert main(["graph", str(path("default")), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "topk" in out and "(after uniform)" in out
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_teaches_with_examples():
+    done = subprocess.run([sys.executable, "-m", "kvpipe", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "examples:" in done.stdout and "kvpipe validate" in done.stdout
+
+
+def test_run_rejects_a_bad_spec_before_loading_the_model(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nstages: [topk]\n")
+    assert main(["run", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:2:10: stages[0].stage: stage 'topk' reads `scores`")
