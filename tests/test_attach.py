@@ -28,10 +28,10 @@ def decode_logits(model, ids, steps: int = 4, cache=None):
     return out, cache
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_noop_pipeline_is_bit_identical(kind, attn, random_ids):
-    model = tiny_model(kind, attn)
+    model = tiny_model(kind, attn, **({"sliding_window": None} if kind == "mistral" else {}))
     ids = random_ids(2, 40)
     reference, _ = decode_logits(model, ids)
     with kvpipe.build(NOOP).attach(model) as handle:
@@ -209,10 +209,23 @@ def test_refuses_double_attach_and_unsupported_attention():
         evicting().attach(model)
 
 
-def test_refuses_sliding_window_models():
-    model = tiny_model("mistral", "sdpa", sliding_window=16)
+@pytest.mark.parametrize("kind, overrides", [("mistral", {"sliding_window": 16}),
+                                             ("qwen2", {"use_sliding_window": True, "sliding_window": 16,
+                                                        "max_window_layers": 1})])
+def test_refuses_sliding_window_models(kind, overrides):
+    model = tiny_model(kind, "sdpa", **overrides)
     with pytest.raises(UnsupportedModelError, match="sliding"):
         evicting().attach(model)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_eviction_works_on_other_architectures(kind, random_ids):
+    model = tiny_model(kind, "sdpa", **({"sliding_window": None} if kind == "mistral" else {}))
+    ids = random_ids(1, 64)
+    with evicting(0.5).attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        stats = handle.stats()
+    assert out.shape[1] == 68 and stats["compression_ratio"] > 1.7
 
 
 def test_detached_cache_cannot_be_reused(random_ids):
