@@ -64,15 +64,21 @@ def load_yaml(text: str, name: str) -> YamlSource:
 
 
 def read_source(spec: str | Path | dict) -> YamlSource:
-    """A path, a YAML string or an already-parsed dict."""
+    """A path, the name of a shipped pipeline (``"default"``), a YAML string or an already-parsed dict."""
     if isinstance(spec, dict):
         return YamlSource(spec)
-    if isinstance(spec, Path) or ("\n" not in spec and spec.endswith((".yaml", ".yml"))):
-        path = Path(spec)
-        if not path.is_file():
-            raise SpecError(f"no such pipeline file: {path}", str(path))
-        return load_yaml(path.read_text(), str(path))
-    return load_yaml(spec, "<string>")
+    if isinstance(spec, str) and ("\n" in spec or ":" in spec):
+        return load_yaml(spec, "<string>")
+    path = Path(spec)
+    if not path.is_file():
+        from kvpipe.pipelines import DIR
+
+        shipped = DIR / f"{spec}.yaml"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in DIR.glob("*.yaml")))
+            raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({names})", str(path))
+        path = shipped
+    return load_yaml(path.read_text(), str(path))
 
 
 def _record(node: yaml.Node, path: KeyPath, source: YamlSource) -> None:
