@@ -19,10 +19,15 @@ def draw_graph(pipeline, path: str) -> None:
     for node in nx.topological_sort(graph):
         graph.nodes[node]["layer"] = max((graph.nodes[p]["layer"] + 1 for p in graph.predecessors(node)), default=0)
     pos = nx.multipartite_layout(graph, subset_key="layer")
-    labels = {n: f"{n}\n[{graph.nodes[n]['stage'].family}]" for n in graph}
-    fig, ax = plt.subplots(figsize=(2.6 * (max(nx.get_node_attributes(graph, 'layer').values(), default=0) + 1), 3))
-    nx.draw_networkx(graph, pos, ax=ax, labels=labels, node_color="#cfe2f3", node_size=2600, node_shape="s",
-                     font_size=8, arrows=True, arrowsize=16)
+    labels = {}
+    for node in graph:
+        stage = graph.nodes[node]["stage"]
+        labels[node] = f"{node}\n[{stage.family}]\nwrites: {', '.join(stage.writes) or '-'}"
+    width = max(nx.get_node_attributes(graph, "layer").values(), default=0) + 1
+    fig, ax = plt.subplots(figsize=(2.8 * width, 3))
+    nx.draw_networkx_edges(graph, pos, ax=ax, arrows=True, arrowsize=16, node_size=6000)
+    nx.draw_networkx_labels(graph, pos, labels, ax=ax, font_size=8,
+                            bbox={"boxstyle": "round,pad=0.5", "fc": "#cfe2f3", "ec": "#5b7fa6"})
     ax.set_title(f"{pipeline.spec.name or pipeline.source}  (budget {pipeline.spec.budget})")
     ax.axis("off")
     fig.tight_layout()
