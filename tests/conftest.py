@@ -6,8 +6,10 @@ import torch
 
 
 def tiny_model(kind: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
-    """A 2-layer random model: 4 query heads, 2 KV heads, head_dim 16. Weights are drawn wider than the usual
-    0.02 so attention is peaked: with near-uniform attention every scorer ties and tests would prove nothing."""
+    """A 2-layer random model: 4 query heads, 2 KV heads, head_dim 16, no EOS (generation never stops early).
+
+    Weights are drawn wider than the usual 0.02 so attention is peaked: with near-uniform attention every
+    scorer ties and the tests would prove nothing."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -16,7 +18,7 @@ def tiny_model(kind: str = "llama", attn: str = "sdpa", seed: int = 0, **overrid
     config_cls, model_cls = classes[kind]
     config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                        attn_implementation=attn, initializer_range=0.3, pad_token_id=0, eos_token_id=255, bos_token_id=1, **overrides)
+                        attn_implementation=attn, initializer_range=0.3, pad_token_id=0, eos_token_id=None, bos_token_id=1, **overrides)
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
