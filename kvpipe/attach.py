@@ -83,8 +83,9 @@ class Session:
         query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
         kv_valid = (padding[:, -key.shape[2]:].bool() if padding is not None
                     else query.new_ones(batch, key.shape[2], dtype=torch.bool))
+        out_proj = getattr(getattr(module, "o_proj", None), "weight", None)
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5,
-                          query_valid, kv_valid[:, None].expand(batch, key.shape[1], -1))
+                          query_valid, kv_valid[:, None].expand(batch, key.shape[1], -1), out_proj)
         for stage in self.pipeline.observers:
             forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(obs)
 

@@ -18,7 +18,8 @@ class Observation:
     """One layer's attention inputs during a compressing forward.
 
     Shapes: ``query [B, Hq, q, D]`` (after RoPE), ``key``/``value [B, Hkv, kv, D]`` (everything attended,
-    the ``q`` new tokens last), ``query_valid [B, q]`` and ``key_valid [B, Hkv, kv]`` (False = padding).
+    the ``q`` new tokens last), ``query_valid [B, q]`` and ``key_valid [B, Hkv, kv]`` (False = padding),
+    ``out_proj [D_model, Hq * D]`` (the layer's output projection W_O, for value-aware scores).
     """
 
     layer_idx: int
@@ -28,10 +29,28 @@ class Observation:
     scaling: float
     query_valid: torch.Tensor
     key_valid: torch.Tensor
+    out_proj: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
         return self.query.shape[1] // self.key.shape[1]
+
+    def per_query_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, ...]`` -> ``[B, Hq, ...]``: each KV head repeated for the query heads that share it."""
+        return x.repeat_interleave(self.groups, dim=1)
+
+    def to_kv_heads(self, x: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        """``[B, Hq, ...]`` -> ``[B, Hkv, ...]``: combine the query heads of each KV head (``mean`` or ``max``)."""
+        grouped = x.view(x.shape[0], self.key.shape[1], self.groups, *x.shape[2:])
+        return grouped.mean(2) if how == "mean" else grouped.amax(2)
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``W_O^h x`` per query head h: ``[B, Hq, n, D]`` -> ``[B, Hq, n, D_model]`` (fp32)."""
+        if self.out_proj is None:
+            raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
+        heads, dim = self.query.shape[1], self.query.shape[-1]
+        weight = self.out_proj.float().view(-1, heads, dim)               # [D_model, Hq, D]
+        return torch.einsum("bhnd,mhd->bhnm", x.float(), weight)
 
     def attention_probs(self, start: int, stop: int) -> torch.Tensor:
         """Softmax attention of queries ``start:stop`` over all keys, fp32, ``[B, Hq, stop-start, kv]``.
@@ -39,11 +58,11 @@ class Observation:
         Causal and padding masks applied; rows of padding queries are all zero.
         """
         q, kv = self.query.shape[2], self.key.shape[2]
-        keys = self.key.float().repeat_interleave(self.groups, dim=1)
+        keys = self.per_query_head(self.key.float())
         logits = self.query[:, :, start:stop].float() @ keys.transpose(-1, -2) * self.scaling
         q_pos = torch.arange(start, stop, device=keys.device) + (kv - q)
         allowed = torch.arange(kv, device=keys.device)[None, :] <= q_pos[:, None]          # [w, kv]
-        allowed = allowed & self.key_valid.repeat_interleave(self.groups, dim=1)[:, :, None, :]
+        allowed = allowed & self.per_query_head(self.key_valid)[:, :, None, :]
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         live = self.query_valid[:, None, start:stop, None]
         return torch.where(live, probs.nan_to_num(0.0), 0.0)
@@ -72,7 +91,21 @@ class CompressionContext:
     slot_bytes: int
     full_slot_bytes: int
     observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    slots: dict[str, list] = field(default_factory=dict)
+    slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
+    by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
+
+    def write(self, stage: Stage, slot: str, per_layer: list) -> None:
+        self.slots[slot] = per_layer
+        self.by_stage.setdefault(stage.id, {})[slot] = per_layer
+
+    def read(self, stage: Stage, slot: str) -> list | None:
+        """``slot`` as written by the stage's nearest upstream writer (None for an optional read with none)."""
+        sources = stage.sources.get(slot, [])
+        return self.by_stage[sources[-1]][slot] if sources else None
+
+    def read_all(self, stage: Stage, slot: str) -> list[list]:
+        """``slot`` from every nearest upstream writer (for stages that merge, such as ``combine``)."""
+        return [self.by_stage[source][slot] for source in stage.sources.get(slot, [])]
 
     def observed(self, stage: Stage) -> list[torch.Tensor]:
         """What ``stage.observe`` returned for each layer."""

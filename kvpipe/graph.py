@@ -49,22 +49,24 @@ def execution_order(graph: nx.DiGraph) -> list[Stage]:
 
 
 def _check_slots(graph: nx.DiGraph, spec: PipelineSpec, source: YamlSource) -> None:
-    """Every read needs a writer upstream; several upstream writers must be ordered (the last one wins)."""
+    """Every read needs a writer upstream. A stage reads from its *nearest* upstream writers (those no other
+    upstream writer overrides); there must be exactly one unless the stage merges that slot."""
     for node in graph:
         stage: Stage = graph.nodes[node]["stage"]
         where = ("stages", graph.nodes[node]["index"], "stage")
         upstream = nx.ancestors(graph, node)
         for slot in stage.reads + stage.optional_reads:
             writers = [n for n in upstream if slot in graph.nodes[n]["stage"].writes]
-            if not writers and slot in stage.reads:
+            nearest = sorted((w for w in writers if not any(o != w and nx.has_path(graph, w, o) for o in writers)),
+                             key=lambda n: graph.nodes[n]["index"])
+            if not nearest and slot in stage.reads:
                 makers = _writers_of(slot)
                 raise source.error(where, f"stage {node!r} reads `{slot}` but no stage before it writes it "
                                           f"(stages that write `{slot}`: {makers})")
-            for a in writers:
-                for b in writers:
-                    if a < b and not (nx.has_path(graph, a, b) or nx.has_path(graph, b, a)):
-                        raise source.error(where, f"stage {node!r} reads `{slot}` from both {a!r} and {b!r}, "
-                                                  "which are not ordered; chain them or combine them first")
+            if len(nearest) > 1 and slot not in stage.merges:
+                raise source.error(where, f"stage {node!r} reads `{slot}` from both {nearest[0]!r} and "
+                                          f"{nearest[1]!r}, which are not ordered; chain them or add a `combine` stage")
+            stage.sources[slot] = nearest
         needs_budget = {"allocation"} & set(stage.writes)
         if needs_budget and spec.budget is None:
             raise source.error(where, f"stage {node!r} allocates a budget but the spec has no `budget:`; "

@@ -59,7 +59,8 @@ class Pipeline:
             observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
         for stage in self.stages:
             stage(ctx)
-            missing = [slot for slot in stage.writes if len(ctx.slots.get(slot, ())) != len(views)]
+            written = ctx.by_stage.get(stage.id, {})
+            missing = [slot for slot in stage.writes if len(written.get(slot, ())) != len(views)]
             if missing:
                 raise RuntimeError(f"stage {stage.id!r} did not write {missing} for every layer")
         if "keep" in ctx.slots:

@@ -49,11 +49,13 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
+    merges: ClassVar[tuple[str, ...]] = ()  # read slots that may come from several unordered writers
     observes: ClassVar[bool] = False
 
     def __init__(self, params: Params, node_id: str | None = None):
         self.params = params
         self.id = node_id or self.name
+        self.sources: dict[str, list[str]] = {}  # slot -> ids of the nearest upstream writers (set by build)
 
     def observe(self, obs: Observation) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -39,20 +39,25 @@ class AttentionMass(Stage):
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """Returns ``float32 [B, Hkv, kv]``."""
-        batch, q_heads, q, _ = obs.query.shape
-        kv = obs.key.shape[2]
-        start = 0 if self.params.window is None else max(0, q - self.params.window)
-        mass = torch.zeros(batch, q_heads, kv, device=obs.query.device)
-        for lo in range(start, q, QUERY_CHUNK):
-            mass += obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).sum(2)
-        if self.params.normalize:
-            mass /= seen_by(obs.query_valid[:, start:], kv - q + start, kv).clamp(min=1)[:, None, :]
-        grouped = mass.view(batch, q_heads // obs.groups, obs.groups, kv)
-        scores = grouped.mean(2) if self.params.group == "mean" else grouped.amax(2)
-        return pool_neighbours(scores, self.params.pool)
+        mass = attention_mass(obs, self.params.window, self.params.normalize)
+        return pool_neighbours(obs.to_kv_heads(mass, self.params.group), self.params.pool)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        ctx.slots["scores"] = ctx.observed(self)
+        ctx.write(self, "scores", ctx.observed(self))
+
+
+def attention_mass(obs: Observation, window: int | None, normalize: bool) -> torch.Tensor:
+    """``float32 [B, Hq, kv]``: attention each key receives from the last ``window`` queries (all if None),
+    optionally divided by how many of those queries could see it (causality, padding)."""
+    batch, q_heads, q, _ = obs.query.shape
+    kv = obs.key.shape[2]
+    start = 0 if window is None else max(0, q - window)
+    mass = torch.zeros(batch, q_heads, kv, device=obs.query.device)
+    for lo in range(start, q, QUERY_CHUNK):
+        mass += obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).sum(2)
+    if normalize:
+        mass /= seen_by(obs.query_valid[:, start:], kv - q + start, kv).clamp(min=1)[:, None, :]
+    return mass
 
 
 def pool_neighbours(scores: torch.Tensor, kernel: int) -> torch.Tensor:

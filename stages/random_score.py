@@ -24,4 +24,4 @@ class RandomScore(Stage):
         for layer, view in enumerate(ctx.layers):
             generator = torch.Generator().manual_seed(self.params.seed + layer)
             scores.append(torch.rand(view.valid.shape, generator=generator).to(view.keys.device))
-        ctx.slots["scores"] = scores
+        ctx.write(self, "scores", scores)

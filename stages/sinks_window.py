@@ -21,8 +21,8 @@ class SinksWindow(Stage):
     writes = ("candidates",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        ctx.slots["candidates"] = [protected_ends(view.valid, self.params.sinks, self.params.window)
-                                   for view in ctx.layers]
+        ctx.write(self, "candidates", [protected_ends(view.valid, self.params.sinks, self.params.window)
+                                       for view in ctx.layers])
 
     def check_budget(self, budget) -> str | None:
         protected = self.params.sinks + self.params.window

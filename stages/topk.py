@@ -16,10 +16,10 @@ class TopK(Stage):
     writes = ("keep",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        protected_all = ctx.slots.get("candidates", [None] * len(ctx.layers))
+        protected_all = ctx.read(self, "candidates") or [None] * len(ctx.layers)
         keep = []
         for layer, (view, scores, k, protected) in enumerate(
-                zip(ctx.layers, ctx.slots["scores"], ctx.slots["allocation"], protected_all)):
+                zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), protected_all)):
             if protected is not None:
                 need = (protected & view.valid).sum(-1)
                 if bool((need > k).any()):
@@ -28,4 +28,4 @@ class TopK(Stage):
                         "protected (sinks + recent window); the prompt is too short for this budget. "
                         "Raise the budget or shrink sinks/window")
             keep.append(select_topk(scores, k, view.valid, protected))
-        ctx.slots["keep"] = keep
+        ctx.write(self, "keep", keep)

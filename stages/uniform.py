@@ -16,4 +16,4 @@ class Uniform(Stage):
         for layer, view in enumerate(ctx.layers):
             per_row = ctx.slots_per_head(layer)
             allocation.append(per_row[:, None].expand(view.valid.shape[:2]).clone())
-        ctx.slots["allocation"] = allocation
+        ctx.write(self, "allocation", allocation)

@@ -1,6 +1,8 @@
 """Property-based budget invariants of the eviction primitives, on random scores, lengths and padding."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,14 +42,23 @@ def run_eviction(valid, scores, budget, sinks, window, generator):
     positions = torch.arange(n).expand(batch, heads, n)
     view = LayerView(keys, keys.clone(), positions, valid)
     ctx = CompressionContext([view], budget, RaggedStore.slot_bytes(head_dim, keys.dtype), 2 * head_dim * 4)
-    ctx.slots["scores"] = [scores]
-    ctx.slots["candidates"] = [protected_ends(valid, sinks, window)]
+    ctx.write(GIVEN, "scores", [scores])
+    ctx.write(GIVEN, "candidates", [protected_ends(valid, sinks, window)])
     Uniform(Uniform.Params())(ctx)
     allocation = ctx.slots["allocation"][0]
     if bool(((ctx.slots["candidates"][0]).sum(-1) > allocation).any()):
         return None
-    TopK(TopK.Params())(ctx)
+    topk()(ctx)
     return view, ctx, allocation, ctx.slots["keep"][0]
+
+
+GIVEN = SimpleNamespace(id="given")  # stands for the upstream stages that wrote scores and candidates
+
+
+def topk() -> TopK:
+    stage = TopK(TopK.Params())
+    stage.sources = {"scores": ["given"], "candidates": ["given"], "allocation": ["uniform"]}
+    return stage
 
 
 @settings(max_examples=150, deadline=None)
@@ -104,14 +115,14 @@ def test_protected_beyond_budget_is_a_clear_error():
 
     ctx = _ctx_over_budget(torch.ones(1, 2, 20, dtype=torch.bool))  # keeps 5, protects 4 + 8
     with pytest.raises(BudgetError, match="keeps 5 slots per head but 12 are protected"):
-        TopK(TopK.Params())(ctx)
+        topk()(ctx)
 
 
 def _ctx_over_budget(valid):
     view = LayerView(torch.randn(*valid.shape, 4), torch.randn(*valid.shape, 4),
                      torch.arange(valid.shape[-1]).expand(valid.shape), valid)
     ctx = CompressionContext([view], Budget(keep=0.25), 36, 32)
-    ctx.slots["scores"] = [torch.randn(valid.shape)]
-    ctx.slots["candidates"] = [protected_ends(valid, 4, 8)]
+    ctx.write(GIVEN, "scores", [torch.randn(valid.shape)])
+    ctx.write(GIVEN, "candidates", [protected_ends(valid, 4, 8)])
     Uniform(Uniform.Params())(ctx)
     return ctx
