@@ -2,4 +2,21 @@
 
 A stage is one module here plus its ``@register`` line; ``kvpipe stages`` lists them with their parameters.
 """
-from kvpipe.stages import attention_mass, random_score, sinks_window, topk, uniform  # noqa: F401
+from kvpipe.stages import (  # noqa: F401
+    adaptive_heads,
+    attention_mass,
+    combine,
+    critical,
+    global_budget,
+    knorm,
+    output_change,
+    pyramid,
+    random_score,
+    recency,
+    sinks_window,
+    snapkv,
+    topk,
+    tova,
+    uniform,
+    vatp,
+)

@@ -1,15 +1,24 @@
 """Attention mass (H2O's heavy hitters, "importance"): how much attention each cached token received."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from kvpipe.context import CompressionContext, Observation
 from kvpipe.registry import Params, Stage, register
 
 QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
+
+
+def _odd(pool: int) -> int:
+    if pool % 2 == 0:
+        raise ValueError("pool must be odd so the window is centred on the token")
+    return pool
+
+
+PoolKernel = Annotated[int, AfterValidator(_odd)]
 
 
 class AttentionMassParams(Params):
@@ -18,15 +27,8 @@ class AttentionMassParams(Params):
     normalize: bool = Field(True, description="divide by the number of queries that could see each token, "
                                               "so early tokens are not favoured just for being seen more")
     group: Literal["mean", "max"] = Field("mean", description="how the query heads of one KV head are combined")
-    pool: int = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; SnapKV uses 7) "
-                                           "so multi-token facts are kept whole; 1 = no pooling")
-
-    @field_validator("pool")
-    @classmethod
-    def _odd(cls, pool: int) -> int:
-        if pool % 2 == 0:
-            raise ValueError("pool must be odd so the window is centred on the token")
-        return pool
+    pool: PoolKernel = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; "
+                                                   "SnapKV uses 7) so multi-token facts are kept whole; 1 = none")
 
 
 @register("attention_mass", family="scoring")

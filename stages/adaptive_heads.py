@@ -1,0 +1,35 @@
+"""Ada-KV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation")."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.allocation import pooled_counts
+from kvpipe.context import CompressionContext
+from kvpipe.registry import Params, Stage, register
+
+
+class AdaptiveHeadsParams(Params):
+    floor: float = Field(0.2, ge=0, le=1, description="fraction of the uniform per-head budget every head keeps "
+                                                      "before the rest is shared (Ada-KV's safeguard alpha)")
+
+
+@register("adaptive_heads", family="budget allocation")
+class AdaptiveHeads(Stage):
+    """The heads of a layer share the layer's budget: the highest scores across its heads win, after each
+    head reserves its protected slots and a floor. Scores must be comparable across heads of a layer."""
+
+    Params = AdaptiveHeadsParams
+    reads = ("scores",)
+    optional_reads = ("candidates",)
+    writes = ("allocation",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        protected = ctx.read(self, "candidates") or [None] * len(ctx.layers)
+        allocation = []
+        for layer, (view, scores) in enumerate(zip(ctx.layers, ctx.read(self, "scores"))):
+            per_head = ctx.slots_per_head(layer)
+            heads = view.valid.shape[1]
+            floor = torch.floor(per_head * self.params.floor).long()
+            allocation.append(pooled_counts(scores, view.valid, protected[layer], per_head * heads, floor))
+        ctx.write(self, "allocation", allocation)

@@ -1,0 +1,43 @@
+"""One budget for the whole cache: every (layer, KV head) competes, as in KVzip and DBTrimKV."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kvpipe.allocation import calibrate, pooled_counts
+from kvpipe.context import CompressionContext
+from kvpipe.registry import Params, Stage, register
+
+
+class GlobalParams(Params):
+    calibration: Literal["zscore", "rank", "none"] = Field(
+        "zscore", description="how each layer's scores are made comparable with other layers' before pooling")
+    floor: float = Field(0.1, ge=0, le=1, description="fraction of the uniform per-head budget every head keeps")
+
+
+@register("global", family="budget allocation")
+class GlobalBudget(Stage):
+    """All layers and heads share one pool of ``layers × heads × per-head budget`` slots per row; each
+    layer's scores are calibrated first (z-score or rank), then the best slots anywhere win."""
+
+    Params = GlobalParams
+    reads = ("scores",)
+    optional_reads = ("candidates",)
+    writes = ("allocation",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        scores = ctx.read(self, "scores")
+        protected = ctx.read(self, "candidates")
+        width = max(view.valid.shape[-1] for view in ctx.layers)
+        pad = lambda x, fill: torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=fill)  # noqa: E731
+        pooled_scores = torch.cat([pad(calibrate(s, v.valid, self.params.calibration), 0.0)
+                                   for s, v in zip(scores, ctx.layers)], dim=1)
+        pooled_valid = torch.cat([pad(v.valid, False) for v in ctx.layers], dim=1)
+        pooled_protected = (torch.cat([pad(p, False) for p in protected], dim=1) if protected is not None else None)
+        per_head = ctx.slots_per_head(0)
+        total = per_head * pooled_valid.shape[1]
+        counts = pooled_counts(pooled_scores, pooled_valid, pooled_protected, total,
+                               torch.floor(per_head * self.params.floor).long())
+        ctx.write(self, "allocation", list(counts.split([v.valid.shape[1] for v in ctx.layers], dim=1)))

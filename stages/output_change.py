@@ -1,0 +1,42 @@
+"""Exact removal effect (algorithms.md §1.1): how much the layer's output moves if one token is evicted."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import CompressionContext, Observation
+from kvpipe.registry import Params, Stage, register
+from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
+
+
+class OutputChangeParams(Params):
+    window: int = Field(32, ge=1, description="observation window: the last `window` real prompt queries")
+    pool: PoolKernel = Field(1, ge=1, description="max-pool kernel over neighbouring tokens (odd; 1 = none)")
+
+
+@register("output_change", family="scoring")
+class OutputChange(Stage):
+    """Score = sum over window queries t of  a_ti / (1 - a_ti) * ||W_O^h (v_i - o_t)||2,  mean over the GQA group.
+
+    For one query, removing token i and renormalising changes that head's output by exactly
+    a_i/(1-a_i) * (v_i - o); projecting through the head's slice of W_O gives its effect on the residual
+    stream. Value-aware and exact for single removals; evicting many tokens interacts (not modelled).
+    """
+
+    Params = OutputChangeParams
+    writes = ("scores",)
+    observes = True
+
+    def observe(self, obs: Observation) -> torch.Tensor:
+        """``float32 [B, Hkv, kv]``."""
+        q = obs.query.shape[2]
+        start = max(0, q - self.params.window)
+        probs = obs.attention_probs(start, q)                                       # [B, Hq, w, kv]
+        values = obs.per_query_head(obs.value.float())                              # [B, Hq, kv, D]
+        outputs = probs @ values                                                    # [B, Hq, w, D]
+        distance = torch.cdist(obs.project_out(outputs), obs.project_out(values))   # [B, Hq, w, kv]
+        effect = probs / (1 - probs).clamp(min=1e-6) * distance
+        return pool_neighbours(obs.to_kv_heads(effect.sum(2), "mean"), self.params.pool)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        ctx.write(self, "scores", ctx.observed(self))

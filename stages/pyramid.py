@@ -1,0 +1,45 @@
+"""PyramidKV (Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+Funneling"): lower layers keep more, upper layers less, the mean staying at the uniform budget."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import CompressionContext
+from kvpipe.registry import Params, Stage, register
+
+
+class PyramidParams(Params):
+    beta: float = Field(20.0, gt=1, description="the top layer keeps 1/beta of the mean per-head budget")
+
+
+@register("pyramid", family="budget allocation")
+class Pyramid(Stage):
+    """Per-layer budgets fall linearly from the first layer to the last; heads of a layer share it evenly.
+
+    The last layer keeps ``mean / beta`` (never fewer than its protected slots), the first ``2·mean − that``
+    (never more than the tokens there are), so the total equals the uniform budget.
+    """
+
+    Params = PyramidParams
+    optional_reads = ("candidates",)
+    writes = ("allocation",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        layers = len(ctx.layers)
+        mean = ctx.slots_per_head(0).double()                                          # [B]
+        n_real = ctx.n_real(0).double()
+        protected = ctx.read(self, "candidates")
+        need = (torch.stack([p.sum(-1).amax(-1) for p in protected]).amax(0).double()
+                if protected is not None else torch.zeros_like(mean))
+        low = torch.maximum(mean / self.params.beta, need)
+        high = torch.minimum(2 * mean - low, n_real)
+        low = 2 * mean - high
+        if layers == 1 or bool((low > mean).any()):
+            high = low = mean                                                           # infeasible: uniform
+        step = (high - low) / max(layers - 1, 1)
+        allocation = []
+        for layer, view in enumerate(ctx.layers):
+            per_layer = torch.floor(high - layer * step).long()
+            allocation.append(per_layer[:, None].expand(view.valid.shape[:2]).clone())
+        ctx.write(self, "allocation", allocation)
