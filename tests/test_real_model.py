@@ -83,3 +83,17 @@ def test_left_padded_batch_matches_single_prompts(smollm):
     width = batch.input_ids.shape[1]
     for row, single in enumerate(alone):
         assert together[row, width:].tolist() == single[0, -10:].tolist()
+
+
+@pytest.mark.parametrize("pipeline_path", sorted(path("default").parent.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_pipeline_generates(smollm, prompt, pipeline_path):
+    model, tokenizer = smollm
+    ids = prompt.ids
+    with kvpipe.build(pipeline_path).attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        stats = handle.stats()
+    assert out.shape[1] == ids.shape[1] + 4
+    if kvpipe.build(pipeline_path).compresses:
+        assert stats["compression_ratio"] > 1.8
+    else:
+        assert stats["compression_ratio"] == 1.0

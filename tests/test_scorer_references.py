@@ -1,0 +1,105 @@
+"""Scorers and allocators against hand-written references on fresh random inputs."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpipe.allocation import calibrate, pooled_counts
+from kvpipe.context import Observation
+from kvpipe.stages.critical import Critical
+from kvpipe.stages.output_change import OutputChange
+from kvpipe.stages.tova import TOVA
+
+
+def observation(batch=1, q_heads=4, kv_heads=2, q=6, kv=6, dim=8, model_dim=12, seed=None) -> Observation:
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
+    return Observation(0, rand(batch, q_heads, q, dim), rand(batch, kv_heads, kv, dim), rand(batch, kv_heads, kv, dim),
+                       dim**-0.5, torch.ones(batch, q, dtype=torch.bool), torch.ones(batch, kv_heads, kv, dtype=torch.bool),
+                       rand(model_dim, q_heads * dim))
+
+
+def softmax_row(obs: Observation, head: int, t: int) -> torch.Tensor:
+    """Causal attention of query t of query head ``head`` (batch 0), float64."""
+    kv, q = obs.key.shape[2], obs.query.shape[2]
+    position = kv - q + t
+    k = obs.key[0, head // obs.groups, : position + 1].double()
+    return torch.softmax(k @ obs.query[0, head, t].double() * obs.scaling, -1)
+
+
+def test_tova_is_the_last_query_attention_averaged_over_all_heads():
+    obs = observation()
+    got = TOVA(TOVA.Params()).observe(obs)
+    want = torch.stack([softmax_row(obs, h, obs.query.shape[2] - 1) for h in range(4)]).mean(0)
+    for kv_head in range(2):
+        torch.testing.assert_close(got[0, kv_head].double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_output_change_equals_removing_the_token_and_recomputing():
+    """§1.1: for one query the score of token i is ||W_O (o - o_without_i)||, computed here by brute force."""
+    obs = observation(q_heads=1, kv_heads=1, q=1, kv=9)
+    got = OutputChange(OutputChange.Params(window=1)).observe(obs)[0, 0].double()
+    weights = softmax_row(obs, 0, 0)
+    values = obs.value[0, 0].double()
+    w_o = obs.out_proj.double()
+    output = weights @ values
+    for i in range(9):
+        keep = torch.arange(9) != i
+        without = torch.softmax((obs.key[0, 0, keep].double() @ obs.query[0, 0, 0].double()) * obs.scaling, -1)
+        changed = without @ values[keep]
+        torch.testing.assert_close(got[i], (w_o @ (output - changed)).norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_critical_weights_attention_by_projected_value_l1():
+    obs = observation(q_heads=2, kv_heads=1, q=4, kv=4)
+    eps = 1e-4
+    got = Critical(Critical.Params(window=2, epsilon=eps)).observe(obs)[0, 0].double()
+    dim = obs.query.shape[-1]
+    want = torch.zeros(4, dtype=torch.float64)
+    for h in range(2):
+        mass = torch.zeros(4, dtype=torch.float64)
+        seen = torch.zeros(4, dtype=torch.float64)
+        for t in (2, 3):
+            row = softmax_row(obs, h, t)
+            mass[: len(row)] += row
+            seen[: len(row)] += 1
+        w_h = obs.out_proj.double()[:, h * dim:(h + 1) * dim]
+        value_l1 = (obs.value[0, 0].double() @ w_h.T).abs().sum(-1)
+        want += (mass / seen.clamp(min=1) + eps) * value_l1 / 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@st.composite
+def pools(draw):
+    batch, units, n = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    valid = torch.rand(batch, units, n, generator=generator) < draw(st.floats(0.3, 1.0))
+    protected = valid & (torch.rand(batch, units, n, generator=generator) < 0.1)
+    scores = torch.randn(batch, units, n, generator=generator)
+    return scores, valid, protected
+
+
+@settings(max_examples=150, deadline=None)
+@given(pools(), st.integers(0, 100), st.integers(0, 6))
+def test_pooled_counts_invariants(pool, total, floor):
+    scores, valid, protected = pool
+    batch = scores.shape[0]
+    total_t = torch.full((batch,), total)
+    floor_t = torch.full((batch,), floor)
+    reserved = torch.maximum(protected.sum(-1), torch.minimum(floor_t[:, None], valid.sum(-1)))
+    if bool((reserved.sum(-1) > total).any()):
+        return  # refused with a BudgetError; covered by the stage tests
+    counts = pooled_counts(scores, valid, protected, total_t, floor_t)
+    assert torch.equal(counts.sum(-1), torch.minimum(total_t, valid.sum((1, 2))))
+    assert bool((counts >= reserved).all()) and bool((counts <= valid.sum(-1)).all())
+    bigger = pooled_counts(scores, valid, protected, total_t + 5, floor_t)
+    assert bool((bigger >= counts).all())  # monotone: more budget never takes a slot away
+
+
+def test_rank_calibration_is_a_fraction_of_valid_slots():
+    scores = torch.tensor([[[3.0, 1.0, 2.0, 9.0]]])
+    valid = torch.tensor([[[True, True, True, False]]])
+    torch.testing.assert_close(calibrate(scores, valid, "rank")[0, 0, :3], torch.tensor([2 / 3, 0.0, 1 / 3]))
+    z = calibrate(scores, valid, "zscore")[0, 0, :3]
+    assert abs(float(z.mean())) < 1e-6
