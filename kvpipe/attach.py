@@ -29,7 +29,7 @@ class ForwardState:
 
     cache: KVPipeCache
     padding: torch.Tensor | None          # 2D mask [B, seen] (1 = real token), None = no padding
-    compressing: bool                     # a fresh cache: observe now, compress after the forward
+    compressing: bool                     # the trigger fires: observe now, compress after the forward
     observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -65,8 +65,9 @@ class Session:
         if padding is not None and padding.dim() != 2:
             raise UnsupportedModelError("kvpipe needs the usual 2D attention mask (1 = token, 0 = padding); "
                                         f"got a {padding.dim()}D mask")
-        fresh = cache.get_seq_length() == 0
-        self.active = ForwardState(cache, padding, compressing=fresh and self.pipeline.compresses)
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        tokens = tokens if tokens is not None else args[0]
+        self.active = ForwardState(cache, padding, compressing=self.pipeline.fires(cache, tokens.shape[1]))
         self.last_cache = cache
         return args, kwargs
 
@@ -81,11 +82,10 @@ class Session:
         batch, _, q, _ = query.shape
         padding = forward.padding
         query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
-        kv_valid = (padding[:, -key.shape[2]:].bool() if padding is not None
-                    else query.new_ones(batch, key.shape[2], dtype=torch.bool))
+        key_valid = forward.cache.layers[layer_idx].slot_valid(padding)
         out_proj = getattr(getattr(module, "o_proj", None), "weight", None)
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5,
-                          query_valid, kv_valid[:, None].expand(batch, key.shape[1], -1), out_proj)
+                          query_valid, key_valid, out_proj)
         for stage in self.pipeline.observers:
             forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(obs)
 

@@ -86,17 +86,27 @@ class KVPipeLayer(DynamicLayer):
         tail = torch.ones(batch, heads, upto - store.shape[-1], dtype=torch.bool, device=store.device)
         return torch.cat([store, tail], dim=-1)
 
+    def tail_positions(self) -> torch.Tensor:
+        """``long [T]``: logical positions of the tail's tokens."""
+        return torch.arange(self.seen - self.tail_length, self.seen, device=self.keys.device)
+
+    def slot_valid(self, padding: torch.Tensor | None) -> torch.Tensor:
+        """``bool [B, Hkv, width + T]``: which physical slots hold a real token. ``padding``: 2D mask ``[B, seen]``."""
+        batch, heads, tail, _ = self.keys.shape
+        tail_valid = (padding[:, self.tail_positions()].bool()[:, None].expand(batch, heads, tail)
+                      if padding is not None else self.keys.new_ones((batch, heads, tail), dtype=torch.bool))
+        return tail_valid if self.store is None else torch.cat([self.store.valid(), tail_valid], -1)
+
     def view(self, padding: torch.Tensor | None) -> LayerView:
         """Everything stored, padded per head, for stages. ``padding``: the 2D mask ``[B, seen]`` or None."""
         batch, heads, tail, _ = self.keys.shape
-        tail_pos = torch.arange(self.seen - tail, self.seen, device=self.keys.device).expand(batch, heads, tail)
-        tail_valid = (padding[:, tail_pos[0, 0]].bool()[:, None].expand(batch, heads, tail) if padding is not None
-                      else torch.ones(batch, heads, tail, dtype=torch.bool, device=self.keys.device))
+        tail_pos = self.tail_positions().expand(batch, heads, tail)
+        valid = self.slot_valid(padding)
         if self.store is None:
-            return LayerView(self.keys, self.values, tail_pos, tail_valid)
+            return LayerView(self.keys, self.values, tail_pos, valid)
         keys, values, positions = self.store.padded()
         return LayerView(torch.cat([keys, self.keys], -2), torch.cat([values, self.values], -2),
-                         torch.cat([positions, tail_pos], -1), torch.cat([self.store.valid(), tail_valid], -1))
+                         torch.cat([positions, tail_pos], -1), valid)
 
     def compact(self, view: LayerView, keep: torch.Tensor) -> None:
         """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``); the rest is freed, not masked."""

@@ -88,6 +88,7 @@ class CompressionContext:
 
     layers: list[LayerView]
     budget: Budget | None
+    seen_real: torch.Tensor                                      # long [B]: real tokens fed so far, per row
     slot_bytes: int
     full_slot_bytes: int
     observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -115,12 +116,9 @@ class CompressionContext:
                                "was the compressing forward run through the attached model?")
         return got
 
-    def n_real(self, layer: int = 0) -> torch.Tensor:
-        """``long [B]``: valid slots per row (the same for every head before the first eviction)."""
-        return self.layers[layer].valid[:, 0].sum(-1)
-
-    def slots_per_head(self, layer: int = 0) -> torch.Tensor:
-        """``long [B]``: the budget read uniformly, per row of ``layer``."""
+    def slots_per_head(self) -> torch.Tensor:
+        """``long [B]``: the budget read uniformly per head, relative to the real tokens seen by each row
+        (not to the slots still held, so repeated compressions do not shrink the cache geometrically)."""
         if self.budget is None:
             raise RuntimeError("this pipeline has no budget; add `budget:` to the spec")
-        return slots_per_head(self.budget, self.n_real(layer), self.slot_bytes, self.full_slot_bytes)
+        return slots_per_head(self.budget, self.seen_real, self.slot_bytes, self.full_slot_bytes)

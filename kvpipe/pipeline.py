@@ -40,6 +40,15 @@ class Pipeline:
         """Whether this pipeline changes the cache at all (a pipeline with no stages is a no-op)."""
         return bool(self.stages)
 
+    def fires(self, cache, new_tokens: int) -> bool:
+        """Whether the forward about to add ``new_tokens`` to ``cache`` ends with a compression."""
+        if not self.compresses:
+            return False
+        trigger = self.spec.trigger
+        pending = cache.layers[0].tail_length + new_tokens
+        fresh = cache.get_seq_length() == 0
+        return (fresh and trigger.prefill) or (trigger.every is not None and pending >= trigger.every)
+
     def attach(self, model: torch.nn.Module) -> Handle:
         """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
         return Handle(self, model)
@@ -53,8 +62,11 @@ class Pipeline:
         layers = cache.layers
         views = [layer.view(forward.padding) for layer in layers]
         head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
+        seen = cache.get_seq_length()
+        padding = forward.padding
+        seen_real = padding.sum(-1) if padding is not None else torch.full((views[0].valid.shape[0],), seen)
         ctx = CompressionContext(
-            layers=views, budget=self.spec.budget,
+            layers=views, budget=self.spec.budget, seen_real=seen_real.long(),
             slot_bytes=RaggedStore.slot_bytes(head_dim, dtype), full_slot_bytes=2 * head_dim * dtype.itemsize,
             observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
         for stage in self.stages:

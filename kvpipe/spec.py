@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvpipe.yaml_source import YamlSource
 
@@ -50,6 +50,20 @@ class Budget(StrictModel):
         return f"{self.kind}={getattr(self, self.kind)}"
 
 
+class Trigger(StrictModel):
+    """When the cache is compressed. ``trigger: prefill`` is short for ``{prefill: true}``."""
+
+    prefill: bool = Field(True, description="compress after the first forward on a fresh cache (the prompt)")
+    every: int | None = Field(None, ge=1, description="also compress whenever this many tokens have been added "
+                                                      "since the last compression (decoding, chunked prefill)")
+
+    @model_validator(mode="after")
+    def _something(self) -> Trigger:
+        if not self.prefill and self.every is None:
+            raise ValueError("this trigger never fires; set prefill: true or every: N")
+        return self
+
+
 class StageSpec(StrictModel):
     stage: str = Field(description="registered stage name (see `kvpipe stages`)")
     id: str | None = Field(None, description="node id; defaults to the stage name")
@@ -66,7 +80,8 @@ class PipelineSpec(StrictModel):
     name: str | None = None
     description: str | None = None
     budget: Budget | None = Field(None, description="required when the pipeline evicts")
-    trigger: Literal["prefill"] = Field("prefill", description="when to compress: after the first forward on a fresh cache")
+    trigger: Trigger = Field(default_factory=Trigger, description="when to compress (`prefill`, or "
+                                                                  "`{prefill: true, every: 64}` to keep decoding in budget)")
     backend: Literal["auto", "torch", "triton"] = Field("auto", description="kernels: auto = Triton on CUDA, torch elsewhere")
     stages: list[StageSpec] = Field(description="the stages, in order; `after:` turns the list into a DAG")
 
@@ -76,6 +91,16 @@ class PipelineSpec(StrictModel):
         if isinstance(data, dict) and isinstance(data.get("stages"), list):
             data = {**data, "stages": [{"stage": s} if isinstance(s, str) else s for s in data["stages"]]}
         return data
+
+    @field_validator("trigger", mode="before")
+    @classmethod
+    def _trigger_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value != "prefill":
+                raise ValueError(f"unknown trigger {value!r}: write `prefill` or a mapping like "
+                                 "`{prefill: true, every: 64}`")
+            return {"prefill": True}
+        return value
 
 
 def parse_spec(source: YamlSource) -> PipelineSpec:

@@ -26,10 +26,8 @@ class AdaptiveHeads(Stage):
 
     def __call__(self, ctx: CompressionContext) -> None:
         protected = ctx.read(self, "candidates") or [None] * len(ctx.layers)
-        allocation = []
-        for layer, (view, scores) in enumerate(zip(ctx.layers, ctx.read(self, "scores"))):
-            per_head = ctx.slots_per_head(layer)
-            heads = view.valid.shape[1]
-            floor = torch.floor(per_head * self.params.floor).long()
-            allocation.append(pooled_counts(scores, view.valid, protected[layer], per_head * heads, floor))
+        per_head = ctx.slots_per_head()
+        floor = torch.floor(per_head * self.params.floor).long()
+        allocation = [pooled_counts(scores, view.valid, guard, per_head * view.valid.shape[1], floor)
+                      for view, scores, guard in zip(ctx.layers, ctx.read(self, "scores"), protected)]
         ctx.write(self, "allocation", allocation)

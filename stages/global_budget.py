@@ -36,7 +36,7 @@ class GlobalBudget(Stage):
                                    for s, v in zip(scores, ctx.layers)], dim=1)
         pooled_valid = torch.cat([pad(v.valid, False) for v in ctx.layers], dim=1)
         pooled_protected = (torch.cat([pad(p, False) for p in protected], dim=1) if protected is not None else None)
-        per_head = ctx.slots_per_head(0)
+        per_head = ctx.slots_per_head()
         total = per_head * pooled_valid.shape[1]
         counts = pooled_counts(pooled_scores, pooled_valid, pooled_protected, total,
                                torch.floor(per_head * self.params.floor).long())

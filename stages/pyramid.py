@@ -18,7 +18,7 @@ class Pyramid(Stage):
     """Per-layer budgets fall linearly from the first layer to the last; heads of a layer share it evenly.
 
     The last layer keeps ``mean / beta`` (never fewer than its protected slots), the first ``2·mean − that``
-    (never more than the tokens there are), so the total equals the uniform budget.
+    (never more than any head holds), so the total equals the uniform budget.
     """
 
     Params = PyramidParams
@@ -27,13 +27,13 @@ class Pyramid(Stage):
 
     def __call__(self, ctx: CompressionContext) -> None:
         layers = len(ctx.layers)
-        mean = ctx.slots_per_head(0).double()                                          # [B]
-        n_real = ctx.n_real(0).double()
+        mean = ctx.slots_per_head().double()                                          # [B]
+        held = torch.stack([view.valid.sum(-1).amin(-1) for view in ctx.layers]).amin(0).double()  # [B]
         protected = ctx.read(self, "candidates")
         need = (torch.stack([p.sum(-1).amax(-1) for p in protected]).amax(0).double()
                 if protected is not None else torch.zeros_like(mean))
         low = torch.maximum(mean / self.params.beta, need)
-        high = torch.minimum(2 * mean - low, n_real)
+        high = torch.minimum(2 * mean - low, held)
         low = 2 * mean - high
         if layers == 1 or bool((low > mean).any()):
             high = low = mean                                                           # infeasible: uniform

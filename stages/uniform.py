@@ -12,8 +12,6 @@ class Uniform(Stage):
     writes = ("allocation",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        allocation = []
-        for layer, view in enumerate(ctx.layers):
-            per_row = ctx.slots_per_head(layer)
-            allocation.append(per_row[:, None].expand(view.valid.shape[:2]).clone())
+        per_row = ctx.slots_per_head()
+        allocation = [per_row[:, None].expand(view.valid.shape[:2]).clone() for view in ctx.layers]
         ctx.write(self, "allocation", allocation)

@@ -41,7 +41,8 @@ def run_eviction(valid, scores, budget, sinks, window, generator):
     keys = torch.randn(batch, heads, n, head_dim, generator=generator)
     positions = torch.arange(n).expand(batch, heads, n)
     view = LayerView(keys, keys.clone(), positions, valid)
-    ctx = CompressionContext([view], budget, RaggedStore.slot_bytes(head_dim, keys.dtype), 2 * head_dim * 4)
+    ctx = CompressionContext([view], budget, valid[:, 0].sum(-1), RaggedStore.slot_bytes(head_dim, keys.dtype),
+                             2 * head_dim * 4)
     ctx.write(GIVEN, "scores", [scores])
     ctx.write(GIVEN, "candidates", [protected_ends(valid, sinks, window)])
     Uniform(Uniform.Params())(ctx)
@@ -121,7 +122,7 @@ def test_protected_beyond_budget_is_a_clear_error():
 def _ctx_over_budget(valid):
     view = LayerView(torch.randn(*valid.shape, 4), torch.randn(*valid.shape, 4),
                      torch.arange(valid.shape[-1]).expand(valid.shape), valid)
-    ctx = CompressionContext([view], Budget(keep=0.25), 36, 32)
+    ctx = CompressionContext([view], Budget(keep=0.25), valid[:, 0].sum(-1), 36, 32)
     ctx.write(GIVEN, "scores", [torch.randn(valid.shape)])
     ctx.write(GIVEN, "candidates", [protected_ends(valid, 4, 8)])
     Uniform(Uniform.Params())(ctx)

@@ -97,3 +97,22 @@ def test_every_shipped_pipeline_generates(smollm, prompt, pipeline_path):
         assert stats["compression_ratio"] > 1.8
     else:
         assert stats["compression_ratio"] == 1.0
+
+
+def test_decode_budget_holds_over_512_generated_tokens(smollm, prompt):
+    model, tokenizer = smollm
+    pipeline = kvpipe.build(path("decode-budget"))
+    budget, every = pipeline.spec.budget.tokens, pipeline.spec.trigger.every
+    with pipeline.attach(model) as handle:
+        peaks = []
+        hook = model.register_forward_hook(lambda *_: peaks.append(int(handle.stats()["kept_tokens"].max())))
+        try:
+            out = model.generate(prompt.ids, max_new_tokens=512, min_new_tokens=512, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        finally:
+            hook.remove()
+        stats = handle.stats()
+    assert out.shape[1] == prompt.ids.shape[1] + 512
+    assert max(peaks) <= budget + every - 1
+    full_slot, slot = 2 * 64 * 4, 2 * 64 * 4 + 4  # fp32 K and V per slot; the store adds an int32 position
+    assert stats["compression_ratio"] > (prompt.ids.shape[1] + 511) / (budget + every) * full_slot / slot

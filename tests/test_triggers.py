@@ -1,0 +1,62 @@
+"""Triggers: compression during decoding and chunked prefill keep the cache within budget."""
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model
+
+import kvpipe
+
+TOKENS, EVERY = 24, 8
+
+
+def decode_pipeline(prefill: bool = True) -> kvpipe.Pipeline:
+    return kvpipe.build({"version": 1, "budget": {"tokens": TOKENS}, "trigger": {"prefill": prefill, "every": EVERY},
+                         "stages": [{"stage": "sinks_window", "params": {"sinks": 2, "window": 4}},
+                                    {"stage": "attention_mass", "params": {"window": 4}}, "uniform", "topk"]})
+
+
+def record_peaks(model, handle) -> list[int]:
+    """Slots held per head after every forward call (the model's own hook runs after kvpipe's)."""
+    peaks = []
+    model.register_forward_hook(lambda *_: peaks.append(int(handle.stats()["kept_tokens"].max())))
+    return peaks
+
+
+def test_decoding_stays_within_budget_over_512_tokens(random_ids):
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(2, 40)
+    with decode_pipeline().attach(model) as handle:
+        peaks = record_peaks(model, handle)
+        out = model.generate(ids, max_new_tokens=512, min_new_tokens=512, do_sample=False)
+        stats = handle.stats()
+    assert out.shape == (2, 552)
+    assert stats["seen_tokens"] == 551
+    assert max(peaks) <= TOKENS + EVERY - 1
+    assert peaks.count(TOKENS) >= 512 // EVERY  # it really compressed, again and again
+    assert stats["compression_ratio"] > 551 / (TOKENS + EVERY)
+
+
+def test_chunked_prefill_never_holds_the_whole_prompt(random_ids):
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(1, 96)
+    with decode_pipeline(prefill=False).attach(model) as handle:
+        peaks = record_peaks(model, handle)
+        model.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=EVERY)
+    assert len(peaks) >= 96 // EVERY
+    assert max(peaks) <= TOKENS + EVERY
+
+
+def test_decode_compression_keeps_sinks_and_recent_tokens(random_ids):
+    model = tiny_model("llama", "sdpa")
+    ids = random_ids(1, 30)
+    with decode_pipeline().attach(model) as handle:
+        cache = handle.cache()
+        model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    seen = cache.get_seq_length()
+    for layer in cache.layers:
+        _, _, positions = layer.store.padded()
+        tail = layer.tail_positions().tolist()
+        for h in range(positions.shape[1]):
+            held = positions[0, h, : int(layer.store.lengths[0, h])].tolist() + tail
+            assert {0, 1} <= set(held) and seen - 1 in held
+            assert held == sorted(set(held))
