@@ -199,7 +199,8 @@ class Handle:
         """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
 
         Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
-        dtype), ``compression_ratio``, ``kept_tokens`` (``long [layers, B, Hkv]``) and ``seen_tokens``.
+        dtype), ``compression_ratio``, ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
+        ``compress_seconds`` (time spent in the compression phase, observation excluded).
         """
         if cache is None:
             cache = self.session.last_cache
@@ -215,4 +216,5 @@ class Handle:
             "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
             "kept_tokens": torch.stack([layer.kept_slots() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),
+            "compress_seconds": getattr(cache, "compress_seconds", 0.0),
         }

@@ -1,6 +1,7 @@
 """``kvpipe.build(spec)`` → ``Pipeline``; ``Pipeline.attach(model)`` → ``Handle``."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,12 @@ class Pipeline:
         """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
         return Handle(self, model)
 
+    def with_budget(self, **budget) -> Pipeline:
+        """The same pipeline under another budget, e.g. ``pipeline.with_budget(keep=0.25)``."""
+        data = self.spec.model_dump(mode="python", exclude_none=True)
+        data["budget"] = budget
+        return build(data)
+
     def describe(self) -> str:
         return describe(self.graph)
 
@@ -69,6 +76,7 @@ class Pipeline:
             layers=views, budget=self.spec.budget, seen_real=seen_real.long(),
             slot_bytes=RaggedStore.slot_bytes(head_dim, dtype), full_slot_bytes=2 * head_dim * dtype.itemsize,
             observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
+        started = time.perf_counter()
         for stage in self.stages:
             stage(ctx)
             written = ctx.by_stage.get(stage.id, {})
@@ -78,6 +86,7 @@ class Pipeline:
         if "keep" in ctx.slots:
             for layer, view, keep in zip(layers, views, ctx.slots["keep"]):
                 layer.compact(view, keep)
+        cache.compress_seconds = getattr(cache, "compress_seconds", 0.0) + time.perf_counter() - started
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source}: {' -> '.join(s.id for s in self.stages) or 'no stages'}, budget {self.spec.budget})"

@@ -1,0 +1,93 @@
+"""Eviction stages side by side on the embedded model.
+
+1. Needle accuracy per pipeline (scorer × allocator) and budget, with bytes held and the compression
+   phase's cost as a share of prefill time.
+2. Fidelity on real prose (the Python documentation): per-token KL to the full cache and perplexity
+   increase, for random vs attention mass vs value-aware scores at 70 % and 80 % eviction.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+import kvpipe
+from kvpipe.fidelity import fidelity
+from kvpipe.models import load
+from kvpipe.run import answer
+from kvpipe.table import human_bytes, render
+from kvpipe.tasks import make_needle_cases
+from kvpipe.tasks.needle import paragraphs
+
+NEEDLE_PIPELINES = ["default", "snapkv-adaptive", "value-aware", "global-critical", "streaming", "random"]
+FIDELITY_SCORERS = {"random": "random", "attention_mass": "attention_mass", "critical (value-aware)": "critical",
+                    "output_change (value-aware)": "output_change"}
+
+
+def needle_table(model, tokenizer, names, keeps, context, cases, question_aware) -> str:
+    prompts = make_needle_cases(tokenizer, context, cases, seed=0)
+    full = []
+    for case in prompts:
+        text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
+        full.append(case.is_correct(text))
+    rows = [["full cache", "-", f"{sum(full)}/{cases}", "-", "-"]]
+    for name in tqdm([(n, k) for n in names for k in keeps], desc="needle pipelines"):
+        pipeline = kvpipe.build(name[0]).with_budget(keep=name[1])
+        correct, held, overhead = 0, [], []
+        for case in prompts:
+            with pipeline.attach(model) as handle:
+                cache = handle.cache()
+                text, prefill_s, _ = answer(model, tokenizer, case, cache, question_aware)
+                stats = handle.stats(cache)
+            correct += case.is_correct(text)
+            held.append(stats["kv_bytes"])
+            overhead.append(100 * stats["compress_seconds"] / prefill_s)
+        rows.append([name[0], name[1], f"{correct}/{cases}", human_bytes(sum(held) / len(held)),
+                     sum(overhead) / len(overhead)])
+    protocol = "question-aware" if question_aware else "question-agnostic"
+    return (f"needle, {context} tokens, {cases} cases, {protocol}\n"
+            + render(["pipeline", "keep", "correct", "KV bytes held", "compress % of prefill"], rows))
+
+
+def fidelity_table(model, tokenizer, evictions, context_tokens, continuation_tokens) -> str:
+    text = "\n".join(paragraphs()[200:400])
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : context_tokens + continuation_tokens]
+    context, continuation = ids[:, :context_tokens], ids[:, context_tokens:]
+    rows = []
+    for label, scorer in tqdm(FIDELITY_SCORERS.items(), desc="fidelity"):
+        for evict in evictions:
+            pipeline = kvpipe.build({"version": 1, "budget": {"keep": round(1 - evict, 3)}, "stages": [
+                {"stage": "sinks_window", "params": {"sinks": 4, "window": 32}},
+                {"stage": scorer} if scorer == "random" else {"stage": scorer, "params": {"window": 32}},
+                "uniform", "topk"]})
+            result = fidelity(model, pipeline, context, continuation)
+            rows.append([label, f"{evict:.0%}", result.kl, result.ppl_full, result.ppl, 100 * result.ppl_increase])
+    return (f"fidelity on Python docs prose: {context_tokens}-token context compressed, then {continuation_tokens} "
+            "tokens teacher-forced\n"
+            + render(["scorer", "evicted", "KL nats/token", "ppl full", "ppl", "ppl increase %"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipelines", nargs="+", default=NEEDLE_PIPELINES, help="shipped names or YAML paths")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--cases", type=int, default=6)
+    parser.add_argument("--question-aware", action="store_true")
+    parser.add_argument("--evictions", type=float, nargs="+", default=[0.7, 0.8])
+    parser.add_argument("--skip-needle", action="store_true")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    args = parser.parse_args()
+    model, tokenizer = load()
+    torch.manual_seed(0)
+    if not args.skip_fidelity:
+        print(fidelity_table(model, tokenizer, args.evictions, 1024, 256), flush=True)
+    if not args.skip_needle:
+        print(needle_table(model, tokenizer, args.pipelines, args.keeps, args.context, args.cases,
+                           args.question_aware), flush=True)
+
+
+if __name__ == "__main__":
+    main()
