@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import textwrap
 
 from kvpipe.errors import KVPipeError, SpecError
 
@@ -31,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("graph", help="print the stage DAG of a pipeline (or draw it to a PNG)")
     p.add_argument("pipeline", help="path of a pipeline YAML file")
     p.add_argument("--png", metavar="FILE", help="also draw the DAG to this PNG (needs matplotlib)")
-    sub.add_parser("stages", help="list every registered stage with its parameters and defaults")
+    p = sub.add_parser("stages", help="list every registered stage with its parameters and defaults")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown catalogue (docs/stages.md)")
     p = sub.add_parser("run", help="needle-in-a-haystack: full cache and the pipeline side by side, one table",
                        description="Hide a fact (random key, 7-digit number) in real Python documentation, ask for "
                                    "it after the context, and compare the full cache with the pipeline: accuracy, "
@@ -78,18 +77,9 @@ def _graph(args) -> int:
 
 
 def _stages(args) -> int:
-    from kvpipe.registry import all_stages, describe_params
-    from kvpipe.table import render
+    from kvpipe.catalogue import catalogue
 
-    for name, cls in all_stages().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        slots = f"reads: {', '.join(cls.reads + tuple(s + '?' for s in cls.optional_reads)) or '-'}; " \
-                f"writes: {', '.join(cls.writes) or '-'}"
-        print(f"{name}  [{cls.family}]  {slots}\n{textwrap.indent(doc, '  ')}")
-        rows = [[p, t, d if d == "required" else json.dumps(d), desc] for p, t, d, desc in describe_params(cls)]
-        if rows:
-            print(textwrap.indent(render(["param", "type", "default", "meaning"], rows, align="llll"), "  "))
-        print()
+    print(catalogue(markdown=args.markdown), end="")
     return 0
 
 

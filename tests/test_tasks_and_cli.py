@@ -73,3 +73,12 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(KVPipeError, match="could not load model"):
         load(str(tmp_path / "no-such-model"))
+
+
+def test_stage_catalogue_in_docs_is_current():
+    from pathlib import Path
+
+    from kvpipe.catalogue import catalogue
+
+    docs = Path(__file__).parent.parent / "docs" / "stages.md"
+    assert docs.read_text() == catalogue(markdown=True), "regenerate: kvpipe stages --markdown > docs/stages.md"
