@@ -19,6 +19,11 @@ def select_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     ranked = scores.float().masked_fill(~valid, float("-inf"))
     if protected is not None:
         ranked = ranked.masked_fill(protected & valid, float("inf"))
-    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (ranks < k[..., None]) & valid
+    return (ranks(ranked) < k[..., None]) & valid
+
+
+def ranks(values: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """``long``, same shape: each entry's place in a stable sort along the last dimension (0 = first)."""
+    order = torch.argsort(values, dim=-1, descending=descending, stable=True)
+    places = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, places)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kvpipe.errors import BudgetError
+from kvpipe.kernels import ranks
 
 
 def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None,
@@ -23,8 +24,7 @@ def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Te
     """
     protected = (protected & valid) if protected is not None else torch.zeros_like(valid)
     ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(protected, float("inf"))
-    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    rank = ranks(ranked)
     reserved = torch.maximum(protected.sum(-1), torch.minimum(floor[:, None], valid.sum(-1)))
     remaining = total - reserved.sum(-1)
     if bool((remaining < 0).any()):
@@ -55,8 +55,5 @@ def calibrate(scores: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tens
         mean = (flat * mask).sum(-1, keepdim=True) / count
         std = (((flat - mean) * mask) ** 2).sum(-1, keepdim=True).div(count).sqrt().clamp(min=1e-12)
         return ((flat - mean) / std).view_as(scores)
-    ranked = flat.masked_fill(~mask, float("-inf"))
-    order = torch.argsort(ranked, dim=-1, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
-    below = rank - (~mask).sum(-1, keepdim=True)  # invalid slots sort first
+    below = ranks(flat.masked_fill(~mask, float("-inf")), descending=False) - (~mask).sum(-1, keepdim=True)
     return (below.float() / mask.sum(-1, keepdim=True).clamp(min=1)).view_as(scores)

@@ -83,6 +83,15 @@ class LayerView:
 
 
 @dataclass
+class Candidates:
+    """One layer's `candidates` slot: ``protected`` slots are always kept; only ``eligible`` ones may be.
+    Both ``bool [B, Hkv, n]``, protected ⊆ eligible."""
+
+    protected: torch.Tensor
+    eligible: torch.Tensor
+
+
+@dataclass
 class CompressionContext:
     """Everything one compression event works on; stages read and write ``slots[kind][layer]``."""
 
@@ -107,6 +116,13 @@ class CompressionContext:
     def read_all(self, stage: Stage, slot: str) -> list[list]:
         """``slot`` from every nearest upstream writer (for stages that merge, such as ``combine``)."""
         return [self.by_stage[source][slot] for source in stage.sources.get(slot, [])]
+
+    def candidates(self, stage: Stage) -> list[Candidates]:
+        """The upstream `candidates` per layer; without a candidate stage nothing is protected, all is eligible."""
+        found = self.read(stage, "candidates")
+        if found is not None:
+            return found
+        return [Candidates(torch.zeros_like(view.valid), view.valid.clone()) for view in self.layers]
 
     def observed(self, stage: Stage) -> list[torch.Tensor]:
         """What ``stage.observe`` returned for each layer."""

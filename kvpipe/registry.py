@@ -4,7 +4,7 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 
 | slot         | per layer, what it holds                                                   |
 |--------------|-----------------------------------------------------------------------------|
-| `candidates` | ``bool [B, H_kv, n]``: slots that must be kept (sinks, recent window)        |
+| `candidates` | ``Candidates``: ``protected`` (always kept) and ``eligible`` (may be kept) masks |
 | `scores`     | ``float [B, H_kv, n]``: higher = more worth keeping                          |
 | `allocation` | ``long [B, H_kv]``: how many slots each (row, KV head) keeps                 |
 | `keep`       | ``bool [B, H_kv, n]``: the kept set; the cache compacts to it physically      |

@@ -25,9 +25,8 @@ class AdaptiveHeads(Stage):
     writes = ("allocation",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        protected = ctx.read(self, "candidates") or [None] * len(ctx.layers)
         per_head = ctx.slots_per_head()
         floor = torch.floor(per_head * self.params.floor).long()
-        allocation = [pooled_counts(scores, view.valid, guard, per_head * view.valid.shape[1], floor)
-                      for view, scores, guard in zip(ctx.layers, ctx.read(self, "scores"), protected)]
+        allocation = [pooled_counts(scores, view.valid & c.eligible, c.protected, per_head * view.valid.shape[1], floor)
+                      for view, scores, c in zip(ctx.layers, ctx.read(self, "scores"), ctx.candidates(self))]
         ctx.write(self, "allocation", allocation)

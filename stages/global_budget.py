@@ -29,13 +29,13 @@ class GlobalBudget(Stage):
 
     def __call__(self, ctx: CompressionContext) -> None:
         scores = ctx.read(self, "scores")
-        protected = ctx.read(self, "candidates")
+        candidates = ctx.candidates(self)
         width = max(view.valid.shape[-1] for view in ctx.layers)
         pad = lambda x, fill: torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=fill)  # noqa: E731
         pooled_scores = torch.cat([pad(calibrate(s, v.valid, self.params.calibration), 0.0)
                                    for s, v in zip(scores, ctx.layers)], dim=1)
-        pooled_valid = torch.cat([pad(v.valid, False) for v in ctx.layers], dim=1)
-        pooled_protected = (torch.cat([pad(p, False) for p in protected], dim=1) if protected is not None else None)
+        pooled_valid = torch.cat([pad(v.valid & c.eligible, False) for v, c in zip(ctx.layers, candidates)], dim=1)
+        pooled_protected = torch.cat([pad(c.protected, False) for c in candidates], dim=1)
         per_head = ctx.slots_per_head()
         total = per_head * pooled_valid.shape[1]
         counts = pooled_counts(pooled_scores, pooled_valid, pooled_protected, total,

@@ -29,9 +29,7 @@ class Pyramid(Stage):
         layers = len(ctx.layers)
         mean = ctx.slots_per_head().double()                                          # [B]
         held = torch.stack([view.valid.sum(-1).amin(-1) for view in ctx.layers]).amin(0).double()  # [B]
-        protected = ctx.read(self, "candidates")
-        need = (torch.stack([p.sum(-1).amax(-1) for p in protected]).amax(0).double()
-                if protected is not None else torch.zeros_like(mean))
+        need = torch.stack([c.protected.sum(-1).amax(-1) for c in ctx.candidates(self)]).amax(0).double()
         low = torch.maximum(mean / self.params.beta, need)
         high = torch.minimum(2 * mean - low, held)
         low = 2 * mean - high

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext
+from kvpipe.context import Candidates, CompressionContext
 from kvpipe.registry import Params, Stage, register
 
 
@@ -18,11 +18,15 @@ class SinksWindow(Stage):
     """Marks sinks and the recent window as protected: every eviction after it keeps them."""
 
     Params = SinksWindowParams
+    optional_reads = ("candidates",)
     writes = ("candidates",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "candidates", [protected_ends(view.valid, self.params.sinks, self.params.window)
-                                       for view in ctx.layers])
+        out = []
+        for view, upstream in zip(ctx.layers, ctx.candidates(self)):
+            ends = protected_ends(view.valid, self.params.sinks, self.params.window)
+            out.append(Candidates(upstream.protected | ends, upstream.eligible | ends))
+        ctx.write(self, "candidates", out)
 
     def check_budget(self, budget) -> str | None:
         protected = self.params.sinks + self.params.window

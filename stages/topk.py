@@ -9,23 +9,22 @@ from kvpipe.registry import Stage, register
 
 @register("topk", family="eviction")
 class TopK(Stage):
-    """Per head, keep protected candidates plus the highest scores up to the allocation."""
+    """Per head, keep the protected candidates plus the highest-scoring eligible slots up to the allocation."""
 
     reads = ("scores", "allocation")
     optional_reads = ("candidates",)
     writes = ("keep",)
 
     def __call__(self, ctx: CompressionContext) -> None:
-        protected_all = ctx.read(self, "candidates") or [None] * len(ctx.layers)
         keep = []
-        for layer, (view, scores, k, protected) in enumerate(
-                zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), protected_all)):
-            if protected is not None:
-                need = (protected & view.valid).sum(-1)
-                if bool((need > k).any()):
-                    raise BudgetError(
-                        f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
-                        "protected (sinks + recent window); the prompt is too short for this budget. "
-                        "Raise the budget or shrink sinks/window")
-            keep.append(select_topk(scores, k, view.valid, protected))
+        for layer, (view, scores, k, candidates) in enumerate(
+                zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
+            protected = candidates.protected & view.valid
+            need = protected.sum(-1)
+            if bool((need > k).any()):
+                raise BudgetError(
+                    f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
+                    "protected (sinks + recent window); the prompt is too short for this budget. "
+                    "Raise the budget or shrink sinks/window")
+            keep.append(select_topk(scores, k, view.valid & candidates.eligible, protected))
         ctx.write(self, "keep", keep)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpipe.budget import slots_per_head
-from kvpipe.context import CompressionContext, LayerView
+from kvpipe.context import Candidates, CompressionContext, LayerView
 from kvpipe.kernels import select_topk
 from kvpipe.spec import Budget
 from kvpipe.stages.sinks_window import protected_ends
@@ -44,10 +44,11 @@ def run_eviction(valid, scores, budget, sinks, window, generator):
     ctx = CompressionContext([view], budget, valid[:, 0].sum(-1), RaggedStore.slot_bytes(head_dim, keys.dtype),
                              2 * head_dim * 4)
     ctx.write(GIVEN, "scores", [scores])
-    ctx.write(GIVEN, "candidates", [protected_ends(valid, sinks, window)])
+    ends = protected_ends(valid, sinks, window)
+    ctx.write(GIVEN, "candidates", [Candidates(ends, valid.clone())])
     Uniform(Uniform.Params())(ctx)
     allocation = ctx.slots["allocation"][0]
-    if bool(((ctx.slots["candidates"][0]).sum(-1) > allocation).any()):
+    if bool((ends.sum(-1) > allocation).any()):
         return None
     topk()(ctx)
     return view, ctx, allocation, ctx.slots["keep"][0]
@@ -84,7 +85,7 @@ def test_eviction_invariants(layer, budget, sinks, window):
         assert float(total_bytes) <= budget.bytes * int(valid.sum()) * ctx.full_slot_bytes + 1e-6
     # padding is never kept; protected ends always are
     assert not bool((keep & ~valid).any())
-    assert bool((keep | ~ctx.slots["candidates"][0]).all())
+    assert bool((keep | ~ctx.slots["candidates"][0].protected).all())
     # physical compaction: positions strictly increasing, unique and in range; bytes match the formula
     store = RaggedStore.from_padded(view.keys, view.values, view.positions, keep)
     keys, _, positions = store.padded()
@@ -124,6 +125,6 @@ def _ctx_over_budget(valid):
                      torch.arange(valid.shape[-1]).expand(valid.shape), valid)
     ctx = CompressionContext([view], Budget(keep=0.25), valid[:, 0].sum(-1), 36, 32)
     ctx.write(GIVEN, "scores", [torch.randn(valid.shape)])
-    ctx.write(GIVEN, "candidates", [protected_ends(valid, 4, 8)])
+    ctx.write(GIVEN, "candidates", [Candidates(protected_ends(valid, 4, 8), valid.clone())])
     Uniform(Uniform.Params())(ctx)
     return ctx

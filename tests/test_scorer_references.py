@@ -103,3 +103,19 @@ def test_rank_calibration_is_a_fraction_of_valid_slots():
     torch.testing.assert_close(calibrate(scores, valid, "rank")[0, 0, :3], torch.tensor([2 / 3, 0.0, 1 / 3]))
     z = calibrate(scores, valid, "zscore")[0, 0, :3]
     assert abs(float(z.mean())) < 1e-6
+
+
+def test_quest_page_bound_is_an_upper_bound_and_tight_per_channel():
+    from kvpipe.stages.quest_pages import QuestPages
+
+    obs = observation(q_heads=2, kv_heads=1, q=5, kv=37)
+    bound = QuestPages(QuestPages.Params(page_size=8, window=2)).observe(obs)[0, 0]       # [pages]
+    assert bound.shape == (5,)
+    for page in range(5):
+        keys = obs.key[0, 0, page * 8:(page + 1) * 8]
+        for h in range(2):
+            for t in (3, 4):
+                assert float((keys @ obs.query[0, h, t]).max()) <= float(bound[page]) + 1e-5
+    one_key = observation(q_heads=1, kv_heads=1, q=1, kv=1)  # a page of one key: the bound is q·k exactly
+    exact = QuestPages(QuestPages.Params(page_size=4, window=1)).observe(one_key)[0, 0, 0]
+    torch.testing.assert_close(exact, one_key.query[0, 0, 0] @ one_key.key[0, 0, 0])

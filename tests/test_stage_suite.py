@@ -28,7 +28,7 @@ def pipeline_around(name: str) -> dict:
     elif family == "budget allocation":
         stages = [protect, "attention_mass", name, "topk"]
     elif family == "candidate selection":
-        stages = [name, "random", "uniform", "topk"] if name != "sinks_window" else [protect, "random", "uniform", "topk"]
+        stages = [protect] + ([name] if name != "sinks_window" else []) + ["random", "uniform", "topk"]
     else:
         stages = [protect, "random", "uniform", name]
     return {"version": 1, "budget": {"keep": KEEP}, "stages": stages}

@@ -1,0 +1,33 @@
+"""Key-norm prefilter: only the keys with the smallest norms stay eligible (after KNorm, Devoto et al., 2024)."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import Candidates, CompressionContext
+from kvpipe.kernels import ranks
+from kvpipe.registry import Params, Stage, register
+
+
+class KeyNormPrefilterParams(Params):
+    fraction: float = Field(0.5, gt=0, le=1, description="share of each head's slots left eligible: those whose "
+                                                          "keys have the smallest L2 norm")
+
+
+@register("key_norm_prefilter", family="candidate selection")
+class KeyNormPrefilter(Stage):
+    """Narrows what later stages may keep to the lowest-norm keys of each head; slots protected upstream stay
+    protected and eligible. Cheap (no queries), so it prunes before an expensive scorer ranks the rest."""
+
+    Params = KeyNormPrefilterParams
+    optional_reads = ("candidates",)
+    writes = ("candidates",)
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        out = []
+        for view, upstream in zip(ctx.layers, ctx.candidates(self)):
+            norms = view.keys.float().norm(dim=-1).masked_fill(~view.valid, float("inf"))
+            allowed = torch.ceil(view.valid.sum(-1) * self.params.fraction).long()
+            low = ranks(norms, descending=False) < allowed[..., None]
+            out.append(Candidates(upstream.protected, (upstream.eligible & low) | upstream.protected))
+        ctx.write(self, "candidates", out)
