@@ -77,15 +77,17 @@ class Session:
             self.pipeline.compress(forward)
         return output
 
-    def observe(self, forward: ForwardState, module, query, key, value, scaling) -> None:
+    def observe(self, forward: ForwardState, module, query, key, value, scaling, position_ids) -> None:
         layer_idx = module.layer_idx
         batch, _, q, _ = query.shape
         padding = forward.padding
         query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
         key_valid = forward.cache.layers[layer_idx].slot_valid(padding)
         out_proj = getattr(getattr(module, "o_proj", None), "weight", None)
-        obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5,
-                          query_valid, key_valid, out_proj)
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        positions = position_ids.expand(batch, -1) if position_ids is not None else None
+        obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
+                          out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
         for stage in self.pipeline.observers:
             forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(obs)
 

@@ -41,7 +41,7 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if layer.store is not None:
             attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
         if forward.compressing:
-            session.observe(forward, module, query, key, value, kwargs.get("scaling"))
+            session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
     return session.base_attention(module, query, key, value, attention_mask, **kwargs)
 
 

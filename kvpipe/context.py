@@ -1,6 +1,7 @@
 """What stages see: the per-layer ``Observation`` inside attention, and the ``CompressionContext`` after it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,8 @@ class Observation:
     query_valid: torch.Tensor
     key_valid: torch.Tensor
     out_proj: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # long [B, q]: RoPE positions of the queries
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # positions -> (cos, sin)
 
     @property
     def groups(self) -> int:

@@ -7,6 +7,7 @@ from kvpipe.stages import (  # noqa: F401
     attention_mass,
     combine,
     critical,
+    expected_attention,
     global_budget,
     key_norm_prefilter,
     knorm,

@@ -119,3 +119,30 @@ def test_quest_page_bound_is_an_upper_bound_and_tight_per_channel():
     one_key = observation(q_heads=1, kv_heads=1, q=1, kv=1)  # a page of one key: the bound is q·k exactly
     exact = QuestPages(QuestPages.Params(page_size=4, window=1)).observe(one_key)[0, 0, 0]
     torch.testing.assert_close(exact, one_key.query[0, 0, 0] @ one_key.key[0, 0, 0])
+
+
+def test_expected_attention_with_one_query_and_one_future_position_is_plain_attention():
+    """One prompt query, no covariance, n_future 1: the expected query is that query moved one position on,
+    so the score is ordinary attention of the rotated query."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from kvpipe.stages.expected_attention import ExpectedAttention, average_rotation, rotate_half
+
+    dim, kv = 8, 11
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=16, num_attention_heads=2, head_dim=dim))
+    obs = observation(q_heads=1, kv_heads=1, q=1, kv=kv, dim=dim)
+    pre = obs.query.clone()
+    position = torch.tensor([[kv - 1]])
+    cos, sin = rotary(pre, position)
+    obs.query, _ = apply_rotary_pos_emb(pre, pre, cos, sin)
+    obs.positions, obs.rotary = position, (lambda p: rotary(pre, p))
+    stage = ExpectedAttention(ExpectedAttention.Params(n_future=1, skip_sinks=0, covariance=False, value_norm=False))
+    got = stage.observe(obs)[0, 0]
+    cos1, sin1 = rotary(pre, position + 1)
+    moved, _ = apply_rotary_pos_emb(pre, pre, cos1, sin1)
+    want = torch.softmax(obs.key[0, 0] @ moved[0, 0, 0] * obs.scaling, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, dim)
+    c, s = torch.rand(1, dim), torch.rand(1, dim)
+    torch.testing.assert_close((average_rotation(c, s)[0] @ x.T).T, x * c + rotate_half(x) * s)
