@@ -48,7 +48,8 @@ def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> t
         model(prefill, past_key_values=cache)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+        budget = MAX_NEW_TOKENS + 12 * (len(case.answers) - 1)  # about 12 tokens per extra 7-digit number
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=budget, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         decode_s = time.perf_counter() - start
     new = out[0, ids.shape[1]:]

@@ -27,6 +27,20 @@ def test_needle_cases_are_seeded_and_hold_the_needle_once(smollm):
         assert 500 <= case.prefix_ids.shape[1] <= 500 * 1.35  # whole paragraphs: overshoot by one at most
 
 
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind", ["multikey", "multivalue"])
+def test_multi_needles_hold_every_fact_once(smollm, kind):
+    _, tokenizer = smollm
+    for case in make_needle_cases(tokenizer, 400, 2, seed=9, kind=kind, needles=3):
+        context = tokenizer.decode(case.prefix_ids[0])
+        question = tokenizer.decode(case.suffix_ids[0])
+        assert context.count("The special magic number for") == 3
+        assert len(case.answers) == (3 if kind == "multivalue" else 1)
+        assert all(context.count(answer) == 1 for answer in case.answers)
+        assert context.count(case.key) == (3 if kind == "multivalue" else 1) and case.key in question
+        assert case.is_correct(" ".join(case.answers)) and not case.is_correct(case.answers[0][:-1])
+
+
 def test_stages_lists_every_parameter(capsys):
     assert main(["stages"]) == 0
     out = capsys.readouterr().out

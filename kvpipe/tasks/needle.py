@@ -17,23 +17,31 @@ NOUNS = ["falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quarry", 
          "violin", "walrus", "anchor", "beacon", "canyon", "dragon", "ember", "glacier", "island", "juniper"]
 
 
+KINDS = ("single", "multikey", "multivalue")
+
+
 @dataclass(frozen=True)
 class NeedleCase:
     """One case: ``prefix_ids`` = chat prompt up to the end of the context, ``suffix_ids`` = the question
-    and the assistant turn's opening. ``ids = cat(prefix_ids, suffix_ids)``, both ``long [1, n]``."""
+    and the assistant turn's opening. ``ids = cat(prefix_ids, suffix_ids)``, both ``long [1, n]``.
+    Correct when every one of ``answers`` appears in the generated text."""
 
     prefix_ids: torch.Tensor
     suffix_ids: torch.Tensor
     key: str
-    answer: str
+    answers: tuple[str, ...]
     depth: float
 
     @property
     def ids(self) -> torch.Tensor:
         return torch.cat([self.prefix_ids, self.suffix_ids], dim=-1)
 
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
+
     def is_correct(self, generated: str) -> bool:
-        return self.answer in generated
+        return all(answer in generated for answer in self.answers)
 
 
 @lru_cache(maxsize=1)
@@ -51,23 +59,37 @@ def paragraphs() -> tuple[str, ...]:
     return tuple(out)
 
 
-def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0) -> list[NeedleCase]:
-    """``cases`` seeded cases whose context is ``context_tokens`` tokens long (within a paragraph)."""
+def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0, kind: str = "single",
+                      needles: int = 3) -> list[NeedleCase]:
+    """``cases`` seeded cases whose context is ``context_tokens`` tokens long (within a paragraph).
+
+    ``kind``: ``single`` (one fact), ``multikey`` (``needles`` facts with different keys, one asked: the
+    others are distractors), ``multivalue`` (``needles`` numbers for one key, all asked).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown needle kind {kind!r}; one of {KINDS}")
     rng = random.Random(seed)
     prose = paragraphs()
     out = []
     for _ in range(cases):
-        key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-        answer = str(rng.randrange(1_000_000, 10_000_000))
-        needle = f"The special magic number for {key} is {answer}."
-        depth = rng.uniform(0.1, 0.9)
+        count = 1 if kind == "single" else needles
+        if kind == "single":
+            keys, numbers = [f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"], [str(rng.randrange(1_000_000, 10_000_000))]
+        else:
+            keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], 1 if kind == "multivalue" else count)
+            numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
+        facts = [f"The special magic number for {keys[i % len(keys)]} is {numbers[i]}." for i in range(count)]
+        depths = sorted(rng.uniform(0.1, 0.9) for _ in facts)
         context = _haystack(tokenizer, prose, rng, context_tokens)
-        split = len(context) * depth
-        cut = context.find(". ", int(split))
-        cut = len(context) if cut < 0 else cut + 2
-        context = context[:cut] + needle + " " + context[cut:]
-        question = f"What is the special magic number for {key}? Answer with the number only."
-        out.append(_encode(tokenizer, context, question, key, answer, depth))
+        for fact, depth in reversed(list(zip(facts, depths))):  # from the back, so earlier cuts stay valid
+            cut = context.find(". ", int(len(context) * depth))
+            cut = len(context) if cut < 0 else cut + 2
+            context = context[:cut] + fact + " " + context[cut:]
+        asked = keys[0]
+        answers = tuple(numbers) if kind == "multivalue" else (numbers[0],)
+        question = (f"What are all the special magic numbers for {asked}? List them." if kind == "multivalue"
+                    else f"What is the special magic number for {asked}? Answer with the number only.")
+        out.append(_encode(tokenizer, context, question, asked, answers, depths[0]))
     return out
 
 
@@ -83,11 +105,11 @@ def _haystack(tokenizer, prose: tuple[str, ...], rng: random.Random, tokens: int
     return "\n".join(chosen)
 
 
-def _encode(tokenizer, context: str, question: str, key: str, answer: str, depth: float) -> NeedleCase:
+def _encode(tokenizer, context: str, question: str, key: str, answers: tuple[str, ...], depth: float) -> NeedleCase:
     marker = "\x00QUESTION\x00"
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + marker}],
                                            add_generation_prompt=True, tokenize=False)
     head, tail = prompt.split(marker)
     prefix = tokenizer(head, add_special_tokens=False, return_tensors="pt").input_ids
     suffix = tokenizer(question + tail, add_special_tokens=False, return_tensors="pt").input_ids
-    return NeedleCase(prefix, suffix, key, answer, depth)
+    return NeedleCase(prefix, suffix, key, answers, depth)
