@@ -19,36 +19,39 @@ from kvpipe.models import load
 from kvpipe.run import answer
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
-from kvpipe.tasks.needle import paragraphs
+from kvpipe.tasks.needle import KINDS, paragraphs
 
-NEEDLE_PIPELINES = ["default", "snapkv-adaptive", "value-aware", "global-critical", "streaming", "random"]
+NEEDLE_PIPELINES = ["default", "snapkv-adaptive", "value-aware", "global-critical", "expected-attention",
+                    "streaming", "random"]
 FIDELITY_SCORERS = {"random": "random", "attention_mass": "attention_mass", "critical (value-aware)": "critical",
                     "output_change (value-aware)": "output_change"}
 
 
-def needle_table(model, tokenizer, names, keeps, context, cases, question_aware) -> str:
-    prompts = make_needle_cases(tokenizer, context, cases, seed=0)
-    full = []
-    for case in prompts:
-        text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
-        full.append(case.is_correct(text))
-    rows = [["full cache", "-", f"{sum(full)}/{cases}", "-", "-"]]
-    for name in tqdm([(n, k) for n in names for k in keeps], desc="needle pipelines"):
-        pipeline = kvpipe.build(name[0]).with_budget(keep=name[1])
-        correct, held, overhead = 0, [], []
+def needle_table(model, tokenizer, names, keeps, kinds, context, cases, question_aware) -> str:
+    rows = []
+    for kind in kinds:
+        prompts = make_needle_cases(tokenizer, context, cases, seed=0, kind=kind)
+        full = []
         for case in prompts:
-            with pipeline.attach(model) as handle:
-                cache = handle.cache()
-                text, prefill_s, _ = answer(model, tokenizer, case, cache, question_aware)
-                stats = handle.stats(cache)
-            correct += case.is_correct(text)
-            held.append(stats["kv_bytes"])
-            overhead.append(100 * stats["compress_seconds"] / prefill_s)
-        rows.append([name[0], name[1], f"{correct}/{cases}", human_bytes(sum(held) / len(held)),
-                     sum(overhead) / len(overhead)])
+            text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
+            full.append(case.is_correct(text))
+        rows.append([kind, "full cache", "-", f"{sum(full)}/{cases}", "-", "-"])
+        for name, keep in tqdm([(n, k) for n in names for k in keeps], desc=f"{kind} needles"):
+            pipeline = kvpipe.build(name).with_budget(keep=keep)
+            correct, held, overhead = 0, [], []
+            for case in prompts:
+                with pipeline.attach(model) as handle:
+                    cache = handle.cache()
+                    text, prefill_s, _ = answer(model, tokenizer, case, cache, question_aware)
+                    stats = handle.stats(cache)
+                correct += case.is_correct(text)
+                held.append(stats["kv_bytes"])
+                overhead.append(100 * stats["compress_seconds"] / prefill_s)
+            rows.append([kind, name, keep, f"{correct}/{cases}", human_bytes(sum(held) / len(held)),
+                         sum(overhead) / len(overhead)])
     protocol = "question-aware" if question_aware else "question-agnostic"
-    return (f"needle, {context} tokens, {cases} cases, {protocol}\n"
-            + render(["pipeline", "keep", "correct", "KV bytes held", "compress % of prefill"], rows))
+    return (f"needles, {context} tokens, {cases} cases per task, {protocol}\n"
+            + render(["task", "pipeline", "keep", "correct", "KV bytes held", "compress % of prefill"], rows))
 
 
 def fidelity_table(model, tokenizer, evictions, context_tokens, continuation_tokens) -> str:
@@ -73,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipelines", nargs="+", default=NEEDLE_PIPELINES, help="shipped names or YAML paths")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--question-aware", action="store_true")
@@ -85,7 +89,7 @@ def main() -> None:
     if not args.skip_fidelity:
         print(fidelity_table(model, tokenizer, args.evictions, 1024, 256), flush=True)
     if not args.skip_needle:
-        print(needle_table(model, tokenizer, args.pipelines, args.keeps, args.context, args.cases,
+        print(needle_table(model, tokenizer, args.pipelines, args.keeps, args.kinds, args.context, args.cases,
                            args.question_aware), flush=True)
 
 
