@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import AfterValidator, Field
 
-from kvpipe.context import CompressionContext, Observation
-from kvpipe.registry import Params, Stage, register
+from kvpipe.context import Observation
+from kvpipe.registry import ObservingScorer, Params, register
 
 QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
 
@@ -32,20 +32,15 @@ class AttentionMassParams(Params):
 
 
 @register("attention_mass", family="scoring")
-class AttentionMass(Stage):
+class AttentionMass(ObservingScorer):
     """Score = softmax attention a token receives from the prompt's queries, summed (or averaged) over them."""
 
     Params = AttentionMassParams
-    writes = ("scores",)
-    observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """Returns ``float32 [B, Hkv, kv]``."""
         mass = attention_mass(obs, self.params.window, self.params.normalize)
         return pool_neighbours(obs.to_kv_heads(mass, self.params.group), self.params.pool)
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))
 
 
 def attention_mass(obs: Observation, window: int | None, normalize: bool) -> torch.Tensor:

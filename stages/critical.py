@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext, Observation
-from kvpipe.registry import Params, Stage, register
+from kvpipe.context import Observation
+from kvpipe.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import PoolKernel, attention_mass, pool_neighbours
 
 
@@ -17,7 +17,7 @@ class CriticalParams(Params):
 
 
 @register("critical", family="scoring")
-class Critical(Stage):
+class Critical(ObservingScorer):
     """Score = (a_i + eps) * mean over the GQA group of ||W_O^h v_i||1, a_i = window attention mass.
 
     This is the criterion of CriticalKV's second stage, an L1 bound on the output perturbation of evicting
@@ -25,8 +25,6 @@ class Critical(Stage):
     """
 
     Params = CriticalParams
-    writes = ("scores",)
-    observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
@@ -34,6 +32,3 @@ class Critical(Stage):
         value_effect = obs.project_out(obs.per_query_head(obs.value)).abs().sum(-1)      # [B, Hq, kv]
         scores = obs.to_kv_heads((mass + self.params.epsilon) * value_effect, "mean")
         return pool_neighbours(scores, self.params.pool)
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))

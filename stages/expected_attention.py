@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext, Observation
-from kvpipe.registry import Params, Stage, register
+from kvpipe.context import Observation
+from kvpipe.registry import ObservingScorer, Params, register
 
 
 class ExpectedAttentionParams(Params):
@@ -18,14 +18,12 @@ class ExpectedAttentionParams(Params):
 
 
 @register("expected_attention", family="scoring")
-class ExpectedAttention(Stage):
+class ExpectedAttention(ObservingScorer):
     """Models future queries as a Gaussian fitted to the prompt's pre-RoPE queries, rotated to the next
     ``n_future`` positions on average (R̄). Score = softmax_i(μ'·k_i·s + ½ k_iᵀΣ'k_i·s²) with μ' = R̄μ,
     Σ' = R̄ΣR̄ᵀ, s = 1/√d; mean over the GQA group; times ||v_i||. Needs the model's rotary embedding."""
 
     Params = ExpectedAttentionParams
-    writes = ("scores",)
-    observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
@@ -54,9 +52,6 @@ class ExpectedAttention(Stage):
         if self.params.value_norm:
             scores = (scores + self.params.epsilon) * obs.value.float().norm(dim=-1)
         return scores
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext, Observation
-from kvpipe.registry import Params, Stage, register
+from kvpipe.context import Observation
+from kvpipe.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
 
 
@@ -15,7 +15,7 @@ class OutputChangeParams(Params):
 
 
 @register("output_change", family="scoring")
-class OutputChange(Stage):
+class OutputChange(ObservingScorer):
     """Score = sum over window queries t of  a_ti / (1 - a_ti) * ||W_O^h (v_i - o_t)||2,  mean over the GQA group.
 
     For one query, removing token i and renormalising changes that head's output by exactly
@@ -24,8 +24,6 @@ class OutputChange(Stage):
     """
 
     Params = OutputChangeParams
-    writes = ("scores",)
-    observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
@@ -37,6 +35,3 @@ class OutputChange(Stage):
         distance = torch.cdist(obs.project_out(outputs), obs.project_out(values))   # [B, Hq, w, kv]
         effect = probs / (1 - probs).clamp(min=1e-6) * distance
         return pool_neighbours(obs.to_kv_heads(effect.sum(2), "mean"), self.params.pool)
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))

@@ -6,8 +6,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext, Observation
-from kvpipe.registry import Params, Stage, register
+from kvpipe.context import Observation
+from kvpipe.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import attention_mass
 
 
@@ -17,18 +17,13 @@ class VATPParams(Params):
 
 
 @register("vatp", family="scoring")
-class VATP(Stage):
+class VATP(ObservingScorer):
     """Value-aware: score = attention mass × ||v||1. Tokens drawing attention but carrying tiny values
     (typically sinks) lose; protect sinks with `sinks_window`, as the paper does."""
 
     Params = VATPParams
-    writes = ("scores",)
-    observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
         mass = obs.to_kv_heads(attention_mass(obs, self.params.window, normalize=True), self.params.group)
         return mass * obs.value.float().abs().sum(-1)
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))

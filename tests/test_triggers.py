@@ -1,7 +1,6 @@
 """Triggers: compression during decoding and chunked prefill keep the cache within budget."""
 from __future__ import annotations
 
-import torch
 from conftest import tiny_model
 
 import kvpipe
