@@ -73,8 +73,12 @@ class Session:
 
     def after_forward(self, module, args, kwargs, output):
         forward, self.active = self.active, None
-        if forward is not None and forward.compressing:
-            self.pipeline.compress(forward)
+        if forward is not None:
+            # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
+            held = sum(layer.nbytes for layer in forward.cache.layers)
+            forward.cache.peak_bytes = max(getattr(forward.cache, "peak_bytes", 0), held)
+            if forward.compressing:
+                self.pipeline.compress(forward)
         return output
 
     def observe(self, forward: ForwardState, module, query, key, value, scaling, position_ids) -> None:
@@ -202,7 +206,8 @@ class Handle:
 
         Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
         dtype), ``compression_ratio``, ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
-        ``compress_seconds`` (time spent in the compression phase, observation excluded).
+        ``compress_seconds`` (time spent in the compression phase, observation excluded) and ``kv_bytes_peak``
+        (the most the cache held after any forward, measured before that forward's compression).
         """
         if cache is None:
             cache = self.session.last_cache
@@ -219,4 +224,5 @@ class Handle:
             "kept_tokens": torch.stack([layer.kept_slots() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),
             "compress_seconds": getattr(cache, "compress_seconds", 0.0),
+            "kv_bytes_peak": max(getattr(cache, "peak_bytes", 0), kv_bytes),
         }

@@ -41,8 +41,14 @@ def test_chunked_prefill_never_holds_the_whole_prompt(random_ids):
     with decode_pipeline(prefill=False).attach(model) as handle:
         peaks = record_peaks(model, handle)
         model.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=EVERY)
+        chunked = handle.stats()["kv_bytes_peak"]
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        whole = handle.stats()["kv_bytes_peak"]
     assert len(peaks) >= 96 // EVERY
     assert max(peaks) <= TOKENS + EVERY
+    slot = 2 * 16 * 4  # fp32 K and V of one slot, head_dim 16
+    assert whole >= 2 * 2 * 96 * slot  # the unchunked prompt is held whole before its first compression
+    assert chunked <= 2 * 2 * (TOKENS + EVERY) * (slot + 4) + 2 * 2 * 4
 
 
 def test_decode_compression_keeps_sinks_and_recent_tokens(random_ids):
