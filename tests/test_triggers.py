@@ -1,7 +1,10 @@
 """Triggers: compression during decoding and chunked prefill keep the cache within budget."""
 from __future__ import annotations
 
+import torch
 from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvpipe
 
@@ -65,3 +68,37 @@ def test_decode_compression_keeps_sinks_and_recent_tokens(random_ids):
             held = positions[0, h, : int(layer.store.lengths[0, h])].tolist() + tail
             assert {0, 1} <= set(held) and seen - 1 in held
             assert held == sorted(set(held))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(12, 40), st.integers(1, 12), st.lists(st.integers(1, 20), min_size=1, max_size=8),
+       st.sampled_from(["uniform", "adaptive_heads", "global"]), st.integers(0, 2**31 - 1))
+def test_random_schedules_stay_within_budget(tokens, every, chunks, allocator, seed):
+    """Feed random-sized chunks through a plain forward loop: after every call each head holds at most
+    budget + every - 1 slots, positions stay sorted and unique, and the sinks are never lost."""
+    model = tiny_model("llama", "sdpa")
+    pipeline = kvpipe.build({"version": 1, "budget": {"tokens": tokens}, "trigger": {"prefill": True, "every": every},
+                             "stages": [{"stage": "sinks_window", "params": {"sinks": 2, "window": 2}},
+                                        {"stage": "attention_mass", "params": {"window": 4}}, allocator, "topk"]})
+    generator = torch.Generator().manual_seed(seed)
+    seen = 0
+    with pipeline.attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        for size in [max(tokens, 8)] + chunks:
+            model(torch.randint(2, 250, (1, size), generator=generator), past_key_values=cache)
+            seen += size
+            assert cache.get_seq_length() == seen
+            for layer in cache.layers:
+                held = layer.kept_slots()
+                if allocator == "uniform":
+                    assert int(held.max()) <= tokens + every - 1
+                stored = layer.store.lengths.sum() if layer.store is not None else 0
+                assert int(held.sum() - layer.tail_length * held.numel()) == int(stored)
+                if layer.store is not None:
+                    _, _, positions = layer.store.padded()
+                    for h in range(positions.shape[1]):
+                        pos = positions[0, h, : int(layer.store.lengths[0, h])].tolist()
+                        pos += layer.tail_positions().tolist()
+                        assert pos == sorted(set(pos)) and {0, 1} <= set(pos)
+            total = sum(int(layer.store.lengths.sum()) for layer in cache.layers if layer.store is not None)
+            assert total <= tokens * 2 * 2  # pooled allocators share layers x heads x budget
