@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import kvpipe
+from kvpipe.cache import cache_bytes
 from kvpipe.models import load
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
@@ -46,7 +47,7 @@ def main() -> None:
         ids = make_needle_cases(tokenizer, context, 1, seed=context)[0].ids
         full_cache = DynamicCache(config=model.config)
         full_prefill, full_decode = measure(model, ids, full_cache, args.new_tokens)
-        full_bytes = sum(layer.keys.untyped_storage().nbytes() * 2 for layer in full_cache.layers)
+        full_bytes = cache_bytes(full_cache)
         with pipeline.attach(model) as handle:
             cache = handle.cache()
             prefill, decode = measure(model, ids, cache, args.new_tokens)

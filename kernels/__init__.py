@@ -3,6 +3,6 @@
 Every kernel has a torch reference that runs anywhere and is the ground truth in tests.
 """
 from kvpipe.kernels.ragged import pack_ragged, unpack_ragged
-from kvpipe.kernels.topk import ranks, select_topk
+from kvpipe.kernels.topk import keep_order, ranks, select_topk
 
-__all__ = ["pack_ragged", "ranks", "select_topk", "unpack_ragged"]
+__all__ = ["keep_order", "pack_ragged", "ranks", "select_topk", "unpack_ragged"]

@@ -16,10 +16,13 @@ def select_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     Returns:
         ``bool [B, H, n]`` with exactly ``min(k, valid.sum(-1))`` True per head. Ties go to the earlier slot.
     """
-    ranked = scores.float().masked_fill(~valid, float("-inf"))
-    if protected is not None:
-        ranked = ranked.masked_fill(protected & valid, float("inf"))
-    return (ranks(ranked) < k[..., None]) & valid
+    return (ranks(keep_order(scores, valid, protected)) < k[..., None]) & valid
+
+
+def keep_order(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
+    """Scores as float with protected slots first (+inf) and invalid slots last (-inf)."""
+    ordered = scores.float().masked_fill(~valid, float("-inf"))
+    return ordered if protected is None else ordered.masked_fill(protected & valid, float("inf"))
 
 
 def ranks(values: torch.Tensor, descending: bool = True) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from kvpipe.errors import BudgetError
-from kvpipe.kernels import ranks
+from kvpipe.kernels import keep_order, ranks
 
 
 def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None,
@@ -23,7 +23,7 @@ def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Te
         ``long [B, U]``, summing to ``min(total, valid slots)`` per row.
     """
     protected = (protected & valid) if protected is not None else torch.zeros_like(valid)
-    ranked = scores.float().masked_fill(~valid, float("-inf")).masked_fill(protected, float("inf"))
+    ranked = keep_order(scores, valid, protected)
     rank = ranks(ranked)
     reserved = torch.maximum(protected.sum(-1), torch.minimum(floor[:, None], valid.sum(-1)))
     remaining = total - reserved.sum(-1)

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpipe.attention import BASES, register_attention
-from kvpipe.cache import KVPipeCache, KVPipeLayer
+from kvpipe.cache import KVPipeCache, KVPipeLayer, cache_bytes
 from kvpipe.context import Observation
 from kvpipe.errors import UnsupportedModelError
 
@@ -75,7 +75,7 @@ class Session:
         forward, self.active = self.active, None
         if forward is not None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
-            held = sum(layer.nbytes for layer in forward.cache.layers)
+            held = cache_bytes(forward.cache)
             forward.cache.peak_bytes = max(getattr(forward.cache, "peak_bytes", 0), held)
             if forward.compressing:
                 self.pipeline.compress(forward)
@@ -214,7 +214,7 @@ class Handle:
             if cache is None:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
         layers = [layer for layer in cache.layers if layer.is_initialized]
-        kv_bytes = sum(layer.nbytes for layer in layers)
+        kv_bytes = cache_bytes(cache)
         full = sum(2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1]
                    * layer.keys.dtype.itemsize for layer in layers)
         return {

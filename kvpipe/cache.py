@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvpipe.context import LayerView
-from kvpipe.store import RaggedStore
+from kvpipe.store import RaggedStore, storage_bytes
 
 if TYPE_CHECKING:
     from kvpipe.attach import Session
@@ -124,8 +124,7 @@ class KVPipeLayer(DynamicLayer):
         """Bytes of storage this layer really holds."""
         if not self.is_initialized:
             return 0
-        tail = self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
-        return tail + (self.store.nbytes if self.store is not None else 0)
+        return storage_bytes(self.keys, self.values) + (self.store.nbytes if self.store is not None else 0)
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -134,6 +133,12 @@ class KVPipeLayer(DynamicLayer):
         self.keys, self.values = self.keys[index], self.values[index]
         if self.store is not None:
             self.store = self.store.select_rows(index)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache really holds: a kvpipe cache's stores and tails, or a plain cache's key/value tensors."""
+    return sum(layer.nbytes if isinstance(layer, KVPipeLayer) else storage_bytes(layer.keys, layer.values)
+               for layer in cache.layers if layer.is_initialized)
 
 
 class KVPipeCache(DynamicCache):

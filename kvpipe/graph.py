@@ -38,7 +38,7 @@ def build_graph(spec: PipelineSpec, source: YamlSource) -> nx.DiGraph:
         cycle = [edge[0] for edge in nx.find_cycle(graph)]
         first = min(graph.nodes[n]["index"] for n in cycle)
         raise source.error(("stages", first, "after"), f"stages form a cycle: {' -> '.join(cycle + cycle[:1])}")
-    _check_slots(graph, spec, source)
+    _wire_slots(graph, spec, source)
     return graph
 
 
@@ -48,9 +48,10 @@ def execution_order(graph: nx.DiGraph) -> list[Stage]:
     return [graph.nodes[n]["stage"] for n in order]
 
 
-def _check_slots(graph: nx.DiGraph, spec: PipelineSpec, source: YamlSource) -> None:
-    """Every read needs a writer upstream. A stage reads from its *nearest* upstream writers (those no other
-    upstream writer overrides); there must be exactly one unless the stage merges that slot."""
+def _wire_slots(graph: nx.DiGraph, spec: PipelineSpec, source: YamlSource) -> None:
+    """Set ``stage.sources`` for every read, checking it: every read needs a writer upstream; a stage reads
+    from its *nearest* upstream writers (those no other upstream writer overrides), exactly one unless the
+    stage merges that slot."""
     for node in graph:
         stage: Stage = graph.nodes[node]["stage"]
         where = ("stages", graph.nodes[node]["index"], "stage")

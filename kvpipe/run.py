@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpipe.cache import cache_bytes
 from kvpipe.pipeline import Pipeline
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import NeedleCase, make_needle_cases
@@ -63,8 +64,7 @@ def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, q
     for case in tqdm(make_needle_cases(tokenizer, context, cases, seed), desc="needle cases", unit="case"):
         cache = DynamicCache(config=model.config)
         text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware)
-        held = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
-                   for layer in cache.layers)
+        held = cache_bytes(cache)
         _record(full, case.is_correct(text), held, held, prefill_s, tps)
         with pipeline.attach(model) as handle:
             cache = handle.cache()

@@ -10,6 +10,11 @@ from kvpipe.kernels import pack_ragged, unpack_ragged
 POSITION_DTYPE = torch.int32
 
 
+def storage_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes the tensors' storages really occupy (a view counts its whole storage)."""
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
 @dataclass
 class RaggedStore:
     """Kept slots packed tightly: no head is padded to the longest one.
@@ -54,7 +59,7 @@ class RaggedStore:
     @property
     def nbytes(self) -> int:
         """Bytes of the storage these tensors really hold."""
-        return sum(t.untyped_storage().nbytes() for t in (self.keys, self.values, self.positions, self.lengths))
+        return storage_bytes(self.keys, self.values, self.positions, self.lengths)
 
     @staticmethod
     def slot_bytes(head_dim: int, dtype: torch.dtype) -> int:
