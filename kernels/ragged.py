@@ -34,3 +34,17 @@ def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) ->
     padded = flat.new_full((*lengths.shape, width, *flat.shape[1:]), fill)
     padded[valid] = flat
     return padded, valid
+
+
+def concat_ragged(first: torch.Tensor, first_lengths: torch.Tensor,
+                  second: torch.Tensor, second_lengths: torch.Tensor) -> torch.Tensor:
+    """Per head, ``first``'s slots then ``second``'s: two flat ragged tensors (``[N, *rest]``) merged into one."""
+    a, a_valid = unpack_ragged(first, first_lengths)
+    b, b_valid = unpack_ragged(second, second_lengths)
+    return pack_ragged(torch.cat([a, b], 2), torch.cat([a_valid, b_valid], 2))
+
+
+def select_ragged_rows(flat: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The flat ragged tensor of rows ``index`` (``long [B']``; repeats allowed)."""
+    padded, valid = unpack_ragged(flat, lengths)
+    return pack_ragged(padded[index], valid[index])

@@ -79,6 +79,8 @@ class Session:
             forward.cache.peak_bytes = max(getattr(forward.cache, "peak_bytes", 0), held)
             if forward.compressing:
                 self.pipeline.compress(forward)
+            for layer in forward.cache.layers:
+                layer.settle()
         return output
 
     def observe(self, forward: ForwardState, module, query, key, value, scaling, position_ids) -> None:

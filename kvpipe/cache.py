@@ -2,8 +2,10 @@
 
 Each ``KVPipeLayer`` holds two parts:
 
-* ``store`` — a ``RaggedStore`` of the slots kept at the last compression (per-head lengths differ);
-* a *tail* — ``self.keys``/``self.values [B, Hkv, T, D]``, the tokens fed since then, uncompressed.
+* ``store`` — the slots kept at the last compression (per-head lengths differ): a ``RaggedStore``, or a
+  ``QuantizedStore`` (packed low-bit pages + a full-precision residual) when the pipeline quantizes;
+* a *tail* — ``self.keys``/``self.values [B, Hkv, T, D]``, the tokens fed since then, uncompressed. A quantized
+  store takes the tail in after every forward that filled at least one page (``settle``), as KIVI flushes.
 
 Before the first compression the layer behaves exactly like ``DynamicLayer`` (so an attached model
 with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the **logical** number of
@@ -17,6 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvpipe.context import LayerView
+from kvpipe.quantized_store import Quantization, QuantizedStore
 from kvpipe.store import RaggedStore, storage_bytes
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ class KVPipeLayer(DynamicLayer):
         super().__init__()
         self.session = session
         self.seen = 0
-        self.store: RaggedStore | None = None
+        self.since_compression = 0     # tokens fed since the last compression (what decode triggers count)
+        self.store: RaggedStore | QuantizedStore | None = None
 
     # --- the transformers layer contract -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -38,6 +42,7 @@ class KVPipeLayer(DynamicLayer):
         self.session.ensure_attached()
         keys, values = super().update(key_states, value_states)
         self.seen += key_states.shape[-2]
+        self.since_compression += key_states.shape[-2]
         if self.store is None:
             return keys, values
         past_keys, past_values, _ = self.store.padded()
@@ -67,7 +72,7 @@ class KVPipeLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.store = 0, None
+        self.seen, self.since_compression, self.store = 0, 0, None
 
     # --- what kvpipe adds -----------------------------------------------------------------------
     @property
@@ -108,9 +113,24 @@ class KVPipeLayer(DynamicLayer):
         return LayerView(torch.cat([keys, self.keys], -2), torch.cat([values, self.values], -2),
                          torch.cat([positions, tail_pos], -1), valid)
 
-    def compact(self, view: LayerView, keep: torch.Tensor) -> None:
-        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``); the rest is freed, not masked."""
-        self.store = RaggedStore.from_padded(view.keys, view.values, view.positions, keep & view.valid)
+    def compact(self, view: LayerView, keep: torch.Tensor, quant: Quantization | None = None) -> None:
+        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``), quantized when ``quant`` says so; the rest
+        is freed, not masked."""
+        keep = keep & view.valid
+        self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, quant)
+                      if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep))
+        self._clear_tail()
+        self.since_compression = 0
+
+    def settle(self) -> None:
+        """After a forward: a quantized store takes in the tail once it holds a whole page (KIVI's flush)."""
+        if isinstance(self.store, QuantizedStore) and self.tail_length >= self.store.quant.fmt.group:
+            batch, heads, tail, _ = self.keys.shape
+            positions = self.tail_positions().expand(batch, heads, tail)
+            self.store = self.store.append(self.keys, self.values, positions)
+            self._clear_tail()
+
+    def _clear_tail(self) -> None:
         self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
 
     def kept_slots(self) -> torch.Tensor:

@@ -101,8 +101,9 @@ class CompressionContext:
     layers: list[LayerView]
     budget: Budget | None
     seen_real: torch.Tensor                                      # long [B]: real tokens fed so far, per row
-    slot_bytes: int
-    full_slot_bytes: int
+    slot_bytes: float                                              # bytes one kept token costs in the store
+    full_slot_bytes: int                                           # ... in an uncompressed cache
+    overhead_bytes: float = 0.0                                    # most a head holds beyond that (residual)
     observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
     by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
@@ -140,4 +141,4 @@ class CompressionContext:
         (not to the slots still held, so repeated compressions do not shrink the cache geometrically)."""
         if self.budget is None:
             raise RuntimeError("this pipeline has no budget; add `budget:` to the spec")
-        return slots_per_head(self.budget, self.seen_real, self.slot_bytes, self.full_slot_bytes)
+        return slots_per_head(self.budget, self.seen_real, self.slot_bytes, self.full_slot_bytes, self.overhead_bytes)

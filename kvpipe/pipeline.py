@@ -35,6 +35,7 @@ class Pipeline:
         self.spec, self.graph, self.source = spec, graph, source
         self.stages = execution_order(graph)
         self.observers = [s for s in self.stages if s.observes]
+        self.quantizer = next((s for s in self.stages if "store" in s.writes), None)
 
     @property
     def compresses(self) -> bool:
@@ -46,7 +47,7 @@ class Pipeline:
         if not self.compresses:
             return False
         trigger = self.spec.trigger
-        pending = cache.layers[0].tail_length + new_tokens
+        pending = cache.layers[0].since_compression + new_tokens
         fresh = cache.get_seq_length() == 0
         return (fresh and trigger.prefill) or (trigger.every is not None and pending >= trigger.every)
 
@@ -72,9 +73,12 @@ class Pipeline:
         seen = cache.get_seq_length()
         padding = forward.padding
         seen_real = padding.sum(-1) if padding is not None else torch.full((views[0].valid.shape[0],), seen)
+        quant = self.quantizer.quantization(head_dim) if self.quantizer is not None else None
         ctx = CompressionContext(
-            layers=views, budget=self.spec.budget, seen_real=seen_real.long(),
-            slot_bytes=RaggedStore.slot_bytes(head_dim, dtype), full_slot_bytes=2 * head_dim * dtype.itemsize,
+            layers=list(views), budget=self.spec.budget, seen_real=seen_real.long(),
+            slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
+            full_slot_bytes=2 * head_dim * dtype.itemsize,
+            overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0,
             observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
         started = time.perf_counter()
         for stage in self.stages:
@@ -83,9 +87,11 @@ class Pipeline:
             missing = [slot for slot in stage.writes if len(written.get(slot, ())) != len(views)]
             if missing:
                 raise RuntimeError(f"stage {stage.id!r} did not write {missing} for every layer")
-        if "keep" in ctx.slots:
-            for layer, view, keep in zip(layers, views, ctx.slots["keep"]):
-                layer.compact(view, keep)
+        # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
+        # only a preview of the quantized cache, and quantizing twice would add error for nothing.
+        keeps = ctx.slots.get("keep", [view.valid for view in views])
+        for layer, view, keep, store in zip(layers, views, keeps, ctx.slots.get("store", [None] * len(views))):
+            layer.compact(view, keep, store)
         cache.compress_seconds = getattr(cache, "compress_seconds", 0.0) + time.perf_counter() - started
 
     def __repr__(self) -> str:

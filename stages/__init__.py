@@ -13,6 +13,7 @@ from kvpipe.stages import (  # noqa: F401
     knorm,
     output_change,
     pyramid,
+    quantize,
     quest_pages,
     random_score,
     recency,

@@ -1,0 +1,96 @@
+"""KIVI-layout pages: ``G`` tokens of one (row, KV head), keys per channel, values per token (torch reference).
+
+A page holds ``G`` token slots (fewer may be used: empty slots have position -1 and code 0).
+
+* keys: one group per channel across the page's ``G`` tokens, codes packed **along tokens**;
+* values: per token, groups of ``value_group`` channels, codes packed **along channels**.
+
+The Triton kernels read exactly these tensors; ``PackedPages`` is also what the cache stores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from kvpipe.kernels.quant import affine_params, dequantize, pack_codes, quantize_codes, unpack_codes
+
+# (groups [..., g] in fp32, bits, scale dtype) -> stored (scale, minimum), each [..., 1]
+GroupRange = Callable[[torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+
+
+def minmax_range(groups: torch.Tensor, bits: int, scale_dtype: torch.dtype):
+    """KIVI's range: the group's own minimum and maximum."""
+    return affine_params(groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True), bits, scale_dtype)
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    key_bits: int
+    value_bits: int
+    group: int              # tokens per page = the key group
+    value_group: int        # channels per value group
+    scale_dtype: torch.dtype
+
+    def page_bytes(self, head_dim: int) -> int:
+        """Bytes of one page: codes, scales and minima of K and V, and its positions."""
+        meta = self.scale_dtype.itemsize * 2
+        keys = head_dim * self.group * self.key_bits // 8 + head_dim * meta
+        values = self.group * head_dim * self.value_bits // 8 + self.group * (head_dim // self.value_group) * meta
+        return keys + values + self.group * 4
+
+
+@dataclass
+class PackedPages:
+    """``P`` pages. Shapes: ``key_codes int32 [P, D, G·bk/32]``, ``key_scale``/``key_min [P, D]``,
+    ``value_codes int32 [P, G, D·bv/32]``, ``value_scale``/``value_min [P, G, D/Gv]``, ``positions int32 [P, G]``."""
+
+    key_codes: torch.Tensor
+    key_scale: torch.Tensor
+    key_min: torch.Tensor
+    value_codes: torch.Tensor
+    value_scale: torch.Tensor
+    value_min: torch.Tensor
+    positions: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedPages:
+        """The same pages with ``fn`` applied to every tensor (all are indexed by page first)."""
+        return PackedPages(*(fn(t) for t in self.tensors()))
+
+    @property
+    def count(self) -> int:
+        return self.positions.shape[0]
+
+
+def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, fmt: PageFormat,
+                   group_range: GroupRange = minmax_range) -> PackedPages:
+    """Quantize and pack ``keys``/``values [P, G, D]``; ``positions int32 [P, G]`` with -1 = empty slot.
+
+    Used slots come first in every page; empty ones are filled with the page's first token before the key
+    statistics are taken, so they never widen a group.
+    """
+    pages, group, dim = keys.shape
+    used = (positions >= 0)[..., None]
+    keys = torch.where(used, keys, keys[:, :1]).float().transpose(1, 2)             # [P, D, G]
+    key_scale, key_min = group_range(keys, fmt.key_bits, fmt.scale_dtype)           # [P, D, 1]
+    key_codes = quantize_codes(keys, key_scale, key_min, fmt.key_bits) * used.transpose(1, 2)
+    values = values.float().reshape(pages, group, dim // fmt.value_group, fmt.value_group)
+    value_scale, value_min = group_range(values, fmt.value_bits, fmt.scale_dtype)    # [P, G, D/Gv, 1]
+    value_codes = quantize_codes(values, value_scale, value_min, fmt.value_bits).reshape(pages, group, dim) * used
+    return PackedPages(pack_codes(key_codes, fmt.key_bits), key_scale[..., 0], key_min[..., 0],
+                       pack_codes(value_codes, fmt.value_bits), value_scale[..., 0], value_min[..., 0],
+                       positions.to(torch.int32))
+
+
+def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys, values [P, G, D]`` in ``dtype`` (empty slots hold garbage; mask them by position)."""
+    key_codes = unpack_codes(pages.key_codes, fmt.key_bits)                          # [P, D, G]
+    keys = dequantize(key_codes, pages.key_scale[..., None], pages.key_min[..., None], dtype).transpose(1, 2)
+    count, group, _ = pages.value_codes.shape
+    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).reshape(count, group, -1, fmt.value_group)
+    values = dequantize(value_codes, pages.value_scale[..., None], pages.value_min[..., None], dtype)
+    return keys.contiguous(), values.reshape(count, group, -1)

@@ -1,0 +1,88 @@
+"""Asymmetric integer quantization and bit packing (torch reference, the ground truth for the Triton kernels).
+
+One group of values ``x`` with minimum ``m`` and maximum ``M`` is stored as codes ``c`` in ``[0, 2^b - 1]``,
+a scale ``s = (M - m) / (2^b - 1)`` and the minimum ``m``; ``x̂ = c·s + m``.
+
+Rules every implementation follows, so that the torch path and the kernels agree bit for bit:
+
+* ``s`` and ``m`` are stored in a 16-bit dtype, ``s`` rounded **up** and ``m`` **down**, and the codes are
+  computed from the **stored** values: then every input lies inside the representable range and the error of
+  one element is at most ``s/2`` plus the 16-bit rounding of ``m``.
+* rounding is ``floor(v + 0.5)`` (Triton's interpreter has no ``rint``);
+* a constant group gets ``s = tiny`` (the dtype's smallest normal number): codes 0, ``x̂ = m``.
+* packing is LSB-first into int32 words: element ``j`` of a word sits at bits ``[j·b, (j+1)·b)`` (KIVI's order).
+"""
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 4, 8)
+
+
+def codes_per_word(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    return 32 // bits
+
+
+def check_finite(x: torch.Tensor, what: str, scale_dtype: torch.dtype) -> None:
+    """Refuse NaN/inf (they would poison a whole group silently) and values the scale dtype cannot hold."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"cannot quantize {what}: it contains NaN or inf (the model produced non-finite "
+                         "key/value states; quantizing them would corrupt every token of the group)")
+    limit = torch.finfo(scale_dtype).max
+    if x.numel() and float(x.abs().max()) > limit / 2:
+        raise ValueError(f"cannot quantize {what}: |values| up to {float(x.abs().max()):.3g} exceed what "
+                         f"{scale_dtype} scales can hold ({limit:.3g}/2); use scale_dtype: bfloat16")
+
+
+def round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (fp32) in ``dtype``, never smaller than ``v``."""
+    stored = v.to(dtype)
+    return torch.where(stored.float() < v, torch.nextafter(stored, stored.new_tensor(float("inf"))), stored)
+
+
+def round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (fp32) in ``dtype``, never larger than ``v``."""
+    stored = v.to(dtype)
+    return torch.where(stored.float() > v, torch.nextafter(stored, stored.new_tensor(float("-inf"))), stored)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, scale_dtype: torch.dtype):
+    """Stored ``(scale, minimum)`` in ``scale_dtype`` for groups spanning ``[lo, hi]`` (fp32, any shape)."""
+    tiny = torch.finfo(scale_dtype).tiny
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(tiny)
+    return round_up(scale, scale_dtype), round_down(lo, scale_dtype)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    """``int32`` codes of ``x`` with broadcastable stored ``scale``/``minimum``."""
+    v = (x.float() - minimum.float()) / scale.float()
+    return torch.floor(v + 0.5).clamp_(0, 2 ** bits - 1).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes·scale + minimum`` in fp32, returned in ``dtype``."""
+    return (codes.float() * scale.float() + minimum.float()).to(dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``int32 [..., n]`` codes (``n`` a multiple of ``32 // bits``) into ``int32 [..., n·bits/32]``."""
+    per = codes_per_word(bits)
+    if codes.shape[-1] % per:
+        raise ValueError(f"cannot pack {codes.shape[-1]} codes into words of {per}")
+    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    words = fields << shifts                                   # int32 shifts wrap, as on the GPU
+    packed = words[..., 0]
+    for j in range(1, per):
+        packed = packed | words[..., j]
+    return packed
+
+
+def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: ``int32 [..., w]`` → ``int32 [..., w·32/bits]``."""
+    per = codes_per_word(bits)
+    shifts = torch.arange(per, dtype=torch.int32, device=words.device) * bits
+    # >> is arithmetic on int32, so the mask is what removes the sign bits of the top field.
+    return ((words[..., None] >> shifts) & (2 ** bits - 1)).reshape(*words.shape[:-1], -1)

@@ -1,0 +1,170 @@
+"""The compressed part of one layer when a ``quantize`` stage is in the pipeline: packed pages plus a residual.
+
+Per (row, KV head), the kept slots are stored as
+
+* **pages** — ``PackedPages`` of ``G`` tokens each (KIVI layout, ``kvpipe.kernels.pages``), flat in
+  (row, head, page) order with ``page_counts [B, Hkv]``; the last page a compaction makes may be partly used;
+* a **residual** — a ``RaggedStore`` of the most recent tokens in the model's dtype (at most
+  ``residual + G - 1`` per head between flushes).
+
+New tokens arrive in the layer's uncompressed tail; ``append`` moves them in, flushing whole pages so that
+at least ``residual`` recent tokens stay unquantized (KIVI's window). Nothing is ever padded in memory: a
+head's bytes are its pages and its residual. ``padded()`` is the transient view attention and stages see
+(pages dequantized, then the residual; unused page slots are invalid).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpipe.kernels import concat_ragged, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.pages import GroupRange, PackedPages, PageFormat, dequantize_pages, minmax_range, quantize_pages
+from kvpipe.kernels.quant import check_finite
+from kvpipe.store import POSITION_DTYPE, RaggedStore, storage_bytes
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a layer stores its kept slots: the page format, the residual window, and the range rule."""
+
+    fmt: PageFormat
+    residual: int
+    method: str = "kivi"
+    group_range: GroupRange = minmax_range
+
+    def slot_bytes(self, head_dim: int) -> float:
+        """Bytes one quantized token costs, metadata included (amortised over its page)."""
+        return self.fmt.page_bytes(head_dim) / self.fmt.group
+
+    def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
+        """Most a head can hold beyond ``slot_bytes`` per token: the residual kept unquantized and one partly
+        used page."""
+        full = RaggedStore.slot_bytes(head_dim, dtype)
+        return self.residual * max(full - self.slot_bytes(head_dim), 0) + (self.fmt.group - 1) * self.slot_bytes(head_dim)
+
+
+@dataclass
+class QuantizedStore:
+    pages: PackedPages
+    page_counts: torch.Tensor         # int32 [B, Hkv]
+    residual: RaggedStore
+    quant: Quantization
+
+    # --- building --------------------------------------------------------------------------------
+    @classmethod
+    def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                    quant: Quantization) -> QuantizedStore:
+        """Store the ``keep [B, Hkv, n]`` slots of ``keys``/``values [B, Hkv, n, D]``: all but the newest
+        ``residual`` of each head go into pages (the last one possibly partly used)."""
+        to_pages = (keep.sum(-1) - quant.residual).clamp_min(0)
+        pages, counts, rest = _split(keys, values, positions, keep, to_pages, quant)
+        return cls(pages, counts, rest, quant)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> QuantizedStore:
+        """Add tokens ``keys``/``values [B, Hkv, T, D]`` at ``positions long [B, Hkv, T]`` (all real), flushing
+        whole pages of the oldest unquantized tokens while more than ``residual`` would remain."""
+        res_keys, res_values, res_positions = self.residual.padded()
+        valid = torch.cat([self.residual.valid(), torch.ones_like(positions, dtype=torch.bool)], -1)
+        keys, values = torch.cat([res_keys, keys], -2), torch.cat([res_values, values], -2)
+        positions = torch.cat([res_positions, positions], -1)
+        group = self.quant.fmt.group
+        to_pages = (valid.sum(-1) - self.quant.residual).clamp_min(0) // group * group
+        pages, counts, rest = _split(keys, values, positions, valid, to_pages, self.quant)
+        merged = PackedPages(*(concat_ragged(old, self.page_counts, new, counts)
+                               for old, new in zip(self.pages.tensors(), pages.tensors())))
+        return QuantizedStore(merged, self.page_counts + counts, rest, self.quant)
+
+    # --- the store contract shared with RaggedStore -------------------------------------------------
+    @property
+    def page_width(self) -> int:
+        return (int(self.page_counts.max()) if self.page_counts.numel() else 0) * self.quant.fmt.group
+
+    @property
+    def width(self) -> int:
+        """Padded width attention sees: the most pages of any head, then the longest residual."""
+        return self.page_width + self.residual.width
+
+    def page_positions(self) -> torch.Tensor:
+        """``long [B, Hkv, page_width]``, -1 where no token is stored."""
+        padded, _ = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)
+        return padded.flatten(2)
+
+    def valid(self) -> torch.Tensor:
+        return torch.cat([self.page_positions() >= 0, self.residual.valid()], -1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``long [B, Hkv]``: tokens stored per head."""
+        return (self.page_positions() >= 0).sum(-1) + self.residual.lengths.long()
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized) and ``positions long`` (-1 = empty)."""
+        res_keys, res_values, res_positions = self.residual.padded()
+        page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, res_keys.dtype)
+        keys, _ = unpack_ragged(page_keys, self.page_counts)
+        values, _ = unpack_ragged(page_values, self.page_counts)
+        return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
+                torch.cat([self.page_positions(), res_positions], -1))
+
+    def select_rows(self, index: torch.Tensor) -> QuantizedStore:
+        pages = self.pages.map(lambda t: select_ragged_rows(t, self.page_counts, index))
+        return QuantizedStore(pages, self.page_counts[index], self.residual.select_rows(index), self.quant)
+
+    @property
+    def nbytes(self) -> int:
+        return storage_bytes(*self.pages.tensors(), self.page_counts) + self.residual.nbytes
+
+    def analytic_bytes(self) -> int:
+        """What the format says these tokens cost: pages·page_bytes + residual slots + length arrays."""
+        head_dim = self.residual.keys.shape[-1]
+        slot = RaggedStore.slot_bytes(head_dim, self.residual.keys.dtype)
+        return (self.pages.count * self.quant.fmt.page_bytes(head_dim) + int(self.residual.lengths.sum()) * slot
+                + 4 * (self.page_counts.numel() + self.residual.lengths.numel()))
+
+
+def _page_slots(keep: torch.Tensor, to_pages: torch.Tensor, group: int):
+    """Where the first ``to_pages [B, Hkv]`` kept slots of each head go: ``(into_pages bool [B, Hkv, n],
+    page long [N], slot long [N], counts [B, Hkv])``, ``N = into_pages.sum()``, heads' pages in (row, head) order."""
+    rank = keep.long().cumsum(-1) - 1
+    into_pages = keep & (rank < to_pages[..., None])
+    counts = (to_pages + group - 1) // group
+    first_page = counts.flatten().cumsum(0) - counts.flatten()                      # exclusive, per head
+    head = torch.arange(counts.numel(), device=keep.device).view_as(counts)[..., None].expand_as(keep)
+    slot_rank = rank[into_pages]
+    return into_pages, first_page[head[into_pages]] + slot_rank // group, slot_rank % group, counts
+
+
+def _quantize_slots(keys, values, positions, into_pages, page, slot, pages: int, quant: Quantization) -> PackedPages:
+    check_finite(keys[into_pages], "keys", quant.fmt.scale_dtype)
+    check_finite(values[into_pages], "values", quant.fmt.scale_dtype)
+    group, dim = quant.fmt.group, keys.shape[-1]
+    page_keys = keys.new_zeros(pages, group, dim)
+    page_values = values.new_zeros(pages, group, dim)
+    page_positions = torch.full((pages, group), -1, dtype=POSITION_DTYPE, device=keys.device)
+    page_keys[page, slot] = keys[into_pages]
+    page_values[page, slot] = values[into_pages]
+    page_positions[page, slot] = positions[into_pages].to(POSITION_DTYPE)
+    return quantize_pages(page_keys, page_values, page_positions, quant.fmt, quant.group_range)
+
+
+def _split(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+           to_pages: torch.Tensor, quant: Quantization) -> tuple[PackedPages, torch.Tensor, RaggedStore]:
+    """The first ``to_pages [B, Hkv]`` kept slots of each head as pages; the other kept slots as a residual."""
+    into_pages, page, slot, counts = _page_slots(keep, to_pages, quant.fmt.group)
+    pages = _quantize_slots(keys, values, positions, into_pages, page, slot, int(counts.sum()), quant)
+    rest = RaggedStore.from_padded(keys, values, positions, keep & ~into_pages)
+    return pages, counts.to(POSITION_DTYPE), rest
+
+
+def roundtrip(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+              quant: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys``/``values [B, Hkv, n, D]`` as the cache would return them after quantizing the ``valid`` slots
+    (same slots, same order): what stages placed after a ``quantize`` stage see."""
+    to_pages = (valid.sum(-1) - quant.residual).clamp_min(0)
+    into_pages, page, slot, counts = _page_slots(valid, to_pages, quant.fmt.group)
+    pages = _quantize_slots(keys, values, positions, into_pages, page, slot, int(counts.sum()), quant)
+    page_keys, page_values = dequantize_pages(pages, quant.fmt, keys.dtype)
+    keys, values = keys.clone(), values.clone()
+    keys[into_pages], values[into_pages] = page_keys[page, slot], page_values[page, slot]
+    return keys, values
