@@ -81,16 +81,18 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     values = values.float().reshape(pages, group, dim // fmt.value_group, fmt.value_group)
     value_scale, value_min = group_range(values, fmt.value_bits, fmt.scale_dtype)    # [P, G, D/Gv, 1]
     value_codes = quantize_codes(values, value_scale, value_min, fmt.value_bits).reshape(pages, group, dim) * used
-    return PackedPages(pack_codes(key_codes, fmt.key_bits), key_scale[..., 0], key_min[..., 0],
-                       pack_codes(value_codes, fmt.value_bits), value_scale[..., 0], value_min[..., 0],
-                       positions.to(torch.int32))
+    pages = PackedPages(pack_codes(key_codes, fmt.key_bits), key_scale[..., 0], key_min[..., 0],
+                        pack_codes(value_codes, fmt.value_bits), value_scale[..., 0], value_min[..., 0],
+                        positions.to(torch.int32))
+    return pages.map(torch.Tensor.contiguous)                 # kernels index them as dense arrays
 
 
 def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys, values [P, G, D]`` in ``dtype`` (empty slots hold garbage; mask them by position)."""
     key_codes = unpack_codes(pages.key_codes, fmt.key_bits)                          # [P, D, G]
     keys = dequantize(key_codes, pages.key_scale[..., None], pages.key_min[..., None], dtype).transpose(1, 2)
-    count, group, _ = pages.value_codes.shape
-    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).reshape(count, group, -1, fmt.value_group)
+    count, group, dim = keys.shape
+    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).reshape(count, group, dim // fmt.value_group,
+                                                                          fmt.value_group)
     values = dequantize(value_codes, pages.value_scale[..., None], pages.value_min[..., None], dtype)
-    return keys.contiguous(), values.reshape(count, group, -1)
+    return keys.contiguous(), values.reshape(count, group, dim)

@@ -71,7 +71,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = codes_per_word(bits)
     if codes.shape[-1] % per:
         raise ValueError(f"cannot pack {codes.shape[-1]} codes into words of {per}")
-    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per)
+    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
     words = fields << shifts                                   # int32 shifts wrap, as on the GPU
     packed = words[..., 0]
@@ -85,4 +85,4 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     per = codes_per_word(bits)
     shifts = torch.arange(per, dtype=torch.int32, device=words.device) * bits
     # >> is arithmetic on int32, so the mask is what removes the sign bits of the top field.
-    return ((words[..., None] >> shifts) & (2 ** bits - 1)).reshape(*words.shape[:-1], -1)
+    return ((words[..., None] >> shifts) & (2 ** bits - 1)).reshape(*words.shape[:-1], words.shape[-1] * per)
