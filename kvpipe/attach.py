@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpipe.attention import BASES, register_attention
+from kvpipe.backend import resolve_backend
 from kvpipe.cache import KVPipeCache, KVPipeLayer, cache_bytes
 from kvpipe.context import Observation
 from kvpipe.errors import UnsupportedModelError
@@ -44,6 +45,7 @@ class Session:
         self.active: ForwardState | None = None
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
+        self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
 
     def ensure_attached(self) -> None:
         if not self.attached:

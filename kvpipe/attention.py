@@ -38,11 +38,25 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     forward = session.active
     if forward is not None:
         layer = forward.cache.layers[module.layer_idx]
+        if layer.decodes_fused(query.shape[2]):
+            return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
         if layer.store is not None:
             attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
         if forward.compressing:
             session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
     return session.base_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+                    scaling: float | None) -> torch.Tensor:
+    """One decode step over a quantized layer with the fused Triton kernel: ``[B, 1, Hq, D]``. The tail (which
+    holds the new token) is passed as is; after compaction it holds real tokens only, so no mask is needed."""
+    from kvpipe.kernels.triton_decode import fused_decode_attention
+
+    store = layer.store
+    return fused_decode_attention(query, store.pages, store.page_counts, store.quant.fmt, store.residual.keys,
+                                  store.residual.values, store.residual.lengths, tail_keys, tail_values,
+                                  scaling if scaling is not None else query.shape[-1] ** -0.5).contiguous()
 
 
 def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, additive: bool) -> torch.Tensor:

@@ -43,8 +43,8 @@ class KVPipeLayer(DynamicLayer):
         keys, values = super().update(key_states, value_states)
         self.seen += key_states.shape[-2]
         self.since_compression += key_states.shape[-2]
-        if self.store is None:
-            return keys, values
+        if self.store is None or self.decodes_fused(key_states.shape[-2]):
+            return keys, values                     # fused decode reads the packed store itself
         past_keys, past_values, _ = self.store.padded()
         return torch.cat([past_keys, keys], dim=-2), torch.cat([past_values, values], dim=-2)
 
@@ -121,6 +121,13 @@ class KVPipeLayer(DynamicLayer):
                       if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep))
         self._clear_tail()
         self.since_compression = 0
+
+    def decodes_fused(self, query_length: int) -> bool:
+        """Whether this step's attention runs the fused Triton kernel over the packed store (one new token,
+        quantized store, triton backend, and no stage observing this forward: observers need padded keys)."""
+        forward = self.session.active
+        return (query_length == 1 and isinstance(self.store, QuantizedStore) and self.session.backend == "triton"
+                and forward is not None and not forward.compressing)
 
     def settle(self) -> None:
         """After a forward: a quantized store takes in the tail once it holds a whole page (KIVI's flush)."""

@@ -1,6 +1,7 @@
 """``kvpipe.build(spec)`` → ``Pipeline``; ``Pipeline.attach(model)`` → ``Handle``."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def build(spec: str | Path | dict) -> Pipeline:
     parsed = parse_spec(source)
     graph = build_graph(parsed, source)
     pipeline = Pipeline(parsed, graph, source.name)
+    storing = [stage.id for stage in pipeline.stages if "store" in stage.writes]
+    if len(storing) > 1:
+        raise source.error(("stages",), f"stages {storing} all decide how the cache is stored; keep one")
     for stage in pipeline.stages:
         problem = stage.check_budget(parsed.budget) if parsed.budget is not None else None
         if problem:
@@ -74,6 +78,8 @@ class Pipeline:
         padding = forward.padding
         seen_real = padding.sum(-1) if padding is not None else torch.full((views[0].valid.shape[0],), seen)
         quant = self.quantizer.quantization(head_dim) if self.quantizer is not None else None
+        if quant is not None:
+            quant = dataclasses.replace(quant, backend=cache.kvpipe_session.backend)
         ctx = CompressionContext(
             layers=list(views), budget=self.spec.budget, seen_real=seen_real.long(),
             slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
@@ -90,8 +96,8 @@ class Pipeline:
         # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
         # only a preview of the quantized cache, and quantizing twice would add error for nothing.
         keeps = ctx.slots.get("keep", [view.valid for view in views])
-        for layer, view, keep, store in zip(layers, views, keeps, ctx.slots.get("store", [None] * len(views))):
-            layer.compact(view, keep, store)
+        for layer, view, keep in zip(layers, views, keeps):
+            layer.compact(view, keep, quant)
         cache.compress_seconds = getattr(cache, "compress_seconds", 0.0) + time.perf_counter() - started
 
     def __repr__(self) -> str:

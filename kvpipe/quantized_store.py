@@ -32,6 +32,14 @@ class Quantization:
     residual: int
     method: str = "kivi"
     group_range: GroupRange = minmax_range
+    backend: str = "torch"          # "triton": pack with the Triton kernel (min/max ranges, float16 scales)
+
+    def pack(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
+        """``quantize_pages`` on the chosen backend; both give the same bits (tested)."""
+        if self.backend == "triton" and self.group_range is minmax_range and self.fmt.scale_dtype == torch.float16:
+            from kvpipe.kernels.triton_quant import quantize_pages_triton
+            return quantize_pages_triton(keys, values, positions, self.fmt)
+        return quantize_pages(keys, values, positions, self.fmt, self.group_range)
 
     def slot_bytes(self, head_dim: int) -> float:
         """Bytes one quantized token costs, metadata included (amortised over its page)."""
@@ -98,10 +106,13 @@ class QuantizedStore:
         """``long [B, Hkv]``: tokens stored per head."""
         return (self.page_positions() >= 0).sum(-1) + self.residual.lengths.long()
 
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized) and ``positions long`` (-1 = empty)."""
+    def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized; in ``dtype``, default the residual's)
+        and ``positions long`` (-1 = empty)."""
         res_keys, res_values, res_positions = self.residual.padded()
-        page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, res_keys.dtype)
+        dtype = dtype or res_keys.dtype
+        res_keys, res_values = res_keys.to(dtype), res_values.to(dtype)
+        page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
         keys, _ = unpack_ragged(page_keys, self.page_counts)
         values, _ = unpack_ragged(page_values, self.page_counts)
         return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
@@ -145,7 +156,7 @@ def _quantize_slots(keys, values, positions, into_pages, page, slot, pages: int,
     page_keys[page, slot] = keys[into_pages]
     page_values[page, slot] = values[into_pages]
     page_positions[page, slot] = positions[into_pages].to(POSITION_DTYPE)
-    return quantize_pages(page_keys, page_values, page_positions, quant.fmt, quant.group_range)
+    return quant.pack(page_keys, page_values, page_positions)
 
 
 def _split(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
