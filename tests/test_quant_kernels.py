@@ -1,0 +1,188 @@
+"""Quantization kernels: torch references (properties) and the Triton kernels against them.
+
+Without a GPU the Triton kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), so shapes
+stay small. Integer outputs must be bit-exact; fp32 attention within 1e-5 relative error of the reference.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpipe.kernels.pages import PageFormat, dequantize_pages, quantize_pages
+from kvpipe.kernels.quant import pack_codes, unpack_codes
+from kvpipe.quantized_store import Quantization, QuantizedStore
+
+BITS = [2, 4, 8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(BITS), rows=st.integers(0, 5), words=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_pack_then_unpack_is_identity(bits, rows, words, seed):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (rows, words * 32 // bits), generator=generator, dtype=torch.int32)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, words)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def group_inputs(seed: int, pages: int, group: int, dim: int, kind: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(pages, group, dim, generator=generator)
+    if kind == "constant":                   # constant groups: max == min
+        x = x[:, :1].expand_as(x).clone()
+    elif kind == "huge":                     # magnitudes near what float16 scales can hold
+        x = x * 1e4
+    elif kind == "outlier channels":         # a few channels 100x larger, as real keys have
+        x[..., : max(dim // 8, 1)] *= 100
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(BITS), group=st.sampled_from([32, 64]), dim=st.sampled_from([16, 32]),
+       pages=st.integers(1, 3), used=st.integers(1, 64), seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["gaussian", "constant", "huge", "outlier channels"]))
+def test_dequantized_error_is_at_most_half_a_step(bits, group, dim, pages, used, seed, kind):
+    keys, values = group_inputs(seed, pages, group, dim, kind), group_inputs(seed + 1, pages, group, dim, kind)
+    positions = torch.arange(pages * group, dtype=torch.int32).view(pages, group)
+    positions[-1, min(used, group):] = -1                                      # a partly used last page
+    fmt = PageFormat(bits, bits, group, min(16, dim), torch.float16)
+    packed = quantize_pages(keys, values, positions, fmt)
+    got_keys, got_values = dequantize_pages(packed, fmt, torch.float32)
+    used_slots = (positions >= 0)[..., None]
+    # Per element: half a quantization step, plus the stored minimum rounded down to float16 (< 1 ulp = |m|·2^-10).
+    key_step = packed.key_scale.float()[:, None, :]
+    key_slack = packed.key_min.float().abs()[:, None, :] * 2 ** -10 + 1e-7
+    assert bool(((got_keys - keys).abs() <= key_step / 2 + key_slack)[used_slots.expand_as(keys)].all())
+    value_step = packed.value_scale.float().repeat_interleave(fmt.value_group, -1)
+    value_slack = packed.value_min.float().abs().repeat_interleave(fmt.value_group, -1) * 2 ** -10 + 1e-7
+    assert bool(((got_values - values).abs() <= value_step / 2 + value_slack)[used_slots.expand_as(values)].all())
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e6])
+def test_non_finite_or_unscalable_input_is_refused(poison):
+    quant = Quantization(PageFormat(4, 4, 32, 16, torch.float16), residual=0)
+    keys = torch.randn(1, 1, 40, 16)
+    keys[0, 0, 5, 3] = poison
+    with pytest.raises(ValueError, match="NaN or inf|exceed"):
+        QuantizedStore.from_padded(keys, torch.randn_like(keys), torch.arange(40).expand(1, 1, 40),
+                                   torch.ones(1, 1, 40, dtype=torch.bool), quant)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from(BITS), group=st.sampled_from([32, 64]), residual=st.integers(0, 40),
+       seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3))
+def test_store_bytes_are_the_real_tensor_bytes_and_the_formula(bits, group, residual, seed, batch, heads):
+    generator = torch.Generator().manual_seed(seed)
+    n, dim = 150, 16
+    keys = torch.randn(batch, heads, n, dim, generator=generator)
+    keep = torch.rand(batch, heads, n, generator=generator) < torch.rand(batch, heads, 1, generator=generator)
+    store = QuantizedStore.from_padded(keys, torch.randn_like(keys), torch.arange(n).expand(batch, heads, n), keep,
+                                       Quantization(PageFormat(bits, bits, group, dim, torch.float16), residual))
+    real = sum(t.numel() * t.element_size() for t in [*store.pages.tensors(), store.page_counts,
+                                                      store.residual.keys, store.residual.values,
+                                                      store.residual.positions, store.residual.lengths])
+    assert store.nbytes == real == store.analytic_bytes()
+    assert torch.equal(store.lengths, keep.sum(-1))
+
+
+# --- Triton kernels vs the torch references ----------------------------------------------------------------
+triton = pytest.importorskip("triton", reason="Triton kernels need the triton package (pip install kvpipe[triton])")
+
+
+@pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (4, 4), (8, 8), (4, 2), (2, 8)])
+@pytest.mark.parametrize("group,dim,value_group", [(32, 16, 16), (64, 32, 16), (128, 64, 64)])
+def test_triton_quantize_and_pack_is_bit_exact(key_bits, value_bits, group, dim, value_group):
+    from kvpipe.kernels.triton_quant import quantize_pages_triton
+
+    keys, values = torch.randn(3, group, dim) * 5, torch.randn(3, group, dim)
+    keys[1] = keys[1, :1]                                                      # one constant page
+    positions = torch.arange(3 * group, dtype=torch.int32).view(3, group)
+    positions[-1, group // 2 + 3:] = -1                                        # a partly used page
+    fmt = PageFormat(key_bits, value_bits, group, value_group, torch.float16)
+    want = quantize_pages(keys, values, positions, fmt)
+    got = quantize_pages_triton(keys, values, positions, fmt)
+    for name, a, b in zip(("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min",
+                           "positions"), want.tensors(), got.tensors()):
+        assert torch.equal(a, b), name
+
+
+def random_store(batch, kv_heads, n, dim, fmt, residual, keep_rate, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, kv_heads, n, dim, generator=generator).to(dtype)
+    values = torch.randn(batch, kv_heads, n, dim, generator=generator).to(dtype)
+    keep = torch.rand(batch, kv_heads, n, generator=generator) < keep_rate.view(batch, kv_heads, 1)
+    return QuantizedStore.from_padded(keys, values, torch.arange(n).expand(batch, kv_heads, n), keep,
+                                      Quantization(fmt, residual))
+
+
+@pytest.mark.parametrize("case", [
+    # bits K/V, group, GQA group, residual, tail, splits, dtype
+    dict(bits=(4, 4), group=32, gqa=3, residual=10, tail=5, splits=4, dtype=torch.float32),
+    dict(bits=(2, 2), group=64, gqa=1, residual=0, tail=3, splits=1, dtype=torch.float32),
+    dict(bits=(8, 8), group=32, gqa=4, residual=7, tail=0, splits=16, dtype=torch.float32),   # splits > pages
+    dict(bits=(4, 2), group=32, gqa=2, residual=33, tail=1, splits=2, dtype=torch.float16),
+    dict(bits=(2, 8), group=32, gqa=3, residual=5, tail=2, splits=3, dtype=torch.bfloat16),
+])
+def test_fused_decode_attention_matches_the_reference(case):
+    from kvpipe.kernels.triton_decode import decode_attention_reference, fused_decode_attention
+
+    batch, kv_heads, n, dim = 2, 2, 150, 32
+    fmt = PageFormat(*case["bits"], case["group"], 16, torch.float16)
+    # Heads of very different lengths after eviction, one of them empty (residual-and-tail only).
+    store = random_store(batch, kv_heads, n, dim, fmt, case["residual"], torch.tensor([0.9, 0.3, 0.0, 0.6]),
+                         case["dtype"], seed=int(torch.seed() % 2**31))
+    tail_keys = torch.randn(batch, kv_heads, case["tail"], dim).to(case["dtype"])
+    tail_values = torch.randn(batch, kv_heads, case["tail"], dim).to(case["dtype"])
+    query = torch.randn(batch, kv_heads * case["gqa"], 1, dim)
+    got = fused_decode_attention(query, store.pages, store.page_counts, fmt, store.residual.keys,
+                                 store.residual.values, store.residual.lengths, tail_keys, tail_values, 0.2,
+                                 splits=case["splits"])
+    keys, values, _ = store.padded(torch.float32)
+    valid = torch.cat([store.valid(), torch.ones(batch, kv_heads, case["tail"], dtype=torch.bool)], -1)
+    want = decode_attention_reference(query, torch.cat([keys, tail_keys.float()], 2),
+                                      torch.cat([values, tail_values.float()], 2), valid, 0.2)
+    assert bool(torch.isfinite(got).all())
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()) * 10
+
+
+def test_quantized_attention_error_against_unquantized_is_bounded():
+    """Regression guard on Gaussian data: quantization error of the attention output, not kernel error."""
+    from kvpipe.kernels.triton_decode import decode_attention_reference
+
+    torch.manual_seed(0)
+    batch, kv_heads, n, dim = 1, 2, 256, 32
+    keys, values = torch.randn(batch, kv_heads, n, dim), torch.randn(batch, kv_heads, n, dim)
+    query = torch.randn(batch, 4, 1, dim)
+    everything = torch.ones(batch, kv_heads, n, dtype=torch.bool)
+    exact = decode_attention_reference(query, keys, values, everything, dim ** -0.5)
+    # Measured on this shape over seeds 0-2: 0.007 / 0.11-0.13 / 0.56-0.67 (values averaged over 256 tokens
+    # shrink the output, so the relative error is larger than kernels.md's D=128 numbers). Limits: ~1.5x.
+    bound = {8: 0.011, 4: 0.2, 2: 1.0}
+    for bits, limit in bound.items():
+        store = QuantizedStore.from_padded(keys, values, torch.arange(n).expand(batch, kv_heads, n), everything,
+                                           Quantization(PageFormat(bits, bits, 32, 32, torch.float16), 0))
+        k, v, _ = store.padded()
+        approx = decode_attention_reference(query, k, v, store.valid(), dim ** -0.5)
+        assert float((approx - exact).norm() / exact.norm()) < limit, bits
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_match_the_interpreter_contract_on_gpu():
+    from kvpipe.kernels.triton_decode import decode_attention_reference, fused_decode_attention
+
+    fmt = PageFormat(4, 4, 64, 64, torch.float16)
+    store = random_store(2, 4, 2048, 64, fmt, 128, torch.tensor([0.9, 0.3, 0.0, 0.6, 1.0, 0.5, 0.7, 0.2]),
+                         torch.float16, seed=0)
+    store = QuantizedStore(store.pages.map(lambda t: t.cuda()), store.page_counts.cuda(),
+                           type(store.residual)(*(getattr(store.residual, f).cuda() for f in
+                                                  ("keys", "values", "positions", "lengths"))), store.quant)
+    query = torch.randn(2, 12, 1, 64, device="cuda", dtype=torch.float16)
+    empty = torch.zeros(2, 4, 0, 64, device="cuda", dtype=torch.float16)
+    got = fused_decode_attention(query, store.pages, store.page_counts, fmt, store.residual.keys,
+                                 store.residual.values, store.residual.lengths, empty, empty, 0.125)
+    keys, values, _ = store.padded(torch.float32)
+    want = decode_attention_reference(query.float(), keys, values, store.valid(), 0.125)
+    assert float((got.float() - want).norm() / want.norm()) < 1e-3
