@@ -6,8 +6,6 @@ parameters decoding is dominated by the MLP and the LM head, so expect memory, n
 from __future__ import annotations
 
 import argparse
-import time
-
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -15,21 +13,9 @@ from transformers import DynamicCache
 import kvpipe
 from kvpipe.cache import cache_bytes
 from kvpipe.models import load
+from kvpipe.run import prefill_then_decode as measure
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
-
-
-def measure(model, ids, cache, new_tokens: int) -> tuple[float, float]:
-    """``(prefill seconds, decode tokens/s)`` for one prompt."""
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model(ids[:, :-1], past_key_values=cache)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
-        decode = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
-    return prefill, decode
 
 
 def main() -> None:

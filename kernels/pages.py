@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from kvpipe.kernels.quant import affine_params, dequantize, pack_codes, quantize_codes, unpack_codes
+from kvpipe.kernels.quant import affine_params, dequantize_into, pack_codes, quantize_codes, unpack_codes
 
 # (groups [..., g] in fp32, bits, scale dtype) -> stored (scale, minimum), each [..., 1]
 GroupRange = Callable[[torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
@@ -89,10 +89,20 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
 
 def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys, values [P, G, D]`` in ``dtype`` (empty slots hold garbage; mask them by position)."""
-    key_codes = unpack_codes(pages.key_codes, fmt.key_bits)                          # [P, D, G]
-    keys = dequantize(key_codes, pages.key_scale[..., None], pages.key_min[..., None], dtype).transpose(1, 2)
-    count, group, dim = keys.shape
-    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).reshape(count, group, dim // fmt.value_group,
-                                                                          fmt.value_group)
-    values = dequantize(value_codes, pages.value_scale[..., None], pages.value_min[..., None], dtype)
-    return keys.contiguous(), values.reshape(count, group, dim)
+    shape = (pages.count, fmt.group, pages.key_scale.shape[-1])
+    keys = pages.key_scale.new_empty(shape, dtype=dtype)
+    values = pages.key_scale.new_empty(shape, dtype=dtype)
+    dequantize_pages_into(pages, fmt, keys, values)
+    return keys, values
+
+
+def dequantize_pages_into(pages: PackedPages, fmt: PageFormat, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Dequantize into ``keys``/``values [..., G, D]`` (any strides; leading dims flatten to the page count):
+    attention buffers are filled in place, without a dequantized copy in between."""
+    lead, (group, dim) = keys.shape[:-2], keys.shape[-2:]
+    key_codes = unpack_codes(pages.key_codes, fmt.key_bits).view(*lead, dim, group).transpose(-1, -2)
+    dequantize_into(key_codes, pages.key_scale.view(*lead, 1, dim), pages.key_min.view(*lead, 1, dim), keys)
+    split = (*lead, group, dim // fmt.value_group, fmt.value_group)
+    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).view(split)
+    dequantize_into(value_codes, pages.value_scale.view(*split[:-1], 1), pages.value_min.view(*split[:-1], 1),
+                    values.view(split))

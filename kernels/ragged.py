@@ -28,9 +28,12 @@ def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) ->
         lengths: ``long [B, H]``, slots of each head.
     Returns:
         ``(padded [B, H, max(lengths), *rest], valid bool [B, H, max(lengths)])``; empty slots hold ``fill``.
+        When all heads are equally long ``padded`` is a view of ``flat`` (treat it as read-only).
     """
     width = int(lengths.max()) if lengths.numel() else 0
     valid = torch.arange(width, device=lengths.device) < lengths[..., None]
+    if bool(valid.all()):                # every head equally long: the flat tensor already is the padded one
+        return flat.view(*lengths.shape, width, *flat.shape[1:]), valid
     padded = flat.new_full((*lengths.shape, width, *flat.shape[1:]), fill)
     padded[valid] = flat
     return padded, valid

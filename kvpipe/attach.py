@@ -96,8 +96,12 @@ class Session:
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
+        previewed = None
         for stage in self.pipeline.observers:
-            forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(obs)
+            if stage.id in self.pipeline.after_quantizer:      # it sees the cache as quantized storage returns it
+                previewed = previewed or self.pipeline.quantized_preview(obs)
+            forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(
+                previewed if stage.id in self.pipeline.after_quantizer else obs)
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
@@ -209,7 +213,8 @@ class Handle:
         """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
 
         Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
-        dtype), ``compression_ratio``, ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
+        dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
+        (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
         ``compress_seconds`` (time spent in the compression phase, observation excluded) and ``kv_bytes_peak``
         (the most the cache held after any forward, measured before that forward's compression).
         """
@@ -219,11 +224,12 @@ class Handle:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
         layers = [layer for layer in cache.layers if layer.is_initialized]
         kv_bytes = cache_bytes(cache)
-        full = sum(2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1]
-                   * layer.keys.dtype.itemsize for layer in layers)
+        elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1] for layer in layers]
+        full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
         return {
             "kv_bytes": kv_bytes,
             "kv_bytes_full": full,
+            "kv_bytes_full_16bit": 2 * sum(elements),
             "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
             "kept_tokens": torch.stack([layer.kept_slots() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),

@@ -45,8 +45,7 @@ class KVPipeLayer(DynamicLayer):
         self.since_compression += key_states.shape[-2]
         if self.store is None or self.decodes_fused(key_states.shape[-2]):
             return keys, values                     # fused decode reads the packed store itself
-        past_keys, past_values, _ = self.store.padded()
-        return torch.cat([past_keys, keys], dim=-2), torch.cat([past_values, values], dim=-2)
+        return self.store.attend(keys, values)
 
     def get_seq_length(self) -> int:
         return self.seen

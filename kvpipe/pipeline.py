@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from kvpipe.attach import ForwardState, Handle
-from kvpipe.context import CompressionContext
+from kvpipe.context import CompressionContext, Observation
 from kvpipe.graph import build_graph, describe, execution_order
+from kvpipe.quantized_store import roundtrip
 from kvpipe.spec import PipelineSpec, parse_spec
 from kvpipe.store import RaggedStore
 from kvpipe.yaml_source import read_source
@@ -40,6 +41,8 @@ class Pipeline:
         self.stages = execution_order(graph)
         self.observers = [s for s in self.stages if s.observes]
         self.quantizer = next((s for s in self.stages if "store" in s.writes), None)
+        ids = [s.id for s in self.stages]
+        self.after_quantizer = set(ids[ids.index(self.quantizer.id) + 1:]) if self.quantizer else set()
 
     @property
     def compresses(self) -> bool:
@@ -67,6 +70,13 @@ class Pipeline:
 
     def describe(self) -> str:
         return describe(self.graph)
+
+    def quantized_preview(self, obs: Observation) -> Observation:
+        """``obs`` with keys and values as the quantized cache will return them (for observers after ``quantize``)."""
+        batch, heads, kv, dim = obs.key.shape
+        positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
+        keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, self.quantizer.quantization(dim))
+        return dataclasses.replace(obs, key=keys, value=values)
 
     def compress(self, forward: ForwardState) -> None:
         """Run every stage over all layers, then compact each layer to the kept set."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from kvpipe.kernels import concat_ragged, select_ragged_rows, unpack_ragged
-from kvpipe.kernels.pages import GroupRange, PackedPages, PageFormat, dequantize_pages, minmax_range, quantize_pages
+from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
+                                  minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite
 from kvpipe.store import POSITION_DTYPE, RaggedStore, storage_bytes
 
@@ -118,6 +119,25 @@ class QuantizedStore:
         return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
                 torch.cat([self.page_positions(), res_positions], -1))
 
+    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads, ``keys``/``values [B, Hkv, width + T, D]``: the padded store, then the tail
+        ``[B, Hkv, T, D]``. When heads are equally long, pages are dequantized straight into the one buffer."""
+        counts, res_lengths = self.page_counts, self.residual.lengths
+        if not (_same(counts) and _same(res_lengths)):
+            keys, values, _ = self.padded(tail_keys.dtype)
+            return torch.cat([keys, tail_keys], -2), torch.cat([values, tail_values], -2)
+        batch, heads, tail, dim = tail_keys.shape
+        pages, residual = self.page_width, self.residual.width
+        keys = tail_keys.new_empty(batch, heads, pages + residual + tail, dim)
+        values = torch.empty_like(keys)
+        split = (batch, heads, pages // self.quant.fmt.group, self.quant.fmt.group, dim)
+        dequantize_pages_into(self.pages, self.quant.fmt, keys[:, :, :pages].view(split),
+                              values[:, :, :pages].view(split))
+        for out, res, new in ((keys, self.residual.keys, tail_keys), (values, self.residual.values, tail_values)):
+            out[:, :, pages:pages + residual] = res.view(batch, heads, residual, dim)
+            out[:, :, pages + residual:] = new
+        return keys, values
+
     def select_rows(self, index: torch.Tensor) -> QuantizedStore:
         pages = self.pages.map(lambda t: select_ragged_rows(t, self.page_counts, index))
         return QuantizedStore(pages, self.page_counts[index], self.residual.select_rows(index), self.quant)
@@ -132,6 +152,10 @@ class QuantizedStore:
         slot = RaggedStore.slot_bytes(head_dim, self.residual.keys.dtype)
         return (self.pages.count * self.quant.fmt.page_bytes(head_dim) + int(self.residual.lengths.sum()) * slot
                 + 4 * (self.page_counts.numel() + self.residual.lengths.numel()))
+
+
+def _same(lengths: torch.Tensor) -> bool:
+    return lengths.numel() == 0 or bool((lengths == lengths.flatten()[0]).all())
 
 
 def _page_slots(keep: torch.Tensor, to_pages: torch.Tensor, group: int):

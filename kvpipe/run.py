@@ -57,6 +57,20 @@ def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> t
     return tokenizer.decode(new, skip_special_tokens=True), prefill_s, len(new) / decode_s
 
 
+def prefill_then_decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tuple[float, float]:
+    """``(prefill seconds, decode tokens/s)``: all of ``ids`` but the last token as one forward into ``cache``,
+    then exactly ``new_tokens`` greedy tokens."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(ids[:, :-1], past_key_values=cache)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False)
+        decode = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    return prefill, decode
+
+
 def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, question_aware: bool,
                seed: int = 0) -> tuple[Tally, Tally]:
     """Every case with the full cache, then with the pipeline attached; same prompts, greedy decoding."""

@@ -51,6 +51,11 @@ class RaggedStore:
         positions, _ = unpack_ragged(self.positions.long(), self.lengths, fill=-1)
         return keys, values, positions
 
+    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]``."""
+        keys, values, _ = self.padded()
+        return torch.cat([keys, tail_keys], dim=-2), torch.cat([values, tail_values], dim=-2)
+
     def select_rows(self, index: torch.Tensor) -> RaggedStore:
         """Rows ``index`` (beam reorder, batch selection, repeat): ``index long [B']``."""
         keys, values, positions = self.padded()

@@ -1,0 +1,176 @@
+"""Quantized storage in the cache: flushing, byte accounting, composition with eviction, backends, real model."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kvpipe
+from kvpipe.backend import resolve_backend
+from kvpipe.errors import KVPipeError, UnsupportedModelError
+from kvpipe.fidelity import fidelity
+from kvpipe.quantized_store import QuantizedStore, roundtrip
+from kvpipe.tasks.needle import paragraphs
+
+
+def quantize_spec(backend: str = "torch", keep: float | None = None, first: bool = False, **params) -> dict:
+    quantize = {"stage": "quantize", "params": {"group_size": 32, "residual": 8, **params}}
+    if keep is None:
+        return {"version": 1, "backend": backend, "stages": [quantize]}
+    evict = [{"stage": "sinks_window", "params": {"sinks": 2, "window": 8}}, "knorm", "adaptive_heads", "topk"]
+    return {"version": 1, "backend": backend, "budget": {"keep": keep},
+            "stages": [quantize, *evict] if first else [*evict, quantize]}
+
+
+def test_decoding_flushes_whole_pages_and_keeps_the_window(random_ids):
+    model = tiny_model()
+    ids = random_ids(2, 70)
+    with kvpipe.build(quantize_spec(bits=4)).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(ids, past_key_values=cache)
+        for _ in range(75):                                   # more than two pages of new tokens
+            model(random_ids(2, 1), past_key_values=cache)
+        stats = handle.stats(cache)
+    for layer in cache.layers:
+        store = layer.store
+        assert isinstance(store, QuantizedStore)
+        # every token is somewhere, exactly once, in order: pages, residual, tail
+        _, _, positions = store.padded()
+        held = torch.cat([positions[0, 0][store.valid()[0, 0]], layer.tail_positions()])
+        assert torch.equal(held, torch.arange(145))
+        # at least `residual` newest tokens unquantized, never a whole page more than that
+        fp = store.residual.lengths + layer.tail_length
+        assert bool((fp >= 8).all()) and bool((fp < 8 + 2 * 32).all())
+    assert stats["kv_bytes"] == sum(layer.store.analytic_bytes() + layer.keys.numel() * 8 for layer in cache.layers)
+    assert stats["compression_ratio"] > 2
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["evict-then-quantize", "quantize-then-evict"])
+def test_quantization_composes_with_eviction(first, random_ids):
+    model = tiny_model()
+    ids = random_ids(1, 96)
+    with kvpipe.build(quantize_spec(keep=0.5, first=first, bits=4)).attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        stats = handle.stats()
+    assert out.shape == (1, 102)
+    assert int(stats["kept_tokens"][:, 0].sum(-1).max()) <= 2 * (48 + 6)    # evicted to the budget per layer
+    assert stats["kv_bytes"] < stats["kv_bytes_full"] / 3     # evicted *and* packed (2x by eviction alone)
+
+
+def test_stages_after_quantize_see_what_the_cache_returns(random_ids):
+    """The preview given to later stages equals the dequantized store, slot for slot."""
+    model = tiny_model()
+    pipeline = kvpipe.build(quantize_spec(bits=2))
+    with pipeline.attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(random_ids(1, 80), past_key_values=cache)
+    quant = pipeline.quantizer.quantization(16)
+    for layer in cache.layers:
+        keys, values, positions = layer.store.padded()
+        valid = layer.store.valid()
+        # undo the packing: a dense tensor of the same tokens, then the preview of it
+        dense_keys, dense_values = keys[valid].view(1, 2, -1, 16), values[valid].view(1, 2, -1, 16)
+        dense_positions = positions[valid].view(1, 2, -1)
+        everything = torch.ones_like(dense_positions, dtype=torch.bool)
+        preview_keys, preview_values = roundtrip(dense_keys, dense_values, dense_positions, everything, quant)
+        # the cache quantized original values, the preview quantizes dequantized ones: same grid, same codes
+        assert torch.allclose(preview_keys, dense_keys, atol=1e-3) and torch.allclose(preview_values, dense_values,
+                                                                                     atol=1e-3)
+
+
+def test_byte_budget_counts_quantized_slots(random_ids):
+    model = tiny_model()
+    spec = quantize_spec(bits=4)
+    spec["budget"] = {"bytes": 0.3}
+    spec["stages"] = [{"stage": "sinks_window", "params": {"sinks": 2, "window": 8}}, "knorm", "uniform", "topk",
+                      *spec["stages"]]
+    with kvpipe.build(spec).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(random_ids(1, 200), past_key_values=cache)
+        stats = handle.stats(cache)
+    assert stats["kv_bytes"] <= 0.3 * stats["kv_bytes_full"]
+    # a 4-bit slot is ~6x cheaper than an fp32 one, so the byte budget keeps far more than 30% of the tokens
+    assert float(stats["kept_tokens"].float().mean()) > 0.6 * 200
+
+
+@pytest.mark.parametrize("method", ["hqq", "quanto"])
+def test_library_backends_store_the_same_format(method, random_ids):
+    model = tiny_model()
+    with kvpipe.build(quantize_spec(method=method, bits=4)).attach(model) as handle:
+        out = model.generate(random_ids(1, 80), max_new_tokens=4, do_sample=False)
+        store = handle.session.last_cache.layers[0].store
+    assert out.shape == (1, 84) and isinstance(store, QuantizedStore) and store.pages.count > 0
+
+
+def test_missing_backend_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "hqq", None)
+    monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)
+    with pytest.raises(KVPipeError, match=r"pip install 'kvpipe\[hqq\]'"):
+        kvpipe.build(quantize_spec(method="hqq"))
+
+
+def test_backend_resolution_refuses_what_cannot_run(monkeypatch):
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(UnsupportedModelError, match="needs a CUDA model"):
+        resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises((UnsupportedModelError, ValueError)):
+        resolve_backend("auto", torch.device("cuda"))
+
+
+def test_two_quantize_stages_are_refused():
+    spec = quantize_spec()
+    spec["stages"] = [spec["stages"][0], {**spec["stages"][0], "id": "again"}]
+    with pytest.raises(KVPipeError, match="decide how the cache is stored"):
+        kvpipe.build(spec)
+
+
+def test_fused_triton_decode_generates_like_the_torch_path(random_ids):
+    """The whole path on the triton backend (Triton's interpreter on CPU): same greedy tokens, close logits."""
+    pytest.importorskip("triton")
+    model = tiny_model()
+    ids = random_ids(1, 70)
+    runs = {}
+    for backend in ("torch", "triton"):
+        with kvpipe.build(quantize_spec(backend, keep=0.6, bits=4)).attach(model):
+            runs[backend] = model.generate(ids, max_new_tokens=5, do_sample=False, output_scores=True,
+                                           return_dict_in_generate=True)
+    assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
+    for a, b in zip(runs["torch"].scores, runs["triton"].scores):
+        assert float((a - b).abs().max()) < 1e-3 * float(a.abs().max())
+
+
+# --- the real model -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prose(smollm):
+    _, tokenizer = smollm
+    ids = tokenizer("\n".join(paragraphs()[200:400]), return_tensors="pt").input_ids
+    return ids[:, :500], ids[:, 500:628]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("bits,limit", [(8, 1e-3), (4, 2e-2), (2, None)])
+def test_kl_to_the_full_cache_on_real_text(smollm, prose, bits, limit):
+    model, _ = smollm
+    result = fidelity(model, kvpipe.build(quantize_spec(bits=bits, group_size=64, residual=32)), *prose)
+    print(f"int{bits}: KL {result.kl:.2e} nats/token, ppl {result.ppl_full:.2f} -> {result.ppl:.2f}")
+    assert result.kl >= 0 and torch.isfinite(torch.tensor(result.ppl))
+    if limit is not None:
+        assert result.kl < limit
+
+
+@pytest.mark.real_model
+def test_int8_barely_changes_greedy_output_and_int4_pipeline_holds_under_a_third(smollm, prose):
+    model, _ = smollm
+    context = prose[0]
+    full = model.generate(context, max_new_tokens=20, do_sample=False)[0, 500:]
+    with kvpipe.build(quantize_spec(bits=8, group_size=64, residual=32)).attach(model):
+        int8 = model.generate(context, max_new_tokens=20, do_sample=False)[0, 500:]
+    assert int((full != int8).sum()) <= 3
+    with kvpipe.build("int4").attach(model) as handle:
+        model.generate(context, max_new_tokens=2, do_sample=False)
+        stats = handle.stats()
+    assert stats["kv_bytes"] < 0.33 * stats["kv_bytes_full_16bit"]
