@@ -11,6 +11,7 @@ import os
 import torch
 
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.kernels import pack_ragged
 
 
 def interpreting() -> bool:
@@ -29,3 +30,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         raise UnsupportedModelError(f"backend: triton needs a CUDA model, this one is on {device}; set backend: torch "
                                     "or auto (TRITON_INTERPRET=1 runs the kernels on CPU, slowly, for testing)")
     return "triton"
+
+
+def packer(backend: str):
+    """The compaction kernel of ``backend``: ``(padded [B, H, L, *rest], keep [B, H, L]) -> [N, *rest]``."""
+    if backend == "triton":
+        from kvpipe.kernels.triton_compact import pack_ragged_triton
+        return pack_ragged_triton
+    return pack_ragged

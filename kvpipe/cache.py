@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from kvpipe.backend import packer
 from kvpipe.context import LayerView
 from kvpipe.quantized_store import Quantization, QuantizedStore
 from kvpipe.store import RaggedStore, storage_bytes
@@ -117,7 +118,8 @@ class KVPipeLayer(DynamicLayer):
         is freed, not masked."""
         keep = keep & view.valid
         self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, quant)
-                      if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep))
+                      if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
+                                                                        packer(self.session.backend)))
         self._clear_tail()
         self.since_compression = 0
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpipe.backend import packer
 from kvpipe.kernels import concat_ragged, select_ragged_rows, unpack_ragged
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range, quantize_pages)
@@ -188,7 +189,7 @@ def _split(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ke
     """The first ``to_pages [B, Hkv]`` kept slots of each head as pages; the other kept slots as a residual."""
     into_pages, page, slot, counts = _page_slots(keep, to_pages, quant.fmt.group)
     pages = _quantize_slots(keys, values, positions, into_pages, page, slot, int(counts.sum()), quant)
-    rest = RaggedStore.from_padded(keys, values, positions, keep & ~into_pages)
+    rest = RaggedStore.from_padded(keys, values, positions, keep & ~into_pages, packer(quant.backend))
     return pages, counts.to(POSITION_DTYPE), rest
 
 

@@ -8,7 +8,7 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 | `scores`     | ``float [B, H_kv, n]``: higher = more worth keeping                          |
 | `allocation` | ``long [B, H_kv]``: how many slots each (row, KV head) keeps                 |
 | `keep`       | ``bool [B, H_kv, n]``: the kept set; the cache compacts to it physically      |
-| `store`      | how the kept slots are stored (quantization; later issues)                  |
+| `store`      | ``Quantization``: how the kept slots are stored (one `quantize` stage at most) |
 """
 from __future__ import annotations
 

@@ -30,10 +30,11 @@ class RaggedStore:
 
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                    keep: torch.Tensor) -> RaggedStore:
-        """Pack the ``keep [B, Hkv, n]`` slots of padded ``keys``/``values [B, Hkv, n, D]``."""
-        return cls(pack_ragged(keys, keep), pack_ragged(values, keep),
-                   pack_ragged(positions, keep).to(POSITION_DTYPE), keep.sum(-1).to(POSITION_DTYPE))
+                    keep: torch.Tensor, pack=pack_ragged) -> RaggedStore:
+        """Pack the ``keep [B, Hkv, n]`` slots of padded ``keys``/``values [B, Hkv, n, D]`` with ``pack``
+        (``pack_ragged`` or a kernel with its contract)."""
+        return cls(pack(keys, keep), pack(values, keep),
+                   pack(positions.to(POSITION_DTYPE), keep), keep.sum(-1).to(POSITION_DTYPE))
 
     @property
     def width(self) -> int:

@@ -186,3 +186,16 @@ def test_compiled_kernels_match_the_interpreter_contract_on_gpu():
     keys, values, _ = store.padded(torch.float32)
     want = decode_attention_reference(query.float(), keys, values, store.valid(), 0.125)
     assert float((got.float() - want).norm() / want.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 150, 16), torch.float32), ((1, 2, 70), torch.int32),
+                                         ((2, 2, 40, 200), torch.bfloat16)])
+def test_triton_compaction_is_bit_exact(shape, dtype):
+    from kvpipe.kernels import pack_ragged
+    from kvpipe.kernels.triton_compact import pack_ragged_triton
+
+    data = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-9, 9, shape, dtype=dtype)
+    heads = shape[0] * shape[1]
+    rates = torch.tensor([0.5, 0.0, 1.0, 0.2, 0.7, 0.9])[:heads].view(shape[0], shape[1], 1)  # empty and full heads
+    keep = torch.rand(shape[:3]) < rates
+    assert torch.equal(pack_ragged_triton(data, keep), pack_ragged(data, keep))

@@ -174,3 +174,14 @@ def test_int8_barely_changes_greedy_output_and_int4_pipeline_holds_under_a_third
         model.generate(context, max_new_tokens=2, do_sample=False)
         stats = handle.stats()
     assert stats["kv_bytes"] < 0.33 * stats["kv_bytes_full_16bit"]
+
+
+def test_beam_search_reorders_packed_pages(random_ids):
+    model = tiny_model()
+    ids = random_ids(1, 80)
+    with kvpipe.build(quantize_spec(keep=0.6, bits=4)).attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=40, num_beams=3, do_sample=False)
+        store = handle.session.last_cache.layers[0].store
+    assert out.shape == (1, 120)
+    assert isinstance(store, QuantizedStore) and store.page_counts.shape[0] == 3     # one row per beam
+    assert store.pages.count == int(store.page_counts.sum())
