@@ -7,14 +7,19 @@ from pydantic import Field
 
 from kvpipe.context import Observation
 from kvpipe.registry import ObservingScorer, Params, register
+from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
 
 
 class ExpectedAttentionParams(Params):
     n_future: int = Field(512, ge=1, description="future positions the query distribution is rotated over")
     skip_sinks: int = Field(4, ge=0, description="first prompt queries left out of the statistics")
+    window: int | None = Field(None, ge=2, description="fit the statistics to the last `window` queries only "
+                                                       "(null = every prompt query, as the paper)")
     covariance: bool = Field(True, description="use the queries' covariance, not only their mean")
     value_norm: bool = Field(True, description="multiply by ||v||2 (value-aware)")
     epsilon: float = Field(0.0, ge=0, description="added to the expected attention before the value norm")
+    pool: PoolKernel = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; 1 = off), "
+                                                  "so multi-token facts are kept whole")
 
 
 @register("expected_attention", family="scoring")
@@ -29,11 +34,15 @@ class ExpectedAttention(ObservingScorer):
         """``float32 [B, Hkv, kv]``."""
         if obs.rotary is None or obs.positions is None:
             raise RuntimeError("expected_attention needs the decoder's rotary embedding and position ids")
-        queries = obs.query.float()[:, :, self.params.skip_sinks:]                       # [B, Hq, w, D]
-        positions = obs.positions[:, self.params.skip_sinks:]
+        first = self.params.skip_sinks
+        if self.params.window is not None:
+            first = max(first, obs.query.shape[2] - self.params.window)
+        first = min(first, obs.query.shape[2] - 1)        # a decode-step forward has a single query: use it
+        queries = obs.query.float()[:, :, first:]                                         # [B, Hq, w, D]
+        positions = obs.positions[:, first:]
         cos, sin = (t.float()[:, None] for t in obs.rotary(positions))
         pre_rope = (queries * cos - rotate_half(queries) * sin) / (cos**2 + sin**2)      # undo the rotation
-        live = obs.query_valid[:, None, self.params.skip_sinks:, None].float()
+        live = obs.query_valid[:, None, first:, None].float()
         count = live.sum(2).clamp(min=1)
         mean = (pre_rope * live).sum(2) / count                                          # [B, Hq, D]
         centred = (pre_rope - mean[:, :, None]) * live
@@ -51,7 +60,7 @@ class ExpectedAttention(ObservingScorer):
         scores = obs.to_kv_heads(torch.softmax(logits, -1), "mean")
         if self.params.value_norm:
             scores = (scores + self.params.epsilon) * obs.value.float().norm(dim=-1)
-        return scores
+        return pool_neighbours(scores, self.params.pool)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

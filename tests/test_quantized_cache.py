@@ -185,3 +185,22 @@ def test_beam_search_reorders_packed_pages(random_ids):
     assert out.shape == (1, 120)
     assert isinstance(store, QuantizedStore) and store.page_counts.shape[0] == 3     # one row per beam
     assert store.pages.count == int(store.page_counts.sum())
+
+
+def test_decode_trigger_on_a_quantized_cache_stays_in_budget(random_ids):
+    """Eviction every 16 new tokens on packed pages: the survivors are re-packed, the budget holds."""
+    model = tiny_model()
+    spec = quantize_spec(bits=4)
+    spec["budget"], spec["trigger"] = {"tokens": 40}, {"prefill": True, "every": 16}
+    spec["stages"] = [{"stage": "sinks_window", "params": {"sinks": 2, "window": 8}}, "knorm", "uniform", "topk",
+                      *spec["stages"]]
+    with kvpipe.build(spec).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(random_ids(1, 100), past_key_values=cache)
+        for step in range(64):
+            model(random_ids(1, 1), past_key_values=cache)
+            held = cache.layers[0].kept_slots()
+            assert int(held.max()) <= 40 + 16, step                      # budget plus one trigger interval
+        assert all(isinstance(layer.store, QuantizedStore) for layer in cache.layers)
+        assert handle.stats(cache)["kv_bytes"] == sum(layer.store.analytic_bytes() + layer.keys.numel() * 8
+                                                      for layer in cache.layers)
