@@ -11,6 +11,7 @@ from kvpipe.budget import slots_per_head
 from kvpipe.context import Candidates, CompressionContext, LayerView
 from kvpipe.kernels import select_topk
 from kvpipe.spec import Budget
+from kvpipe.stages.coupled_projection import CoupledProjection
 from kvpipe.stages.sinks_window import protected_ends
 from kvpipe.stages.topk import TopK
 from kvpipe.stages.uniform import Uniform
@@ -35,7 +36,7 @@ budgets = st.one_of(st.builds(Budget, keep=st.floats(0.05, 1.0)),
                     st.builds(Budget, bytes=st.floats(0.05, 1.0)))
 
 
-def run_eviction(valid, scores, budget, sinks, window, generator):
+def run_eviction(valid, scores, budget, sinks, window, generator, block: int = 0):
     batch, heads, n = valid.shape
     head_dim = 4
     keys = torch.randn(batch, heads, n, head_dim, generator=generator)
@@ -50,7 +51,7 @@ def run_eviction(valid, scores, budget, sinks, window, generator):
     allocation = ctx.slots["allocation"][0]
     if bool((ends.sum(-1) > allocation).any()):
         return None
-    topk()(ctx)
+    evictor(block)(ctx)
     return view, ctx, allocation, ctx.slots["keep"][0]
 
 
@@ -58,16 +59,22 @@ GIVEN = SimpleNamespace(id="given")  # stands for the upstream stages that wrote
 
 
 def topk() -> TopK:
-    stage = TopK(TopK.Params())
+    return evictor(0)
+
+
+def evictor(block: int):
+    """``topk`` (block 0) or ``coupled_projection`` with that block size, wired to the given slots."""
+    stage = TopK(TopK.Params()) if block == 0 else CoupledProjection(CoupledProjection.Params(block=block))
     stage.sources = {"scores": ["given"], "candidates": ["given"], "allocation": ["uniform"]}
     return stage
 
 
 @settings(max_examples=150, deadline=None)
-@given(layers(), budgets, st.integers(0, 4), st.integers(0, 8))
-def test_eviction_invariants(layer, budget, sinks, window):
+@given(layers(), budgets, st.integers(0, 4), st.integers(0, 8), st.sampled_from([0, 1, 4, 16]))
+def test_eviction_invariants(layer, budget, sinks, window, block):
+    """For ``topk`` (block 0) and ``coupled_projection`` (block 1, 4, 16)."""
     valid, scores, generator = layer
-    done = run_eviction(valid, scores, budget, sinks, window, generator)
+    done = run_eviction(valid, scores, budget, sinks, window, generator, block)
     if done is None:  # the budget cannot hold the protected tokens: TopK refuses (tested below)
         return
     view, ctx, allocation, keep = done
@@ -128,3 +135,14 @@ def _ctx_over_budget(valid):
     ctx.write(GIVEN, "candidates", [Candidates(protected_ends(valid, 4, 8), valid.clone())])
     Uniform(Uniform.Params())(ctx)
     return ctx
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers(), budgets, st.integers(0, 4), st.integers(0, 8))
+def test_coupled_projection_with_block_one_is_topk(layer, budget, sinks, window):
+    valid, scores, generator = layer
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    plain = run_eviction(valid, scores, budget, sinks, window, torch.Generator().manual_seed(seed), block=0)
+    coupled = run_eviction(valid, scores, budget, sinks, window, torch.Generator().manual_seed(seed), block=1)
+    if plain is not None:
+        assert torch.equal(plain[3], coupled[3])

@@ -146,3 +146,49 @@ def test_expected_attention_with_one_query_and_one_future_position_is_plain_atte
     x = torch.randn(3, dim)
     c, s = torch.rand(1, dim), torch.rand(1, dim)
     torch.testing.assert_close((average_rotation(c, s)[0] @ x.T).T, x * c + rotate_half(x) * s)
+
+
+def test_nucleus_is_the_smallest_set_reaching_the_coverage():
+    from kvpipe.stages.recover_evidence import nucleus
+
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15, 0.0]])
+    assert nucleus(probs, 0.8).tolist() == [[False, True, True, False, False]]
+    assert nucleus(probs, 0.81).tolist() == [[False, True, True, True, False]]
+    assert nucleus(probs, 1.0).tolist() == [[True, True, True, True, False]]    # zero mass is never needed
+
+
+def test_recovery_finds_a_planted_token_the_lookahead_queries_read():
+    """The token the observation window attends to most is recovered; most tokens are not."""
+    from kvpipe.stages.recover_evidence import RecoverEvidence
+
+    torch.manual_seed(0)
+    batch, heads, kv, dim = 1, 2, 40, 8
+    keys = torch.randn(batch, heads, kv, dim)
+    query = torch.randn(batch, 4, kv, dim)
+    direction = torch.randn(batch, heads, 1, dim)
+    query[:, :, -8:] = direction.repeat_interleave(2, 1) * 2                 # the window asks one thing
+    planted = 17
+    keys[:, :, planted] = direction[:, :, 0] * 4                             # and one token answers it
+    obs = Observation(0, query, keys, torch.randn_like(keys), dim ** -0.5, torch.ones(batch, kv, dtype=torch.bool),
+                      torch.ones(batch, heads, kv, dtype=torch.bool))
+    stage = RecoverEvidence(RecoverEvidence.Params(window=8, coverage=0.5))
+    recovered, mass = stage.observe(obs).unbind(-1)
+    assert bool(recovered[:, :, planted].all()) and int(recovered.sum()) < heads * kv / 2
+    assert int(mass.argmax(-1).unique().item()) == planted
+
+
+def test_coupled_projection_keeps_a_planted_span_whole():
+    from kvpipe.kernels import select_topk
+    from kvpipe.stages.coupled_projection import whole_blocks
+
+    scores = torch.full((1, 1, 64), 1.0)
+    scores[..., 16:24] = 10.0                     # the strong half of a 16-token fact
+    scores[..., 24:32] = 0.1                      # its weak half (say, the digits after the key)
+    scores[..., 40:48] = 2.0                      # distractors stronger than the weak half
+    open_ = torch.ones(1, 1, 64, dtype=torch.bool)
+    room = torch.tensor([[16]])
+    plain = select_topk(scores, room, open_)
+    assert int(plain[..., 16:32].sum()) == 8                                     # top-k splits the fact
+    coupled = whole_blocks(scores, open_, room, block=16)
+    assert bool(coupled[..., 16:32].all()) and int(coupled.sum()) == 16        # the projection keeps it whole
+    assert not bool(whole_blocks(scores, open_, room, block=1).any())           # block 1 = plain top-k
