@@ -106,8 +106,9 @@ class Pipeline:
         # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
         # only a preview of the quantized cache, and quantizing twice would add error for nothing.
         keeps = ctx.slots.get("keep", [view.valid for view in views])
-        for layer, view, keep in zip(layers, views, keeps):
-            layer.compact(view, keep, quant)
+        values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
+        for layer, view, keep, value in zip(layers, views, keeps, values):
+            layer.compact(dataclasses.replace(view, values=value), keep, quant)
         cache.compress_seconds = getattr(cache, "compress_seconds", 0.0) + time.perf_counter() - started
 
     def __repr__(self) -> str:

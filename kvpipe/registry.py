@@ -8,6 +8,7 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 | `scores`     | ``float [B, H_kv, n]``: higher = more worth keeping                          |
 | `allocation` | ``long [B, H_kv]``: how many slots each (row, KV head) keeps                 |
 | `keep`       | ``bool [B, H_kv, n]``: the kept set; the cache compacts to it physically      |
+| `values`     | ``float [B, H_kv, n, D]``: replacement values the cache stores for kept slots |
 | `store`      | ``Quantization``: how the kept slots are stored (one `quantize` stage at most) |
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from kvpipe.context import CompressionContext, Observation
 
-SLOT_KINDS = ("candidates", "scores", "allocation", "keep", "store")
+SLOT_KINDS = ("candidates", "scores", "allocation", "keep", "values", "store")
 FAMILIES = ("candidate selection", "quantization", "scoring", "budget allocation", "eviction", "evidence recovery")
 
 

@@ -18,6 +18,7 @@ from kvpipe.stages import (  # noqa: F401
     quest_pages,
     random_score,
     recover_evidence,
+    refit_values,
     recency,
     sinks_window,
     snapkv,

@@ -192,3 +192,37 @@ def test_coupled_projection_keeps_a_planted_span_whole():
     coupled = whole_blocks(scores, open_, room, block=16)
     assert bool(coupled[..., 16:32].all()) and int(coupled.sum()) == 16        # the projection keeps it whole
     assert not bool(whole_blocks(scores, open_, room, block=1).any())           # block 1 = plain top-k
+
+
+def _refit_case(seed: int, rows: int = 6, n: int = 12, dim: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(rows, n, generator=generator).softmax(-1)
+    values = torch.randn(n, dim, generator=generator)
+    target = torch.randn(rows, dim, generator=generator)
+    return weights, values, target
+
+
+def test_value_refit_reproduces_one_query_and_vanishes_under_a_huge_ridge():
+    from kvpipe.stages.refit_values import ridge_refit
+
+    weights, values, target = _refit_case(0)
+    one = torch.tensor([True, False, False, False, False, False])
+    refit, _ = ridge_refit(weights, target, values, one, ~one, ridge=1e-9)
+    exact, _ = ridge_refit(weights[:1], target[:1], values, one[:1], one[:1], ridge=1e-9)
+    assert torch.allclose(weights[:1] @ exact, target[:1], atol=1e-5)          # λ → 0: A_S V' = O
+    frozen, _ = ridge_refit(weights, target, values, one, one, ridge=1e9)
+    assert torch.allclose(frozen, values, atol=1e-6)                           # λ → ∞: V' = V
+    assert refit.shape == values.shape
+
+
+def test_value_refit_lowers_the_fit_error_and_is_rejected_when_held_out_error_rises():
+    from kvpipe.stages.refit_values import ridge_refit
+
+    weights, values, target = _refit_case(1)
+    fit = torch.tensor([True, True, True, False, False, False])
+    held_target = target.clone()
+    held_target[3:] = weights[3:] @ values                # the held-out queries are already served exactly
+    refit, report = ridge_refit(weights, held_target, values, fit, ~fit, ridge=0.1)
+    assert report["fit_error_after"] < report["fit_error_before"]
+    assert report["held_error_after"] > report["held_error_before"] == 0.0
+    assert report["accepted"] == 0.0 and torch.equal(refit, values)            # rejected: values unchanged

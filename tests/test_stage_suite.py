@@ -27,6 +27,8 @@ def pipeline_around(name: str) -> dict:
         stages = [protect, name, "uniform", "topk"]
     elif family == "budget allocation":
         stages = [protect, "attention_mass", name, "topk"]
+    elif name == "refit_values":                # it corrects the values of the kept set: after eviction
+        stages = [protect, "random", "uniform", "topk", name]
     elif family == "evidence recovery":
         stages = [protect, name, "attention_mass", "uniform", "topk"]
     elif family == "quantization":              # small pages and window so the short prompt really is packed
