@@ -32,9 +32,11 @@ def tiny_model(kind: str = "llama", attn: str = "sdpa", seed: int = 0, **overrid
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
     config_cls, model_cls = classes[kind]
-    config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                        attn_implementation=attn, initializer_range=0.3, pad_token_id=0, eos_token_id=None, bos_token_id=1, **overrides)
+    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                    attn_implementation=attn, initializer_range=0.3, pad_token_id=0, eos_token_id=None,
+                    bos_token_id=1)
+    config = config_cls(**(settings | overrides))
     torch.manual_seed(seed)
     return model_cls(config).eval()
 

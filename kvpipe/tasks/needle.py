@@ -31,6 +31,7 @@ class NeedleCase:
     key: str
     answers: tuple[str, ...]
     depth: float
+    evidence: tuple[int, ...] = ()      # positions in prefix_ids of the fact(s) that answer the question
 
     @property
     def ids(self) -> torch.Tensor:
@@ -87,9 +88,11 @@ def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0,
             context = context[:cut] + fact + " " + context[cut:]
         asked = keys[0]
         answers = tuple(numbers) if kind == "multivalue" else (numbers[0],)
+        needed = facts if kind == "multivalue" else facts[:1]
+        spans = [(context.find(fact), context.find(fact) + len(fact)) for fact in needed]
         question = (f"What are all the special magic numbers for {asked}? List them." if kind == "multivalue"
                     else f"What is the special magic number for {asked}? Answer with the number only.")
-        out.append(_encode(tokenizer, context, question, asked, answers, depths[0]))
+        out.append(_encode(tokenizer, context, question, asked, answers, depths[0], spans))
     return out
 
 
@@ -105,11 +108,15 @@ def _haystack(tokenizer, prose: tuple[str, ...], rng: random.Random, tokens: int
     return "\n".join(chosen)
 
 
-def _encode(tokenizer, context: str, question: str, key: str, answers: tuple[str, ...], depth: float) -> NeedleCase:
+def _encode(tokenizer, context: str, question: str, key: str, answers: tuple[str, ...], depth: float,
+            spans: list[tuple[int, int]]) -> NeedleCase:
     marker = "\x00QUESTION\x00"
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": context + "\n\n" + marker}],
                                            add_generation_prompt=True, tokenize=False)
     head, tail = prompt.split(marker)
-    prefix = tokenizer(head, add_special_tokens=False, return_tensors="pt").input_ids
+    encoded = tokenizer(head, add_special_tokens=False, return_tensors="pt", return_offsets_mapping=True)
+    start = head.find(context)
+    evidence = tuple(i for i, (lo, hi) in enumerate(encoded.offset_mapping[0].tolist())
+                     if any(start + a < hi and lo < start + b for a, b in spans))
     suffix = tokenizer(question + tail, add_special_tokens=False, return_tensors="pt").input_ids
-    return NeedleCase(prefix, suffix, key, answers, depth)
+    return NeedleCase(encoded.input_ids, suffix, key, answers, depth, evidence)

@@ -1,0 +1,40 @@
+"""The fixed-contract diagnostic on a tiny random model (with the real tokenizer, so tasks are real text)."""
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_model
+
+import kvpipe
+from kvpipe.diagnose import MODES, diagnose, probe_specs, save, summary
+
+
+def test_probes_change_exactly_one_slot():
+    pipeline = kvpipe.build("value-aware")
+    probes = probe_specs(pipeline)
+    assert set(probes) == {"recovery", "value ranking", "coupled projection"}
+    base = pipeline.spec.model_dump(mode="python", exclude_none=True)["stages"]
+    for name, spec in probes.items():
+        kvpipe.build(spec)                                                    # every probe is a valid pipeline
+        changed = [s for s in spec["stages"] if s not in base]
+        assert len(changed) == 1 or name == "recovery", name                  # recovery also re-points `after:`
+    assert [s["stage"] for s in probes["coupled projection"]["stages"]][-1] == "coupled_projection"
+
+
+def test_diagnose_classifies_every_failure_and_writes_its_files(smollm, tmp_path):
+    _, tokenizer = smollm
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
+    pipeline = kvpipe.build("default").with_budget(keep=0.3)
+    records = diagnose(model, tokenizer, pipeline, ["single", "multivalue"], context=160, cases=1)
+    assert len(records) == 2
+    failures = [r for r in records if r.full_correct and not r.correct]
+    assert sum(r.mode in MODES for r in records) == len(failures)             # every failure has one mode
+    for record in records:
+        assert 0 <= record.evidence_kept <= 1 and 0 <= record.evidence_split <= 1
+        assert set(record.probes) == {"recovery", "value ranking", "coupled projection"}
+    text = summary(records, "default")
+    assert "failure mode" in text and "probe" in text
+    written = save(records, tmp_path, "default")
+    lines = written[0].read_text().splitlines()
+    assert len(lines) == 2 and "margin" in json.loads(lines[0])
+    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in written)
