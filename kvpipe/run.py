@@ -88,6 +88,21 @@ def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, q
     return full, piped
 
 
+def needle_accuracy(model, tokenizer, pipeline: Pipeline, prompts: list[NeedleCase],
+                    question_aware: bool) -> tuple[int, float, float]:
+    """``(cases answered correctly, mean KV bytes held, compression cost as % of prefill)`` for ``pipeline``."""
+    correct, held, overhead = 0, [], []
+    for case in prompts:
+        with pipeline.attach(model) as handle:
+            cache = handle.cache()
+            text, prefill_s, _ = answer(model, tokenizer, case, cache, question_aware)
+            stats = handle.stats(cache)
+        correct += case.is_correct(text)
+        held.append(stats["kv_bytes"])
+        overhead.append(100 * stats["compress_seconds"] / prefill_s)
+    return correct, sum(held) / len(held), sum(overhead) / len(overhead)
+
+
 def _record(tally: Tally, correct, kv_bytes, kv_full, prefill_s, tps) -> None:
     tally.correct.append(correct)
     tally.kv_bytes.append(kv_bytes)
