@@ -19,6 +19,7 @@ from kvpipe.backend import resolve_backend
 from kvpipe.cache import KVPipeCache, KVPipeLayer, cache_bytes
 from kvpipe.context import Observation
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.quantized_store import Workspace
 
 if TYPE_CHECKING:
     from kvpipe.pipeline import Pipeline
@@ -46,6 +47,7 @@ class Session:
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
+        self.workspace = Workspace()      # dequantized keys/values of the layer attending now (quantized stores)
 
     def ensure_attached(self) -> None:
         if not self.attached:

@@ -40,7 +40,8 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         layer = forward.cache.layers[module.layer_idx]
         if layer.decodes_fused(query.shape[2]):
             return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
-        if layer.store is not None:
+        # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
+        if layer.store is not None and not (attention_mask is None and layer.store.all_valid):
             attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
         if forward.compressing:
             session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))

@@ -46,6 +46,8 @@ class KVPipeLayer(DynamicLayer):
         self.since_compression += key_states.shape[-2]
         if self.store is None or self.decodes_fused(key_states.shape[-2]):
             return keys, values                     # fused decode reads the packed store itself
+        if isinstance(self.store, QuantizedStore):
+            return self.store.attend(keys, values, self.session.workspace)
         return self.store.attend(keys, values)
 
     def get_seq_length(self) -> int:

@@ -15,6 +15,7 @@ head's bytes are its pages and its residual. ``padded()`` is the transient view 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -24,6 +25,31 @@ from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantiz
                                   minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite
 from kvpipe.store import POSITION_DTYPE, RaggedStore, storage_bytes
+
+
+class Workspace:
+    """One grow-only buffer shared by every layer of a model for its dequantized keys and values.
+
+    Attention dequantizes a layer's pages each step; layers run one after another, so a single buffer the
+    size of one layer serves them all, and the allocator (and the kernel's page-zeroing of fresh memory)
+    is not paid 2 x layers times per token. Its bytes are working memory, like attention's own, not cache.
+    """
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def pair(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        numel = 1
+        for size in shape:
+            numel *= size
+        if self.buffer is None or self.buffer.numel() < 2 * numel or self.buffer.dtype != dtype \
+                or self.buffer.device != device:
+            self.buffer = torch.empty(2 * numel, dtype=dtype, device=device)
+        return self.buffer[:numel].view(shape), self.buffer[numel:2 * numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.untyped_storage().nbytes() if self.buffer is not None else 0
 
 
 @dataclass(frozen=True)
@@ -101,12 +127,25 @@ class QuantizedStore:
         return padded.flatten(2)
 
     def valid(self) -> torch.Tensor:
+        """``bool [B, Hkv, width]``: which padded slots hold a token (read-only)."""
+        return self._valid
+
+    @cached_property
+    def _valid(self) -> torch.Tensor:           # a store never changes once built: every decode step reuses it
         return torch.cat([self.page_positions() >= 0, self.residual.valid()], -1)
+
+    @property
+    def all_valid(self) -> bool:
+        return self._all_valid
+
+    @cached_property
+    def _all_valid(self) -> bool:
+        return bool(self._valid.all())
 
     @property
     def lengths(self) -> torch.Tensor:
         """``long [B, Hkv]``: tokens stored per head."""
-        return (self.page_positions() >= 0).sum(-1) + self.residual.lengths.long()
+        return self._valid.sum(-1)
 
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized; in ``dtype``, default the residual's)
@@ -120,17 +159,20 @@ class QuantizedStore:
         return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
                 torch.cat([self.page_positions(), res_positions], -1))
 
-    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+               workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention reads, ``keys``/``values [B, Hkv, width + T, D]``: the padded store, then the tail
-        ``[B, Hkv, T, D]``. When heads are equally long, pages are dequantized straight into the one buffer."""
+        ``[B, Hkv, T, D]``. When heads are equally long, pages are dequantized straight into one buffer, taken
+        from ``workspace`` if given (valid until the next call: layers attend one after another)."""
         counts, res_lengths = self.page_counts, self.residual.lengths
         if not (_same(counts) and _same(res_lengths)):
             keys, values, _ = self.padded(tail_keys.dtype)
             return torch.cat([keys, tail_keys], -2), torch.cat([values, tail_values], -2)
         batch, heads, tail, dim = tail_keys.shape
         pages, residual = self.page_width, self.residual.width
-        keys = tail_keys.new_empty(batch, heads, pages + residual + tail, dim)
-        values = torch.empty_like(keys)
+        shape = (batch, heads, pages + residual + tail, dim)
+        keys, values = (workspace.pair(shape, tail_keys.dtype, tail_keys.device) if workspace is not None
+                        else (tail_keys.new_empty(shape), tail_keys.new_empty(shape)))
         split = (batch, heads, pages // self.quant.fmt.group, self.quant.fmt.group, dim)
         dequantize_pages_into(self.pages, self.quant.fmt, keys[:, :, :pages].view(split),
                               values[:, :, :pages].view(split))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,8 +43,21 @@ class RaggedStore:
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
     def valid(self) -> torch.Tensor:
-        """``bool [B, Hkv, width]``: which padded slots hold a kept token."""
+        """``bool [B, Hkv, width]``: which padded slots hold a kept token (read-only)."""
+        return self._valid
+
+    @cached_property
+    def _valid(self) -> torch.Tensor:           # a store never changes once built: every decode step reuses it
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
+
+    @property
+    def all_valid(self) -> bool:
+        """Whether every padded slot holds a token (all heads equally long): attention then needs no mask."""
+        return self._all_valid
+
+    @cached_property
+    def _all_valid(self) -> bool:
+        return bool(self._valid.all())
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
