@@ -16,7 +16,7 @@ from transformers import DynamicCache
 import kvpipe
 from kvpipe.fidelity import fidelity
 from kvpipe.models import load
-from kvpipe.run import answer
+from kvpipe.run import answer, needle_accuracy
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
 from kvpipe.tasks.needle import KINDS, paragraphs
@@ -38,17 +38,8 @@ def needle_table(model, tokenizer, names, keeps, kinds, context, cases, question
         rows.append([kind, "full cache", "-", f"{sum(full)}/{cases}", "-", "-"])
         for name, keep in tqdm([(n, k) for n in names for k in keeps], desc=f"{kind} needles"):
             pipeline = kvpipe.build(name).with_budget(keep=keep)
-            correct, held, overhead = 0, [], []
-            for case in prompts:
-                with pipeline.attach(model) as handle:
-                    cache = handle.cache()
-                    text, prefill_s, _ = answer(model, tokenizer, case, cache, question_aware)
-                    stats = handle.stats(cache)
-                correct += case.is_correct(text)
-                held.append(stats["kv_bytes"])
-                overhead.append(100 * stats["compress_seconds"] / prefill_s)
-            rows.append([kind, name, keep, f"{correct}/{cases}", human_bytes(sum(held) / len(held)),
-                         sum(overhead) / len(overhead)])
+            correct, held, overhead = needle_accuracy(model, tokenizer, pipeline, prompts, question_aware)
+            rows.append([kind, name, keep, f"{correct}/{cases}", human_bytes(held), overhead])
     protocol = "question-aware" if question_aware else "question-agnostic"
     return (f"needles, {context} tokens, {cases} cases per task, {protocol}\n"
             + render(["task", "pipeline", "keep", "correct", "KV bytes held", "compress % of prefill"], rows))

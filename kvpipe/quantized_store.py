@@ -15,7 +15,6 @@ head's bytes are its pages and its residual. ``padded()`` is the transient view 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -24,7 +23,7 @@ from kvpipe.kernels import concat_ragged, select_ragged_rows, unpack_ragged
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite
-from kvpipe.store import POSITION_DTYPE, RaggedStore, storage_bytes
+from kvpipe.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes
 
 
 class Workspace:
@@ -81,7 +80,7 @@ class Quantization:
 
 
 @dataclass
-class QuantizedStore:
+class QuantizedStore(ValidSlots):
     pages: PackedPages
     page_counts: torch.Tensor         # int32 [B, Hkv]
     residual: RaggedStore
@@ -126,21 +125,8 @@ class QuantizedStore:
         padded, _ = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)
         return padded.flatten(2)
 
-    def valid(self) -> torch.Tensor:
-        """``bool [B, Hkv, width]``: which padded slots hold a token (read-only)."""
-        return self._valid
-
-    @cached_property
-    def _valid(self) -> torch.Tensor:           # a store never changes once built: every decode step reuses it
+    def _build_valid(self) -> torch.Tensor:
         return torch.cat([self.page_positions() >= 0, self.residual.valid()], -1)
-
-    @property
-    def all_valid(self) -> bool:
-        return self._all_valid
-
-    @cached_property
-    def _all_valid(self) -> bool:
-        return bool(self._valid.all())
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -16,8 +16,33 @@ def storage_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
+class ValidSlots:
+    """The validity mask both stores share. A store never changes once built (every change makes a new one),
+    so the mask is computed once and every decode step reuses it."""
+
+    def _build_valid(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def valid(self) -> torch.Tensor:
+        """``bool [B, Hkv, width]``: which padded slots hold a token (read-only)."""
+        return self._valid
+
+    @cached_property
+    def _valid(self) -> torch.Tensor:
+        return self._build_valid()
+
+    @property
+    def all_valid(self) -> bool:
+        """Whether every padded slot holds a token: attention then needs no per-head mask."""
+        return self._all_valid
+
+    @cached_property
+    def _all_valid(self) -> bool:
+        return bool(self._valid.all())
+
+
 @dataclass
-class RaggedStore:
+class RaggedStore(ValidSlots):
     """Kept slots packed tightly: no head is padded to the longest one.
 
     ``keys``/``values [N, D]``, ``positions int32 [N]`` (logical token index of each slot), ``lengths
@@ -42,22 +67,8 @@ class RaggedStore:
         """Length of the longest head: the padded width attention sees."""
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
-    def valid(self) -> torch.Tensor:
-        """``bool [B, Hkv, width]``: which padded slots hold a kept token (read-only)."""
-        return self._valid
-
-    @cached_property
-    def _valid(self) -> torch.Tensor:           # a store never changes once built: every decode step reuses it
+    def _build_valid(self) -> torch.Tensor:
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
-
-    @property
-    def all_valid(self) -> bool:
-        """Whether every padded slot holds a token (all heads equally long): attention then needs no mask."""
-        return self._all_valid
-
-    @cached_property
-    def _all_valid(self) -> bool:
-        return bool(self._valid.all())
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""

@@ -6,9 +6,9 @@ import torch
 from pydantic import Field
 
 from kvpipe.context import CompressionContext
-from kvpipe.errors import BudgetError
 from kvpipe.kernels import select_topk
 from kvpipe.registry import Params, Stage, register
+from kvpipe.stages.topk import protected_within
 
 
 class CoupledProjectionParams(Params):
@@ -32,10 +32,7 @@ class CoupledProjection(Stage):
         keep = []
         for layer, (view, scores, k, candidates) in enumerate(
                 zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
-            protected = candidates.protected & view.valid
-            if bool((protected.sum(-1) > k).any()):
-                raise BudgetError(f"layer {layer}: more slots are protected than the budget keeps; raise the budget "
-                                  "or protect less (sinks/window, recover_evidence max_share)")
+            protected = protected_within(layer, candidates.protected & view.valid, k)
             open_ = view.valid & candidates.eligible & ~protected
             blocks = whole_blocks(scores.float(), open_, k - protected.sum(-1), self.params.block)
             chosen = protected | blocks

@@ -1,6 +1,8 @@
 """Top-k eviction: keep the best-scored slots each head is allocated; the cache then frees the rest."""
 from __future__ import annotations
 
+import torch
+
 from kvpipe.context import CompressionContext
 from kvpipe.errors import BudgetError
 from kvpipe.kernels import select_topk
@@ -19,12 +21,17 @@ class TopK(Stage):
         keep = []
         for layer, (view, scores, k, candidates) in enumerate(
                 zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
-            protected = candidates.protected & view.valid
-            need = protected.sum(-1)
-            if bool((need > k).any()):
-                raise BudgetError(
-                    f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
-                    "protected (sinks + recent window); the prompt is too short for this budget. "
-                    "Raise the budget or shrink sinks/window")
+            protected = protected_within(layer, candidates.protected & view.valid, k)
             keep.append(select_topk(scores, k, view.valid & candidates.eligible, protected))
         ctx.write(self, "keep", keep)
+
+
+def protected_within(layer: int, protected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``protected`` (``bool [B, H, n]``), after checking it fits in the allocation ``k [B, H]``."""
+    need = protected.sum(-1)
+    if bool((need > k).any()):
+        raise BudgetError(
+            f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
+            "protected (sinks + recent window, recovered evidence); the prompt is too short for this budget. "
+            "Raise the budget or protect less")
+    return protected
