@@ -22,6 +22,7 @@ from kvpipe.kernels.pages import PackedPages, PageFormat
 
 LOG2E = 1.4426950408889634
 
+
 @triton.jit
 def _online_update(s, v, m_i, l_i, acc):
     """Fold scores ``s [BH, N]`` (log2 units, -inf = masked) and values ``v [N, D]`` into the running state."""
@@ -32,6 +33,7 @@ def _online_update(s, v, m_i, l_i, acc):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
     return m_new, l_i, acc
+
 
 @triton.jit
 def _dense_rows(q, keys, values, start, n, m_i, l_i, acc, D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -47,6 +49,7 @@ def _dense_rows(q, keys, values, start, n, m_i, l_i, acc, D: tl.constexpr, BLOCK
         s = tl.where(inside[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc)
     return m_i, l_i, acc
+
 
 @triton.jit
 def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_pos,
@@ -103,6 +106,7 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
     slot = rows * (NS + 2) + split
     tl.store(mid_o + slot[:, None] * D + ch[None, :], out, mask=live[:, None])
     tl.store(mid_lse + slot, lse, mask=live)
+
 
 @triton.jit
 def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):

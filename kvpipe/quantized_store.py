@@ -15,6 +15,7 @@ head's bytes are its pages and its residual. ``padded()`` is the transient view 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -111,9 +112,14 @@ class QuantizedStore(ValidSlots):
         return QuantizedStore(merged, self.page_counts + counts, rest, self.quant)
 
     # --- the store contract shared with RaggedStore -------------------------------------------------
-    @property
-    def page_width(self) -> int:
+    @cached_property
+    def page_width(self) -> int:                # a store never changes once built: computed once, not per step
         return (int(self.page_counts.max()) if self.page_counts.numel() else 0) * self.quant.fmt.group
+
+    @cached_property
+    def _equal_heads(self) -> bool:
+        """Every head has as many pages and residual slots as every other (attention's fast path)."""
+        return _same(self.page_counts) and _same(self.residual.lengths)
 
     @property
     def width(self) -> int:
@@ -150,8 +156,7 @@ class QuantizedStore(ValidSlots):
         """What attention reads, ``keys``/``values [B, Hkv, width + T, D]``: the padded store, then the tail
         ``[B, Hkv, T, D]``. When heads are equally long, pages are dequantized straight into one buffer, taken
         from ``workspace`` if given (valid until the next call: layers attend one after another)."""
-        counts, res_lengths = self.page_counts, self.residual.lengths
-        if not (_same(counts) and _same(res_lengths)):
+        if not self._equal_heads:
             keys, values, _ = self.padded(tail_keys.dtype)
             return torch.cat([keys, tail_keys], -2), torch.cat([values, tail_values], -2)
         batch, heads, tail, dim = tail_keys.shape
