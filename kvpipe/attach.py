@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,6 +49,10 @@ class Session:
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
         self.workspace = Workspace()      # dequantized keys/values of the layer attending now (quantized stores)
+        # transformers 5.24 renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name is
+        # accepted until 5.40); callers may use either, the decoder is given the one it declares.
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
+            else "past_key_values"
 
     def ensure_attached(self) -> None:
         if not self.attached:
@@ -59,12 +64,13 @@ class Session:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = self.model.config.use_cache
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.pop("past_key_values", None) if self.cache_kwarg == "cache" else None
+        cache = kwargs.get(self.cache_kwarg) if cache is None else cache
         if not use_cache and cache is None:
             self.active = None
             return args, kwargs
         cache = self.adopt(cache)
-        kwargs["past_key_values"] = cache
+        kwargs[self.cache_kwarg] = cache
         padding = kwargs.get("attention_mask")
         if padding is not None and padding.dim() != 2:
             raise UnsupportedModelError("kvpipe needs the usual 2D attention mask (1 = token, 0 = padding); "

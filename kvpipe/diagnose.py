@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpipe.models import cache_arg
 from kvpipe.pipeline import Pipeline, build
 from kvpipe.registry import get_stage
 from kvpipe.run import answer
@@ -100,9 +101,9 @@ def answer_loglik(model, tokenizer, case: NeedleCase, cache, question_aware: boo
     ids = case.ids
     with torch.inference_mode():
         prefill = ids[:, :-1] if question_aware else case.prefix_ids
-        model(prefill, past_key_values=cache)
+        model(prefill, **cache_arg(model, cache))
         rest = torch.cat([ids[:, prefill.shape[1]:], answer_ids], -1)
-        logits = model(rest, past_key_values=cache).logits[0, -answer_ids.shape[1] - 1:-1].float()
+        logits = model(rest, **cache_arg(model, cache)).logits[0, -answer_ids.shape[1] - 1:-1].float()
     return float(logits.log_softmax(-1).gather(-1, answer_ids[0, :, None]).sum())
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvpipe.models import cache_arg
+
 
 @dataclass(frozen=True)
 class Fidelity:
@@ -21,8 +23,8 @@ class Fidelity:
 def continuation_logits(model, context: torch.Tensor, continuation: torch.Tensor, cache) -> torch.Tensor:
     """Logits ``[n, vocab]`` predicting each continuation token, the context compressed (if attached) first."""
     with torch.inference_mode():
-        last = model(context, past_key_values=cache).logits[0, -1:]
-        rest = model(continuation[:, :-1], past_key_values=cache).logits[0]
+        last = model(context, **cache_arg(model, cache)).logits[0, -1:]
+        rest = model(continuation[:, :-1], **cache_arg(model, cache)).logits[0]
     return torch.cat([last, rest]).float()
 
 

@@ -3,6 +3,7 @@ or any Hugging Face model id / local path."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import torch
@@ -55,3 +56,9 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
+
+
+def cache_arg(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` and ``generate(...)``: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name warns, and goes away in 5.40); older 5.x only know ``past_key_values``."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpipe.cache import cache_bytes
+from kvpipe.models import cache_arg
 from kvpipe.pipeline import Pipeline
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import NeedleCase, make_needle_cases
@@ -46,11 +47,11 @@ def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> t
     prefill = ids[:, :-1] if question_aware else case.prefix_ids
     with torch.inference_mode():
         start = time.perf_counter()
-        model(prefill, past_key_values=cache)
+        model(prefill, **cache_arg(model, cache))
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         budget = MAX_NEW_TOKENS + 12 * (len(case.answers) - 1)  # about 12 tokens per extra 7-digit number
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=budget, do_sample=False,
+        out = model.generate(ids, **cache_arg(model, cache), max_new_tokens=budget, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         decode_s = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
@@ -62,10 +63,10 @@ def prefill_then_decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tup
     then exactly ``new_tokens`` greedy tokens."""
     with torch.inference_mode():
         start = time.perf_counter()
-        model(ids[:, :-1], past_key_values=cache)
+        model(ids[:, :-1], **cache_arg(model, cache))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(ids, **cache_arg(model, cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False)
         decode = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
     return prefill, decode

@@ -41,6 +41,22 @@ def test_multi_needles_hold_every_fact_once(smollm, kind):
         assert case.is_correct(" ".join(case.answers)) and not case.is_correct(case.answers[0][:-1])
 
 
+@pytest.mark.real_model
+def test_variable_tracking_chains_lead_to_the_answer(smollm):
+    _, tokenizer = smollm
+    for case in make_needle_cases(tokenizer, 400, 3, seed=4, kind="vartrack", needles=3):
+        context = tokenizer.decode(case.prefix_ids[0])
+        assert context.count("VAR ") == 2 * 3 + 2 * 2          # two chains: 3 assignments, 2 of them aliases
+        # follow the asked variable back to its number through the context, as the model must
+        name, value = case.key, None
+        while value is None:
+            right = context.split(f"{name} = ", 1)[1].split(".", 1)[0]
+            name, value = (right, None) if right.startswith("VAR ") else (name, right)
+        assert (value,) == case.answers and context.count(value) == 1
+        evidence = tokenizer.decode(case.prefix_ids[0, list(case.evidence)])
+        assert evidence.count("VAR ") == 3 + 2 and value in evidence     # the asked chain, every hop of it
+
+
 def test_stages_lists_every_parameter(capsys):
     assert main(["stages"]) == 0
     out = capsys.readouterr().out

@@ -6,6 +6,7 @@ The question comes *after* the context, so a pipeline can compress the context w
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,7 +18,7 @@ NOUNS = ["falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quarry", 
          "violin", "walrus", "anchor", "beacon", "canyon", "dragon", "ember", "glacier", "island", "juniper"]
 
 
-KINDS = ("single", "multikey", "multivalue")
+KINDS = ("single", "multikey", "multivalue", "vartrack")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0,
     """``cases`` seeded cases whose context is ``context_tokens`` tokens long (within a paragraph).
 
     ``kind``: ``single`` (one fact), ``multikey`` (``needles`` facts with different keys, one asked: the
-    others are distractors), ``multivalue`` (``needles`` numbers for one key, all asked).
+    others are distractors), ``multivalue`` (``needles`` numbers for one key, all asked), ``vartrack``
+    (multi-hop: a chain of ``needles`` assignments ending in the asked variable, and a distractor chain).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown needle kind {kind!r}; one of {KINDS}")
@@ -73,27 +75,53 @@ def make_needle_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0,
     prose = paragraphs()
     out = []
     for _ in range(cases):
-        count = 1 if kind == "single" else needles
-        if kind == "single":
-            keys, numbers = [f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"], [str(rng.randrange(1_000_000, 10_000_000))]
-        else:
-            keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], 1 if kind == "multivalue" else count)
-            numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
-        facts = [f"The special magic number for {keys[i % len(keys)]} is {numbers[i]}." for i in range(count)]
+        facts, evidence, answers, question, key = (_variable_chains(rng, needles) if kind == "vartrack"
+                                                   else _magic_numbers(rng, kind, needles))
         depths = sorted(rng.uniform(0.1, 0.9) for _ in facts)
         context = _haystack(tokenizer, prose, rng, context_tokens)
         for fact, depth in reversed(list(zip(facts, depths))):  # from the back, so earlier cuts stay valid
             cut = context.find(". ", int(len(context) * depth))
             cut = len(context) if cut < 0 else cut + 2
             context = context[:cut] + fact + " " + context[cut:]
-        asked = keys[0]
-        answers = tuple(numbers) if kind == "multivalue" else (numbers[0],)
-        needed = facts if kind == "multivalue" else facts[:1]
-        spans = [(context.find(fact), context.find(fact) + len(fact)) for fact in needed]
-        question = (f"What are all the special magic numbers for {asked}? List them." if kind == "multivalue"
-                    else f"What is the special magic number for {asked}? Answer with the number only.")
-        out.append(_encode(tokenizer, context, question, asked, answers, depths[0], spans))
+        spans = [(context.find(fact), context.find(fact) + len(fact)) for fact in evidence]
+        out.append(_encode(tokenizer, context, question, key, answers, depths[0], spans))
     return out
+
+
+def _magic_numbers(rng: random.Random, kind: str, needles: int):
+    """``(facts in context order, facts that answer, answers, question, asked key)``: magic-number kinds."""
+    count = 1 if kind == "single" else needles
+    if kind == "single":
+        keys, numbers = [f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"], [str(rng.randrange(1_000_000, 10_000_000))]
+    else:
+        keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], 1 if kind == "multivalue" else count)
+        numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
+    facts = [f"The special magic number for {keys[i % len(keys)]} is {numbers[i]}." for i in range(count)]
+    if kind == "multivalue":
+        return facts, facts, tuple(numbers), f"What are all the special magic numbers for {keys[0]}? List them.", keys[0]
+    return (facts, facts[:1], (numbers[0],),
+            f"What is the special magic number for {keys[0]}? Answer with the number only.", keys[0])
+
+
+def _variable_chains(rng: random.Random, hops: int):
+    """RULER-style variable tracking, two hops or more: ``VAR A = 123. ... VAR B = VAR A. ...``, the question asks
+    the last variable of the first chain; a second chain with another number is the distractor. All ``hops``
+    assignments of the asked chain are evidence (a multi-hop answer needs every one of them)."""
+    names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(2 * hops)]
+    while len(set(names)) < len(names):
+        names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(2 * hops)]
+    numbers = [str(n) for n in rng.sample(range(10_000, 100_000), 2)]
+    chains = []
+    for c in range(2):
+        chain = names[c * hops:(c + 1) * hops]
+        chains.append([f"VAR {chain[0]} = {numbers[c]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])])
+    # interleave the chains (each keeps its own order: a variable is assigned before it is read)
+    order = sorted([0] * hops + [1] * hops, key=lambda _: rng.random())
+    facts = [chains[c].pop(0) for c in order]
+    asked_chain = [f for f in facts if any(f.startswith(f"VAR {n} ") for n in names[:hops])]
+    asked = f"VAR {names[hops - 1]}"
+    return (facts, asked_chain, (numbers[0],),
+            f"What is the value of {asked}? Follow the assignments and answer with the number only.", asked)
 
 
 def _haystack(tokenizer, prose: tuple[str, ...], rng: random.Random, tokens: int) -> str:
