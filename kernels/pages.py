@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from kvpipe.kernels.quant import affine_params, dequantize_into, pack_codes, quantize_codes, unpack_codes
+from kvpipe.kernels.quant import (affine_params, codes_per_word, dequantize_into, pack_codes, quantize_codes,
+                                 unpack_codes)
 
 # (groups [..., g] in fp32, bits, scale dtype) -> stored (scale, minimum), each [..., 1]
 GroupRange = Callable[[torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
@@ -97,12 +98,28 @@ def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) ->
 
 
 def dequantize_pages_into(pages: PackedPages, fmt: PageFormat, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Dequantize into ``keys``/``values [..., G, D]`` (any strides; leading dims flatten to the page count):
-    attention buffers are filled in place, without a dequantized copy in between."""
+    """Dequantize into ``keys``/``values [..., G, D]`` (any strides with a dense ``[G, D]``; leading dims flatten
+    to the page count): attention buffers are filled in place, without a dequantized copy in between.
+
+    The operation order is chosen by measurement on CPU (2 cores, 4-bit, 90 pages of 64 x 64): a broadcast
+    multiply-add is fast only when the codes are read densely and the scale repeats along an outer dim.
+    Keys are packed along tokens, so the words are transposed (``[D, w]`` to ``[w, D]``, a small int32 copy)
+    and the ``32 / bits`` codes of a word are shifted out at once into token rows ``[w, per, D]``, which is
+    the output's own order: 0.32 ms against 0.43 ms for unpacking then reading the codes transposed. Values are unpacked, converted and
+    scaled in place: 0.24 ms against 0.40 ms for one broadcast ``addcmul``.
+    """
     lead, (group, dim) = keys.shape[:-2], keys.shape[-2:]
-    key_codes = unpack_codes(pages.key_codes, fmt.key_bits).view(*lead, dim, group).transpose(-1, -2)
-    dequantize_into(key_codes, pages.key_scale.view(*lead, 1, dim), pages.key_min.view(*lead, 1, dim), keys)
+    per_word, bits = codes_per_word(fmt.key_bits), fmt.key_bits
+    words = pages.key_codes.view(*lead, dim, group // per_word).transpose(-1, -2).contiguous()   # [..., w, D]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)[:, None]         # [per, 1]
+    codes = (words[..., None, :] >> shifts) & (2 ** bits - 1)        # [..., w, per, D]: token j·per + i at [j, i]
+    dequantize_into(codes, pages.key_scale.view(*lead, 1, 1, dim), pages.key_min.view(*lead, 1, 1, dim),
+                    keys.unflatten(-2, (group // per_word, per_word)))
     split = (*lead, group, dim // fmt.value_group, fmt.value_group)
-    value_codes = unpack_codes(pages.value_codes, fmt.value_bits).view(split)
-    dequantize_into(value_codes, pages.value_scale.view(*split[:-1], 1), pages.value_min.view(*split[:-1], 1),
-                    values.view(split))
+    codes = unpack_codes(pages.value_codes, fmt.value_bits).view(split)
+    scale, minimum = pages.value_scale.view(*split[:-1], 1), pages.value_min.view(*split[:-1], 1)
+    out = values.view(split)
+    work = out if out.dtype == torch.float32 else torch.empty(split, dtype=torch.float32, device=out.device)
+    work.copy_(codes).mul_(scale).add_(minimum)                                     # fp32 math, as the kernels
+    if work is not out:
+        out.copy_(work)

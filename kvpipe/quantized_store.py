@@ -112,24 +112,52 @@ class QuantizedStore(ValidSlots):
         return QuantizedStore(merged, self.page_counts + counts, rest, self.quant)
 
     # --- the store contract shared with RaggedStore -------------------------------------------------
+    # Attention and stages see a padded layout per head: its page slots, then its residual. When every head has
+    # the same pages with the same slots used ("aligned": no eviction, or equal counts per head), the layout
+    # skips the unused slots of partly used pages, so every slot is valid and attention needs no mask (a
+    # mask costs SDPA twice the time on CPU). Otherwise each head's pages are laid out whole, holes masked.
+    @cached_property
+    def _runs(self) -> list[tuple[int, int, int]] | None:
+        """Aligned stores: the pages of each head as runs ``(first, end, used slots of page end - 1)``, every
+        page of a run full but the last. ``None`` when heads differ."""
+        if not _same(self.page_counts):
+            return None
+        pages = int(self.page_counts.flatten()[0]) if self.page_counts.numel() else 0
+        if pages == 0:
+            return []
+        used = (self.pages.positions >= 0).sum(-1).view(-1, pages)                       # [B·Hkv, pages]
+        if used.shape[0] and not bool((used == used[:1]).all()):
+            return None
+        runs, first, group = [], 0, self.quant.fmt.group
+        for page, count in enumerate(used[0].tolist() if used.shape[0] else []):
+            if count < group or page == pages - 1:
+                runs.append((first, page + 1, count))
+                first = page + 1
+        return runs
+
     @cached_property
     def page_width(self) -> int:                # a store never changes once built: computed once, not per step
+        if self._runs is not None:
+            return sum((end - first - 1) * self.quant.fmt.group + used for first, end, used in self._runs)
         return (int(self.page_counts.max()) if self.page_counts.numel() else 0) * self.quant.fmt.group
 
     @cached_property
     def _equal_heads(self) -> bool:
-        """Every head has as many pages and residual slots as every other (attention's fast path)."""
-        return _same(self.page_counts) and _same(self.residual.lengths)
+        """Aligned pages and equally long residuals: every slot valid, pages dequantize straight into place."""
+        return self._runs is not None and _same(self.residual.lengths)
 
     @property
     def width(self) -> int:
-        """Padded width attention sees: the most pages of any head, then the longest residual."""
+        """Padded width attention sees: page slots (see above), then the longest residual."""
         return self.page_width + self.residual.width
 
     def page_positions(self) -> torch.Tensor:
         """``long [B, Hkv, page_width]``, -1 where no token is stored."""
         padded, _ = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)
-        return padded.flatten(2)
+        padded = padded.flatten(2)
+        if self._runs is None:
+            return padded
+        return padded[..., padded[0, 0] >= 0] if padded.shape[0] * padded.shape[1] else padded[..., :0]
 
     def _build_valid(self) -> torch.Tensor:
         return torch.cat([self.page_positions() >= 0, self.residual.valid()], -1)
@@ -144,33 +172,63 @@ class QuantizedStore(ValidSlots):
         and ``positions long`` (-1 = empty)."""
         res_keys, res_values, res_positions = self.residual.padded()
         dtype = dtype or res_keys.dtype
+        positions = torch.cat([self.page_positions(), res_positions], -1)
+        if self._equal_heads:
+            keys, values = self.attend(res_keys[..., :0, :].to(dtype), res_values[..., :0, :].to(dtype))
+            return keys, values, positions
         res_keys, res_values = res_keys.to(dtype), res_values.to(dtype)
         page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
         keys, _ = unpack_ragged(page_keys, self.page_counts)
         values, _ = unpack_ragged(page_values, self.page_counts)
         return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
-                torch.cat([self.page_positions(), res_positions], -1))
+                positions)
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention reads, ``keys``/``values [B, Hkv, width + T, D]``: the padded store, then the tail
-        ``[B, Hkv, T, D]``. When heads are equally long, pages are dequantized straight into one buffer, taken
+        ``[B, Hkv, T, D]``. When heads are aligned, pages are dequantized straight into one buffer, taken
         from ``workspace`` if given (valid until the next call: layers attend one after another)."""
         if not self._equal_heads:
             keys, values, _ = self.padded(tail_keys.dtype)
             return torch.cat([keys, tail_keys], -2), torch.cat([values, tail_values], -2)
         batch, heads, tail, dim = tail_keys.shape
-        pages, residual = self.page_width, self.residual.width
+        pages, residual, group = self.page_width, self.residual.width, self.quant.fmt.group
         shape = (batch, heads, pages + residual + tail, dim)
         keys, values = (workspace.pair(shape, tail_keys.dtype, tail_keys.device) if workspace is not None
                         else (tail_keys.new_empty(shape), tail_keys.new_empty(shape)))
-        split = (batch, heads, pages // self.quant.fmt.group, self.quant.fmt.group, dim)
-        dequantize_pages_into(self.pages, self.quant.fmt, keys[:, :, :pages].view(split),
-                              values[:, :, :pages].view(split))
+        at = 0
+        for full, full_pages, used, partial_page in self._run_pages:
+            if full:
+                split = (batch, heads, full, group, dim)
+                dequantize_pages_into(full_pages, self.quant.fmt, keys[:, :, at:at + full * group].view(split),
+                                      values[:, :, at:at + full * group].view(split))
+                at += full * group
+            if partial_page is not None:       # a partly used page: its used slots only, through a page buffer
+                page_keys, page_values = dequantize_pages(partial_page, self.quant.fmt, tail_keys.dtype)
+                keys[:, :, at:at + used] = page_keys.view(batch, heads, group, dim)[:, :, :used]
+                values[:, :, at:at + used] = page_values.view(batch, heads, group, dim)[:, :, :used]
+                at += used
         for out, res, new in ((keys, self.residual.keys, tail_keys), (values, self.residual.values, tail_values)):
             out[:, :, pages:pages + residual] = res.view(batch, heads, residual, dim)
             out[:, :, pages + residual:] = new
         return keys, values
+
+    @cached_property
+    def _run_pages(self) -> list[tuple[int, PackedPages, int, PackedPages | None]]:
+        """Per run of an aligned store: ``(full pages per head, those pages, used slots of the partly used
+        page, that page or None)``, as views ``[B·Hkv, (pages,) ...]`` made once (dequantization takes the
+        leading dims as they come, no copy)."""
+        per_head, group = int(self.page_counts.flatten()[0]) if self.page_counts.numel() else 0, self.quant.fmt.group
+
+        def head_pages(index):
+            return self.pages.map(lambda t: t.view(-1, per_head, *t.shape[1:])[:, index])
+
+        out = []
+        for first, end, used in self._runs:
+            full = end - first - (used < group)
+            out.append((full, head_pages(slice(first, first + full)), used,
+                        head_pages(end - 1) if used < group else None))
+        return out
 
     def select_rows(self, index: torch.Tensor) -> QuantizedStore:
         pages = self.pages.map(lambda t: select_ragged_rows(t, self.page_counts, index))

@@ -204,3 +204,35 @@ def test_decode_trigger_on_a_quantized_cache_stays_in_budget(random_ids):
         assert all(isinstance(layer.store, QuantizedStore) for layer in cache.layers)
         assert handle.stats(cache)["kv_bytes"] == sum(layer.store.analytic_bytes() + layer.keys.numel() * 8
                                                       for layer in cache.layers)
+
+
+@pytest.mark.parametrize("equal_heads", [True, False], ids=["aligned", "ragged"])
+def test_layout_skips_unused_page_slots_only_when_heads_align(equal_heads):
+    """A compaction leaves a partly used page; later flushes put whole pages after it. Aligned heads see a
+    hole-free layout (no mask needed); ragged heads keep holes, marked invalid. Either way the valid slots,
+    in order, are exactly the stored tokens, dequantized."""
+    from kvpipe.kernels.pages import PageFormat
+    from kvpipe.quantized_store import Quantization
+    torch.manual_seed(3)
+    batch, heads, n, dim, group = 2, 3, 50, 16, 8
+    quant = Quantization(PageFormat(key_bits=8, value_bits=8, group=group, value_group=dim,
+                                      scale_dtype=torch.float16), residual=4)
+    keys, values = torch.randn(batch, heads, n, dim), torch.randn(batch, heads, n, dim)
+    positions = torch.arange(n).expand(batch, heads, n)
+    keep = torch.rand(batch, heads, n).argsort(-1) < (27 if equal_heads else torch.tensor([27, 19, 33])[:, None])
+    store = QuantizedStore.from_padded(keys, values, positions, keep, quant)           # 23 slots: a partial page
+    more_k, more_v = torch.randn(batch, heads, 20, dim), torch.randn(batch, heads, 20, dim)
+    store = store.append(more_k, more_v, torch.arange(n, n + 20).expand(batch, heads, 20))   # 2 more pages
+    got_k, got_v, got_pos = store.padded()
+    assert store.all_valid == equal_heads and got_pos.shape[-1] == store.width
+    tail_k = torch.randn(batch, heads, 1, dim)
+    att_k, _ = store.attend(tail_k, tail_k)
+    assert att_k.shape[-2] == store.width + 1 and torch.equal(att_k[..., :-1, :], got_k)
+    all_k = torch.cat([keys, more_k], -2)
+    for b in range(batch):
+        for h in range(heads):
+            valid = got_pos[b, h] >= 0
+            want = torch.cat([positions[b, h][keep[b, h]], torch.arange(n, n + 20)])
+            assert torch.equal(got_pos[b, h][valid], want)
+            # 8-bit codes: each key within half a step of its group's range (< 1e-2 for these inputs)
+            torch.testing.assert_close(got_k[b, h][valid], all_k[b, h][want], atol=2e-2, rtol=0)
