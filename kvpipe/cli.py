@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from kvpipe.errors import KVPipeError, SpecError
+from kvpipe.tasks.needle import KINDS
 
 EPILOG = """\
 examples:
@@ -13,7 +14,7 @@ examples:
   kvpipe stages                               every stage with its parameters and defaults
   kvpipe run pipelines/default.yaml --context 2048 --cases 12
   kvpipe run pipelines/default.yaml --question-aware
-  kvpipe diagnose pipelines/value-aware.yaml --budget 0.25 --kinds single multikey --out diagnose/
+  kvpipe diagnose pipelines/value-aware.yaml pipelines/h2o.yaml --budget 0.25 0.1 --kinds single vartrack
 
 A pipeline is YAML:  version: 1 / budget: {keep: 0.5} / stages: [sinks_window, attention_mass, uniform, topk]
 """
@@ -51,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "the failure mode (evidence missing / irrelevant ranked in / coupled evidence "
                                    "split) and the effect of changing one decision (add recovery, value-aware "
                                    "ranking, coupled projection). Writes a table, a JSONL file and a plot.")
-    p.add_argument("pipeline", help="path of a pipeline YAML file, or a shipped name")
+    p.add_argument("pipeline", nargs="+", help="pipeline YAML files (each diagnosed on the same cases)")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
-    p.add_argument("--budget", type=float, metavar="KEEP", help="override the budget with keep: KEEP")
-    p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"],
-                   choices=["single", "multikey", "multivalue"], help="needle task kinds (default: all three)")
+    p.add_argument("--budget", type=float, nargs="+", metavar="KEEP",
+                   help="override the budget with keep: KEEP (several: one run per budget)")
+    p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS,
+                   help="needle task kinds (default: single multikey multivalue; vartrack = multi-hop chains)")
     p.add_argument("--context", type=int, default=2048, metavar="TOKENS", help="context length (default 2048)")
     p.add_argument("--cases", type=int, default=6, metavar="N", help="cases per kind (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
@@ -117,18 +119,23 @@ def _diagnose(args) -> int:
     from pathlib import Path
 
     from kvpipe import build
-    from kvpipe.diagnose import diagnose, save, summary
+    from kvpipe.diagnose import diagnose, diagnose_cases, full_reference, save, summary
     from kvpipe.models import load
 
-    pipeline = build(args.pipeline)
-    if args.budget is not None:
-        pipeline = pipeline.with_budget(keep=args.budget)
+    runs = []                                       # built before the model loads: a bad file fails fast
+    for source in args.pipeline:
+        pipeline = build(source)
+        for keep in args.budget or [None]:
+            name = Path(source).stem + (f"-keep{keep}" if keep is not None else "")
+            runs.append((name, pipeline.with_budget(keep=keep) if keep is not None else pipeline))
     model, tokenizer = load(args.model)
-    records = diagnose(model, tokenizer, pipeline, args.kinds, args.context, args.cases, not args.agnostic, args.seed)
-    name = Path(args.pipeline).stem + (f"-keep{args.budget}" if args.budget is not None else "")
-    print(summary(records, name))
-    for path in save(records, Path(args.out), name):
-        print(f"wrote {path}")
+    work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
+    reference = full_reference(model, tokenizer, work, not args.agnostic)
+    for name, pipeline in runs:
+        records = diagnose(model, tokenizer, pipeline, work, reference, not args.agnostic)
+        print(summary(records, name))
+        for path in save(records, Path(args.out), name):
+            print(f"wrote {path}")
     return 0
 
 

@@ -130,21 +130,41 @@ def classify(record: CaseRecord) -> str | None:
     return "evidence missing" if record.evidence_kept < 0.5 else "irrelevant ranked in"
 
 
-def diagnose(model, tokenizer, pipeline: Pipeline, kinds: list[str], context: int, cases: int,
-             question_aware: bool = True, seed: int = 0) -> list[CaseRecord]:
+@dataclass(frozen=True)
+class Reference:
+    """The full cache on one case: whether it answers, and the answer's log-likelihood."""
+    correct: bool
+    loglik: float
+
+
+def diagnose_cases(tokenizer, kinds: list[str], context: int, cases: int, seed: int = 0):
+    """``[(kind, index, case)]``: the cases every pipeline of one diagnostic run is measured on."""
+    return [(kind, i, case) for kind in kinds
+            for i, case in enumerate(make_needle_cases(tokenizer, context, cases, seed, kind=kind))]
+
+
+def full_reference(model, tokenizer, work, question_aware: bool = True) -> list[Reference]:
+    """The full cache on every case, computed once and shared by every pipeline and budget diagnosed."""
+    out = []
+    for _, _, case in tqdm(work, desc="full cache", unit="case"):
+        text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
+        out.append(Reference(case.is_correct(text),
+                             answer_loglik(model, tokenizer, case, DynamicCache(config=model.config), question_aware)))
+    return out
+
+
+def diagnose(model, tokenizer, pipeline: Pipeline, work, reference: list[Reference],
+             question_aware: bool = True) -> list[CaseRecord]:
+    """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``."""
     probes = {name: build(spec) for name, spec in probe_specs(pipeline).items()}
     records = []
-    work = [(kind, i, case) for kind in kinds
-            for i, case in enumerate(make_needle_cases(tokenizer, context, cases, seed, kind=kind))]
-    for kind, i, case in tqdm(work, desc="diagnose", unit="case"):
-        full_text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
-        loglik_full = answer_loglik(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
+    for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
         with pipeline.attach(model) as handle:
             text, *_ = answer(model, tokenizer, case, handle.cache(), question_aware)
             cache = handle.cache()
             loglik = answer_loglik(model, tokenizer, case, cache, question_aware)
             kept, split = evidence_stats(cache, case)
-        record = CaseRecord(kind, i, case.depth, case.is_correct(full_text), case.is_correct(text), loglik_full,
+        record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(text), full.loglik,
                             loglik, kept, split, None)
         record.mode = classify(record)
         for name, probe in probes.items():

@@ -6,7 +6,7 @@ import json
 from conftest import tiny_model
 
 import kvpipe
-from kvpipe.diagnose import MODES, diagnose, probe_specs, save, summary
+from kvpipe.diagnose import MODES, Reference, diagnose, diagnose_cases, full_reference, probe_specs, save, summary
 
 
 def test_probes_change_exactly_one_slot():
@@ -25,10 +25,15 @@ def test_diagnose_classifies_every_failure_and_writes_its_files(smollm, tmp_path
     _, tokenizer = smollm
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
     pipeline = kvpipe.build("default").with_budget(keep=0.3)
-    records = diagnose(model, tokenizer, pipeline, ["single", "multivalue"], context=160, cases=1)
+    work = diagnose_cases(tokenizer, ["single", "vartrack"], context=160, cases=1)
+    measured = full_reference(model, tokenizer, work)
+    assert len(measured) == 2 and all(r.loglik < 0 for r in measured)
+    # A random model answers nothing, so the full cache is *declared* right here: every case the pipeline
+    # gets wrong must then be a failure with exactly one mode.
+    records = diagnose(model, tokenizer, pipeline, work, [Reference(True, r.loglik) for r in measured])
     assert len(records) == 2
-    failures = [r for r in records if r.full_correct and not r.correct]
-    assert sum(r.mode in MODES for r in records) == len(failures)             # every failure has one mode
+    failures = [r for r in records if not r.correct]
+    assert failures and sum(r.mode in MODES for r in records) == len(failures)
     for record in records:
         assert 0 <= record.evidence_kept <= 1 and 0 <= record.evidence_split <= 1
         assert set(record.probes) == {"recovery", "value ranking", "coupled projection"}
