@@ -179,10 +179,15 @@ def diagnose(model, tokenizer, pipeline: Pipeline, work, reference: list[Referen
 
 def summary(records: list[CaseRecord], name: str) -> str:
     failures = [r for r in records if r.mode is not None]
-    counts = [[mode, sum(r.mode == mode for r in failures)] for mode in MODES]
+    kinds = list(dict.fromkeys(r.kind for r in records))
+    counts = [[mode, *(sum(r.mode == mode and r.kind == k for r in failures) for k in kinds),
+               sum(r.mode == mode for r in failures)] for mode in MODES]
+    counts.append(["correct / full cache correct",
+                   *(f"{sum(r.correct for r in records if r.kind == k)}/{sum(r.full_correct for r in records if r.kind == k)}"
+                     for k in kinds), f"{sum(r.correct for r in records)}/{sum(r.full_correct for r in records)}"])
     lines = [f"{name}: {sum(r.correct for r in records)}/{len(records)} correct "
              f"(full cache {sum(r.full_correct for r in records)}); {len(failures)} failures by mode",
-             render(["failure mode", "cases"], counts)]
+             render(["failure mode", *kinds, "all"], counts)]
     probe_names = sorted({p for r in records for p in r.probes})
     rows = []
     for probe in probe_names:
