@@ -101,20 +101,27 @@ def dequantize_pages_into(pages: PackedPages, fmt: PageFormat, keys: torch.Tenso
     """Dequantize into ``keys``/``values [..., G, D]`` (any strides with a dense ``[G, D]``; leading dims flatten
     to the page count): attention buffers are filled in place, without a dequantized copy in between.
 
-    The operation order is chosen by measurement on CPU (2 cores, 4-bit, 90 pages of 64 x 64): a broadcast
+    The operation order is chosen by measurement on CPU (2 cores, 90 pages of 64 x 64): a broadcast
     multiply-add is fast only when the codes are read densely and the scale repeats along an outer dim.
-    Keys are packed along tokens, so the words are transposed (``[D, w]`` to ``[w, D]``, a small int32 copy)
-    and the ``32 / bits`` codes of a word are shifted out at once into token rows ``[w, per, D]``, which is
-    the output's own order: 0.32 ms against 0.43 ms for unpacking then reading the codes transposed. Values are unpacked, converted and
-    scaled in place: 0.24 ms against 0.40 ms for one broadcast ``addcmul``.
+    Keys are packed along tokens. At 2 and 4 bits the words are transposed (``[D, w]`` to ``[w, D]``, a small
+    int32 copy) and the ``32 / bits`` codes of a word are shifted out at once into token rows
+    ``[w, per, D]``, the output's own order: 0.32 ms against 0.43 ms for unpacking then reading the codes
+    transposed (4-bit). At 8 bits the codes are bytes already, and reading them transposed beats shifting
+    by 3x. Values are unpacked, converted and scaled in place: 0.24 ms against 0.40 ms for one broadcast
+    ``addcmul``.
     """
     lead, (group, dim) = keys.shape[:-2], keys.shape[-2:]
-    per_word, bits = codes_per_word(fmt.key_bits), fmt.key_bits
-    words = pages.key_codes.view(*lead, dim, group // per_word).transpose(-1, -2).contiguous()   # [..., w, D]
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)[:, None]         # [per, 1]
-    codes = (words[..., None, :] >> shifts) & (2 ** bits - 1)        # [..., w, per, D]: token j·per + i at [j, i]
-    dequantize_into(codes, pages.key_scale.view(*lead, 1, 1, dim), pages.key_min.view(*lead, 1, 1, dim),
-                    keys.unflatten(-2, (group // per_word, per_word)))
+    scale, minimum = pages.key_scale.view(*lead, 1, dim), pages.key_min.view(*lead, 1, dim)
+    if fmt.key_bits == 8:
+        codes = unpack_codes(pages.key_codes, 8).view(*lead, dim, group).transpose(-1, -2)
+        dequantize_into(codes, scale, minimum, keys)
+    else:
+        per_word, bits = codes_per_word(fmt.key_bits), fmt.key_bits
+        words = pages.key_codes.view(*lead, dim, group // per_word).transpose(-1, -2).contiguous()  # [..., w, D]
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)[:, None]        # [per, 1]
+        codes = (words[..., None, :] >> shifts) & (2 ** bits - 1)     # [..., w, per, D]: token j·per + i at [j, i]
+        dequantize_into(codes, scale[..., None, :, :], minimum[..., None, :, :],
+                        keys.unflatten(-2, (group // per_word, per_word)))
     split = (*lead, group, dim // fmt.value_group, fmt.value_group)
     codes = unpack_codes(pages.value_codes, fmt.value_bits).view(split)
     scale, minimum = pages.value_scale.view(*split[:-1], 1), pages.value_min.view(*split[:-1], 1)

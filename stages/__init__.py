@@ -20,6 +20,7 @@ from kvpipe.stages import (  # noqa: F401
     recover_evidence,
     refit_values,
     recency,
+    retention_gates,
     sinks_window,
     snapkv,
     topk,

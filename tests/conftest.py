@@ -46,6 +46,20 @@ def tiny():
     return tiny_model()
 
 
+def tiny_gates_file(directory, shared: bool = True, seed: int = 0) -> str:
+    """Untrained retention gates shaped for ``tiny_model()`` (2 layers, 2 KV heads, head_dim 16), saved as a
+    gate file. A low bias and wide weights make ``log β`` differ between tokens, so eviction has a choice."""
+    from kvpipe.gates import RetentionGates
+
+    torch.manual_seed(seed)
+    gates = RetentionGates(2, 2, 16, hidden=8, bias_init=1.0, shared=shared)
+    for weight in (p for p in gates.parameters() if p.dim() > 1):
+        torch.nn.init.normal_(weight, std=0.5)
+    path = f"{directory}/tiny-gates-{'shared' if shared else 'unshared'}-{seed}.safetensors"
+    gates.save(path, {"model": "tiny llama", "note": "untrained, for tests"})
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct."""

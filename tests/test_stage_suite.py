@@ -2,10 +2,12 @@
 without writing a test. Each runs inside a minimal pipeline on a tiny model with a left-padded batch."""
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 import yaml
-from conftest import tiny_model
+from conftest import tiny_gates_file, tiny_model
 
 import kvpipe
 from kvpipe.registry import all_stages
@@ -13,6 +15,7 @@ from kvpipe.registry import all_stages
 STAGES = sorted(all_stages())
 KEEP = 0.4
 SINKS, WINDOW = 2, 6
+TINY_GATES = tiny_gates_file(tempfile.mkdtemp(prefix="kvpipe-gates-"))    # shaped for tiny_model()
 
 
 def pipeline_around(name: str) -> dict:
@@ -23,6 +26,8 @@ def pipeline_around(name: str) -> dict:
         stages = [protect, {"stage": "random", "after": ["sinks_window"]},
                   {"stage": "knorm", "after": ["sinks_window"]},
                   {"stage": "combine", "after": ["random", "knorm"]}, "uniform", "topk"]
+    elif name == "retention_gates":
+        stages = [protect, {"stage": name, "params": {"gates": TINY_GATES}}, "uniform", "topk"]
     elif family == "scoring":
         stages = [protect, name, "uniform", "topk"]
     elif family == "budget allocation":

@@ -1,8 +1,10 @@
 """Triggers: compression during decoding and chunked prefill keep the cache within budget."""
 from __future__ import annotations
 
+import tempfile
+
 import torch
-from conftest import tiny_model
+from conftest import tiny_gates_file, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,16 +72,21 @@ def test_decode_compression_keeps_sinks_and_recent_tokens(random_ids):
             assert held == sorted(set(held))
 
 
-@settings(max_examples=15, deadline=None)
+SCORERS = {"attention_mass": {"stage": "attention_mass", "params": {"window": 4}},
+           "gates": {"stage": "retention_gates", "params": {"gates": tiny_gates_file(tempfile.mkdtemp())}}}
+
+
+@settings(max_examples=20, deadline=None)
 @given(st.integers(12, 40), st.integers(1, 12), st.lists(st.integers(1, 20), min_size=1, max_size=8),
-       st.sampled_from(["uniform", "adaptive_heads", "global"]), st.integers(0, 2**31 - 1))
-def test_random_schedules_stay_within_budget(tokens, every, chunks, allocator, seed):
+       st.sampled_from(["uniform", "adaptive_heads", "global"]), st.sampled_from(["attention_mass", "gates"]),
+       st.integers(0, 2**31 - 1))
+def test_random_schedules_stay_within_budget(tokens, every, chunks, allocator, scorer, seed):
     """Feed random-sized chunks through a plain forward loop: after every call each head holds at most
     budget + every - 1 slots, positions stay sorted and unique, and the sinks are never lost."""
     model = tiny_model("llama", "sdpa")
     pipeline = kvpipe.build({"version": 1, "budget": {"tokens": tokens}, "trigger": {"prefill": True, "every": every},
                              "stages": [{"stage": "sinks_window", "params": {"sinks": 2, "window": 2}},
-                                        {"stage": "attention_mass", "params": {"window": 4}}, allocator, "topk"]})
+                                        SCORERS[scorer], allocator, "topk"]})
     generator = torch.Generator().manual_seed(seed)
     seen = 0
     with pipeline.attach(model) as handle, torch.inference_mode():

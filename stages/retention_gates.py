@@ -1,0 +1,46 @@
+"""Learned retention gates (TrimKV / DBTrimKV, Bui et al., arXiv 2512.03324 and 2605.09649)."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from pydantic import Field
+
+from kvpipe.context import CompressionContext
+from kvpipe.gates import RetentionGates, retention_scores
+from kvpipe.registry import Params, Stage, register
+
+
+class RetentionGateParams(Params):
+    gates: str = Field("smollm2-135m", description="a shipped gate name or a .safetensors file from "
+                                                     "`kvpipe train-gates`")
+    lookahead: int = Field(1, ge=1, description="steps of future retention scored (1 = TrimKV's (t - i)·log β)")
+
+
+@register("retention_gates", family="scoring")
+class RetentionGatesStage(Stage):
+    """Score = geometric retention ``(t − pos)·log β``, ``log β`` from a trained gate on each cached key and
+    value (see ``kvpipe.gates``). Query-agnostic: needs no attention, works at any compression event.
+
+    Scores are log-retentions on one scale across layers and heads (the gates' readout is shared): pair with
+    ``global`` and ``calibration: none`` so every layer and head competes for one budget, as DBTrimKV does.
+    """
+
+    Params = RetentionGateParams
+    writes = ("scores",)
+
+    @cached_property
+    def gates(self) -> RetentionGates:
+        return RetentionGates.load(self.params.gates)[0]
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        first = ctx.layers[0].keys
+        self.gates.check_shape(len(ctx.layers), first.shape[1], first.shape[-1], repr(self.params.gates))
+        # t = the next token's position, per row (the newest stored position + 1)
+        newest = torch.stack([view.positions.masked_fill(~view.valid, -1).amax((1, 2)) for view in ctx.layers])
+        next_position = newest.amax(0) + 1
+        with torch.no_grad():
+            scores = [retention_scores(self.gates(i, view.keys, view.values), view.positions, next_position,
+                                       self.params.lookahead)
+                      for i, view in enumerate(ctx.layers)]
+        ctx.write(self, "scores", scores)

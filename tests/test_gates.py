@@ -1,0 +1,104 @@
+"""Retention gates: the module, the retention score, training, gate files, and the shipped SmolLM2 gates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gates_file, tiny_model
+
+import kvpipe
+from kvpipe.errors import KVPipeError
+from kvpipe.gates import RetentionGates, retention_scores
+from kvpipe.train_gates import TrainConfig, evaluate, train, training_sequence
+
+
+def test_gate_shapes_log_retention_and_shared_readout():
+    torch.manual_seed(0)
+    gates = RetentionGates(layers=3, heads=2, head_dim=8, hidden=16, bias_init=0.5)
+    keys, values = torch.randn(4, 2, 11, 8), torch.randn(4, 2, 11, 8)
+    outs = [gates(layer, keys, values) for layer in range(3)]
+    assert all(out.shape == (4, 2, 11) and bool((out <= 0).all()) for out in outs)
+    assert gates.readout(0) is gates.readout(2)                    # one module, one parameter set
+    assert sum(1 for name, _ in gates.named_parameters() if name.startswith("readouts")) == 2
+    sum(out.sum() for out in outs).backward()
+    weight = gates.readout(0).weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    # every layer contributes to the shared readout's gradient
+    for layer in range(3):
+        gates.zero_grad()
+        gates(layer, keys, values).sum().backward()
+        assert gates.readout(0).weight.grad.abs().sum() > 0
+    unshared = RetentionGates(layers=3, heads=2, head_dim=8, hidden=16, shared=False)
+    assert unshared.readout(0) is not unshared.readout(2)
+
+
+def test_retention_score_is_age_times_log_beta_and_lookahead_sums_future_mass():
+    torch.manual_seed(1)
+    log_beta = -torch.rand(2, 3, 7) * 0.5
+    positions = torch.randint(0, 40, (2, 3, 7))
+    nxt = torch.tensor([45, 50])
+    one = retention_scores(log_beta, positions, nxt)
+    torch.testing.assert_close(one, (nxt[:, None, None] - positions) * log_beta)
+    n = 5
+    ahead = retention_scores(log_beta, positions, nxt, lookahead=n)
+    a = (nxt[:, None, None] - positions + 1).double()
+    brute = torch.logsumexp(torch.stack([(a + k) * log_beta.double() for k in range(n)]), 0)
+    torch.testing.assert_close(ahead.double(), brute, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_file_refuses_another_model_shape(tmp_path):
+    path = tiny_gates_file(tmp_path)
+    gates, record = RetentionGates.load(path)
+    assert record["note"].startswith("untrained")
+    with pytest.raises(KVPipeError, match=r"trained for 2 layers x 2 KV heads x head_dim 16.*kvpipe train-gates"):
+        gates.check_shape(30, 3, 64, path)
+    model = tiny_model(num_hidden_layers=3)
+    pipeline = kvpipe.build({"version": 1, "budget": {"keep": 0.5},
+                             "stages": [{"stage": "retention_gates", "params": {"gates": path}}, "global", "topk"]})
+    with pipeline.attach(model), pytest.raises(KVPipeError, match="this model has 3 x 2 x 16"):
+        model(torch.randint(2, 250, (1, 40)))
+    with pytest.raises(KVPipeError, match="no retention gate file"):
+        RetentionGates.load(tmp_path / "missing.safetensors")
+
+
+def test_short_training_lowers_the_loss_and_checkpoints_reload_exactly(smollm, tmp_path):
+    _, tokenizer = smollm
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
+    config = TrainConfig(steps=8, context=96, budget=8, lr=3e-2, hidden=8, bias_init=3.0, checkpoint_every=4)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    untrained, _ = train(model, tokenizer, TrainConfig(**{**config.__dict__, "steps": 0}), tmp_path / "0",
+                         progress=False)
+    gates, history = train(model, tokenizer, config, tmp_path, progress=False)
+    # on sequences it trained on, the loss of the trained gates is below that of the same gates untrained
+    for step in (0, 1):
+        ids = training_sequence(tokenizer, config, step)
+        assert evaluate(model, gates, ids, config)[0] < evaluate(model, untrained, ids, config)[0]
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())     # the model stayed frozen
+    loaded, record = RetentionGates.load(tmp_path / "gates.safetensors")
+    assert record["steps"] == 8 and record["config"]["budget"] == 8
+    keys, values = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    for layer in range(2):
+        assert torch.equal(loaded(layer, keys, values), gates(layer, keys, values).detach())
+    # resuming at the last checkpoint (step 4 of 8) reproduces the same run
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 8
+    again = tmp_path / "again"
+    train(model, tokenizer, TrainConfig(**{**config.__dict__, "steps": 4}), again, progress=False)
+    resumed, resumed_history = train(model, tokenizer, config, again, resume=True, progress=False)
+    assert [h["step"] for h in resumed_history] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor([h["kl"] for h in resumed_history]),
+                               torch.tensor([h["kl"] for h in history]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_shipped_gates_load_for_smollm2_and_generate(smollm):
+    model, tokenizer = smollm
+    gates, record = RetentionGates.load("smollm2-135m")
+    assert (gates.layers, gates.heads, gates.head_dim) == (30, 3, 64) and record["steps"] > 0
+    ids = tokenizer("\n".join(["The quick brown fox jumps over the lazy dog."] * 30), return_tensors="pt").input_ids
+    with kvpipe.build("learned-global").attach(model) as handle:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        stats = handle.stats()
+    assert out.shape[1] == ids.shape[1] + 4
+    assert stats["compression_ratio"] > 1.5
