@@ -119,8 +119,8 @@ class QuantizedStore(ValidSlots):
     @cached_property
     def _runs(self) -> list[tuple[int, int, int]] | None:
         """Aligned stores: the pages of each head as runs ``(first, end, used slots of page end - 1)``, every
-        page of a run full but the last. ``None`` when heads differ."""
-        if not _same(self.page_counts):
+        page of a run full but the last. ``None`` when heads differ (in pages, used slots or residual length)."""
+        if not (_same(self.page_counts) and _same(self.residual.lengths)):
             return None
         pages = int(self.page_counts.flatten()[0]) if self.page_counts.numel() else 0
         if pages == 0:
@@ -143,8 +143,8 @@ class QuantizedStore(ValidSlots):
 
     @cached_property
     def _equal_heads(self) -> bool:
-        """Aligned pages and equally long residuals: every slot valid, pages dequantize straight into place."""
-        return self._runs is not None and _same(self.residual.lengths)
+        """Aligned heads: every slot valid, pages dequantize straight into place."""
+        return self._runs is not None
 
     @property
     def width(self) -> int:

@@ -206,8 +206,9 @@ def test_decode_trigger_on_a_quantized_cache_stays_in_budget(random_ids):
                                                       for layer in cache.layers)
 
 
-@pytest.mark.parametrize("equal_heads", [True, False], ids=["aligned", "ragged"])
-def test_layout_skips_unused_page_slots_only_when_heads_align(equal_heads):
+@pytest.mark.parametrize("counts", [(27, 27, 27), (27, 19, 33), (3, 4, 4)],
+                         ids=["aligned", "ragged", "same-pages-ragged-residual"])
+def test_layout_skips_unused_page_slots_only_when_heads_align(counts):
     """A compaction leaves a partly used page; later flushes put whole pages after it. Aligned heads see a
     hole-free layout (no mask needed); ragged heads keep holes, marked invalid. Either way the valid slots,
     in order, are exactly the stored tokens, dequantized."""
@@ -219,7 +220,8 @@ def test_layout_skips_unused_page_slots_only_when_heads_align(equal_heads):
                                       scale_dtype=torch.float16), residual=4)
     keys, values = torch.randn(batch, heads, n, dim), torch.randn(batch, heads, n, dim)
     positions = torch.arange(n).expand(batch, heads, n)
-    keep = torch.rand(batch, heads, n).argsort(-1) < (27 if equal_heads else torch.tensor([27, 19, 33])[:, None])
+    equal_heads = len(set(counts)) == 1
+    keep = torch.rand(batch, heads, n).argsort(-1) < torch.tensor(counts)[:, None]
     store = QuantizedStore.from_padded(keys, values, positions, keep, quant)           # 23 slots: a partial page
     more_k, more_v = torch.randn(batch, heads, 20, dim), torch.randn(batch, heads, 20, dim)
     store = store.append(more_k, more_v, torch.arange(n, n + 20).expand(batch, heads, 20))   # 2 more pages
