@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from kvpipe.errors import KVPipeError, SpecError
+from kvpipe.diagnose import PROBES
 from kvpipe.tasks.needle import KINDS
 
 EPILOG = """\
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
     p.add_argument("--agnostic", action="store_true", help="compress the context before the question is seen "
                                                            "(default: question-aware, where selection decides)")
+    p.add_argument("--probes", nargs="*", default=list(PROBES), choices=PROBES, metavar="PROBE",
+                   help="one-slot probes to run, each reruns every case (default: all of "
+                        f"{', '.join(PROBES)}; `--probes` alone: none, failure modes only, 4x faster)")
     p.add_argument("--out", default="diagnose", metavar="DIR", help="where the JSONL and PNG go (default diagnose/)")
     p = sub.add_parser("train-gates", help="train retention gates for a model (frozen) on local text and tasks",
                        description="Train the retention gates of `retention_gates` (TrimKV / DBTrimKV) with the "
@@ -154,7 +158,7 @@ def _diagnose(args) -> int:
     work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
     reference = full_reference(model, tokenizer, work, not args.agnostic)
     for name, pipeline in runs:
-        records = diagnose(model, tokenizer, pipeline, work, reference, not args.agnostic)
+        records = diagnose(model, tokenizer, pipeline, work, reference, not args.agnostic, tuple(args.probes))
         print(summary(records, name))
         for path in save(records, Path(args.out), name):
             print(f"wrote {path}")

@@ -33,6 +33,7 @@ from kvpipe.table import render
 from kvpipe.tasks import NeedleCase, make_needle_cases
 
 MODES = ("evidence missing", "irrelevant ranked in", "coupled evidence split")
+PROBES = ("recovery", "value ranking", "coupled projection")
 
 
 @dataclass
@@ -154,9 +155,10 @@ def full_reference(model, tokenizer, work, question_aware: bool = True) -> list[
 
 
 def diagnose(model, tokenizer, pipeline: Pipeline, work, reference: list[Reference],
-             question_aware: bool = True) -> list[CaseRecord]:
-    """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``."""
-    probes = {name: build(spec) for name, spec in probe_specs(pipeline).items()}
+             question_aware: bool = True, probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
+    """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``; each
+    probe named in ``probes`` that applies to the pipeline reruns the case with its one slot changed."""
+    probes = {name: build(spec) for name, spec in probe_specs(pipeline).items() if name in probes}
     records = []
     for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
         with pipeline.attach(model) as handle:

@@ -37,6 +37,8 @@ def test_diagnose_classifies_every_failure_and_writes_its_files(smollm, tmp_path
     for record in records:
         assert 0 <= record.evidence_kept <= 1 and 0 <= record.evidence_split <= 1
         assert set(record.probes) == {"recovery", "value ranking", "coupled projection"}
+    bare = diagnose(model, tokenizer, pipeline, work[:1], measured[:1], probes=())
+    assert bare[0].probes == {} and bare[0].loglik == records[0].loglik      # same contract, no probe reruns
     text = summary(records, "default")
     assert "failure mode" in text and "probe" in text
     written = save(records, tmp_path, "default")
