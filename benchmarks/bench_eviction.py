@@ -11,12 +11,11 @@ import argparse
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 import kvpipe
 from kvpipe.fidelity import fidelity
 from kvpipe.models import load
-from kvpipe.run import answer, needle_accuracy
+from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
 from kvpipe.tasks.needle import KINDS, paragraphs
@@ -31,11 +30,8 @@ def needle_table(model, tokenizer, names, keeps, kinds, context, cases, question
     rows = []
     for kind in kinds:
         prompts = make_needle_cases(tokenizer, context, cases, seed=0, kind=kind)
-        full = []
-        for case in prompts:
-            text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
-            full.append(case.is_correct(text))
-        rows.append([kind, "full cache", "-", f"{sum(full)}/{cases}", "-", "-"])
+        full = full_cache_correct(model, tokenizer, prompts, question_aware)
+        rows.append([kind, "full cache", "-", f"{full}/{cases}", "-", "-"])
         for name, keep in tqdm([(n, k) for n in names for k in keeps], desc=f"{kind} needles"):
             pipeline = kvpipe.build(name).with_budget(keep=keep)
             correct, held, overhead = needle_accuracy(model, tokenizer, pipeline, prompts, question_aware)

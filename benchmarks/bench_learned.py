@@ -20,13 +20,12 @@ import argparse
 import tempfile
 
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 import kvpipe
 from kvpipe.fidelity import fidelity
 from kvpipe.gates import RetentionGates
 from kvpipe.models import load
-from kvpipe.run import answer, needle_accuracy
+from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
 from kvpipe.tasks.needle import KINDS, paragraphs
@@ -71,8 +70,7 @@ def main() -> None:
     rows, header = [], ["context", "budget", "pipeline", *args.kinds, "KL nats/token", "KV bytes held"]
     for context in args.contexts:
         cases = {kind: make_needle_cases(tokenizer, context, args.cases, seed=7, kind=kind) for kind in args.kinds}
-        full = [sum(c.is_correct(answer(model, tokenizer, c, DynamicCache(config=model.config), False)[0])
-                    for c in cases[kind]) for kind in args.kinds]
+        full = [full_cache_correct(model, tokenizer, cases[kind], False) for kind in args.kinds]
         rows.append([context, "-", "full cache", *(f"{n}/{args.cases}" for n in full), 0.0, "-"])
         held_out = prose[:, :context + args.kl_tokens]
         for budget, (name, stages) in tqdm([(b, p) for b in args.budgets for p in pipelines.items()],

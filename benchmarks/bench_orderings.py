@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 import kvpipe
 from kvpipe.models import load
-from kvpipe.run import answer, needle_accuracy
+from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
 from kvpipe.tasks import make_needle_cases
 
@@ -57,8 +56,7 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         prompts = make_needle_cases(tokenizer, args.context, args.cases, seed=0, kind=kind)
-        full = sum(case.is_correct(answer(model, tokenizer, case, DynamicCache(config=model.config),
-                                          not args.agnostic)[0]) for case in prompts)
+        full = full_cache_correct(model, tokenizer, prompts, not args.agnostic)
         rows.append([kind, "full cache", f"{full}/{args.cases}", "-"])
         for name, pipeline in tqdm(pipelines.items(), desc=f"{kind} orders"):
             correct, held, _ = needle_accuracy(model, tokenizer, pipeline, prompts, not args.agnostic)

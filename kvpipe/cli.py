@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpipe.errors import KVPipeError, SpecError
 from kvpipe.diagnose import PROBES
+from kvpipe.errors import KVPipeError, SpecError
 from kvpipe.tasks.needle import KINDS
 
 EPILOG = """\

@@ -89,6 +89,12 @@ def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, q
     return full, piped
 
 
+def full_cache_correct(model, tokenizer, prompts: list[NeedleCase], question_aware: bool) -> int:
+    """Cases the uncompressed cache answers correctly: the reference every pipeline is compared with."""
+    return sum(case.is_correct(answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)[0])
+               for case in prompts)
+
+
 def needle_accuracy(model, tokenizer, pipeline: Pipeline, prompts: list[NeedleCase],
                     question_aware: bool) -> tuple[int, float, float]:
     """``(cases answered correctly, mean KV bytes held, compression cost as % of prefill)`` for ``pipeline``."""
