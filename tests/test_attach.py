@@ -92,8 +92,13 @@ def test_compacted_cache_equals_masking_the_full_cache(random_ids):
     model.set_attn_implementation("test_masked")
     reference, _ = decode_logits(model, ids, steps=3)
     model.set_attn_implementation("sdpa")
+    # Same math, different SDPA kernels (the masked call takes the math path, the compacted one the fused
+    # path), so rounding differs: over 30 seeds the gap peaked at 16 ulp of the largest logit. Moving a
+    # single kept slot in one head of layer 0 costs at least 160 ulp, so 32 ulp still separates right from
+    # wrong by 5x.
     for ref, got in zip(reference[1:], compressed[1:]):
-        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        ulp = torch.finfo(ref.dtype).eps * ref.abs().max().item()
+        torch.testing.assert_close(got, ref, rtol=0, atol=32 * ulp)
 
 
 def test_positions_continue_from_logical_length(random_ids):
