@@ -17,8 +17,7 @@ from kvpipe.fidelity import fidelity
 from kvpipe.models import load
 from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_needle_cases
-from kvpipe.tasks.needle import KINDS, paragraphs
+from kvpipe.tasks import KINDS, make_cases, paragraphs
 
 NEEDLE_PIPELINES = ["default", "snapkv-adaptive", "value-aware", "global-critical", "expected-attention",
                     "streaming", "random"]
@@ -29,7 +28,7 @@ FIDELITY_SCORERS = {"random": "random", "attention_mass": "attention_mass", "cri
 def needle_table(model, tokenizer, names, keeps, kinds, context, cases, question_aware) -> str:
     rows = []
     for kind in kinds:
-        prompts = make_needle_cases(tokenizer, context, cases, seed=0, kind=kind)
+        prompts = make_cases(tokenizer, context, cases, seed=0, kind=kind)
         full = full_cache_correct(model, tokenizer, prompts, question_aware)
         rows.append([kind, "full cache", "-", f"{full}/{cases}", "-", "-"])
         for name, keep in tqdm([(n, k) for n in names for k in keeps], desc=f"{kind} needles"):

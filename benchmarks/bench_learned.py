@@ -27,12 +27,12 @@ from kvpipe.gates import RetentionGates
 from kvpipe.models import load
 from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_needle_cases
-from kvpipe.tasks.needle import KINDS, paragraphs
+from kvpipe.tasks import KINDS, make_cases, paragraphs
 
 PROTECT = {"stage": "sinks_window", "params": {"sinks": 4, "window": 16}}
 BASELINES = {
     "attention mass + uniform": [{"stage": "attention_mass", "params": {"window": 64, "pool": 15}}, "uniform"],
+    "snapkv + uniform": [{"stage": "snapkv", "params": {"window": 64}}, "uniform"],
     "snapkv + adaptive": [{"stage": "snapkv", "params": {"window": 64}}, {"stage": "adaptive_heads"}],
     "value-aware + uniform": [{"stage": "critical", "params": {"window": 64, "pool": 15}}, "uniform"],
 }
@@ -69,7 +69,7 @@ def main() -> None:
     prose = tokenizer("\n".join(paragraphs()[600:900]), return_tensors="pt").input_ids
     rows, header = [], ["context", "budget", "pipeline", *args.kinds, "KL nats/token", "KV bytes held"]
     for context in args.contexts:
-        cases = {kind: make_needle_cases(tokenizer, context, args.cases, seed=7, kind=kind) for kind in args.kinds}
+        cases = {kind: make_cases(tokenizer, context, args.cases, seed=7, kind=kind) for kind in args.kinds}
         full = [full_cache_correct(model, tokenizer, cases[kind], False) for kind in args.kinds]
         rows.append([context, "-", "full cache", *(f"{n}/{args.cases}" for n in full), 0.0, "-"])
         held_out = prose[:, :context + args.kl_tokens]
@@ -84,6 +84,7 @@ def main() -> None:
                 held.append(bytes_held)
             kl = fidelity(model, pipeline, held_out[:, :context], held_out[:, context:]).kl
             rows.append([context, budget, name, *accuracy, kl, human_bytes(sum(held) / len(held))])
+            tqdm.write(" | ".join(map(str, rows[-1])))  # a long run that is stopped keeps its rows
     print(f"SmolLM2-135M, question-agnostic needles ({args.cases} cases per task), KL over {args.kl_tokens} "
           f"teacher-forced tokens of held-out prose after the context; budget = tokens per KV head on average")
     print(render(header, rows))

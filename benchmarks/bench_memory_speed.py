@@ -15,7 +15,7 @@ from kvpipe.cache import cache_bytes
 from kvpipe.models import load
 from kvpipe.run import prefill_then_decode as measure
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_needle_cases
+from kvpipe.tasks import make_cases
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     model, tokenizer = load(args.model)
     rows = []
     for context in tqdm(args.contexts, desc="contexts"):
-        ids = make_needle_cases(tokenizer, context, 1, seed=context)[0].ids
+        ids = make_cases(tokenizer, context, 1, seed=context)[0].ids
         full_cache = DynamicCache(config=model.config)
         full_prefill, full_decode = measure(model, ids, full_cache, args.new_tokens)
         full_bytes = cache_bytes(full_cache)

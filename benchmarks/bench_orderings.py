@@ -18,7 +18,7 @@ import kvpipe
 from kvpipe.models import load
 from kvpipe.run import full_cache_correct, needle_accuracy
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_needle_cases
+from kvpipe.tasks import make_cases
 
 PROTECT = {"stage": "sinks_window", "params": {"sinks": 4, "window": 64}}
 VALUE = {"stage": "critical", "params": {"window": 64, "pool": 15}}
@@ -55,7 +55,7 @@ def main() -> None:
     accuracy = {name: {} for name in ORDERS}
     rows = []
     for kind in args.kinds:
-        prompts = make_needle_cases(tokenizer, args.context, args.cases, seed=0, kind=kind)
+        prompts = make_cases(tokenizer, args.context, args.cases, seed=0, kind=kind)
         full = full_cache_correct(model, tokenizer, prompts, not args.agnostic)
         rows.append([kind, "full cache", f"{full}/{args.cases}", "-"])
         for name, pipeline in tqdm(pipelines.items(), desc=f"{kind} orders"):

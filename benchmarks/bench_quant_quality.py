@@ -24,13 +24,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, QuantizedCache
 
 import kvpipe
-from kvpipe.cache import cache_bytes
+from kvpipe.contenders import held_bytes
 from kvpipe.fidelity import continuation_logits
 from kvpipe.models import load
 from kvpipe.run import answer, prefill_then_decode
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_needle_cases
-from kvpipe.tasks.needle import paragraphs
+from kvpipe.tasks import make_cases, paragraphs
 
 
 @dataclass(frozen=True)
@@ -56,26 +55,6 @@ class Contender:
                 "method": self.method, "bits": self.bits, "group_size": group, "residual": residual}}]})
             with pipeline.attach(model) as handle:
                 yield handle.cache
-
-
-def held_bytes(cache) -> int:
-    """Real storage of any cache: kvpipe's, a DynamicCache, or QuantizedCache (its packed tensors included)."""
-    if isinstance(cache, QuantizedCache):                 # its layers keep the packed tensors beside keys/values
-        return sum(_tensor_bytes(vars(layer)) for layer in cache.layers)
-    return cache_bytes(cache)
-
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "__tensor_flatten__"):            # quanto's packed tensors are tensor subclasses
-            names, _ = obj.__tensor_flatten__()
-            return sum(_tensor_bytes(getattr(obj, name)) for name in names)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
 
 
 def contenders(bits: list[int], methods: list[str], peers: list[str]) -> list[Contender]:
@@ -106,7 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     prose = tokenizer("\n".join(paragraphs()[200:400]), return_tensors="pt").input_ids
     context, continuation = prose[:, :args.kl_context], prose[:, args.kl_context:args.kl_context + args.kl_tokens]
-    cases = make_needle_cases(tokenizer, args.context, args.cases)
+    cases = make_cases(tokenizer, args.context, args.cases)
     full_logits = None
     rows = []
     for contender in tqdm(contenders(args.bits, args.methods, args.peers), desc="caches"):

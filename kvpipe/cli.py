@@ -1,4 +1,4 @@
-"""``kvpipe`` command line: validate, graph, stages, run, diagnose, train-gates."""
+"""``kvpipe`` command line: validate, graph, stages, run, bench, diagnose, train-gates."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 from kvpipe.diagnose import PROBES
 from kvpipe.errors import KVPipeError, SpecError
-from kvpipe.tasks.needle import KINDS
+from kvpipe.tasks import KINDS
 
 EPILOG = """\
 examples:
@@ -15,6 +15,7 @@ examples:
   kvpipe stages                               every stage with its parameters and defaults
   kvpipe run pipelines/default.yaml --context 2048 --cases 12
   kvpipe run pipelines/default.yaml --question-aware
+  kvpipe bench benchmarks/suites/smoke.yaml   every pipeline and peer of a suite side by side: report + plots
   kvpipe diagnose pipelines/value-aware.yaml pipelines/h2o.yaml --budget 0.25 0.1 --kinds single vartrack
   kvpipe train-gates --steps 300 --context 512 --budget 64 --out gates/
 
@@ -48,6 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question-aware", action="store_true",
                    help="compress the prompt with the question in it (easier). Default: the context is "
                         "compressed before the question is seen, as in kvpress's protocol")
+    p = sub.add_parser("bench", help="run a benchmark suite: pipelines and peers side by side, report and plots",
+                       description="Run every pipeline (at every budget) and every peer of a suite file on the same "
+                                   "generated cases, one process, greedy decoding; the full cache answers each case "
+                                   "first as the reference. Writes results.jsonl (one line per answer, as it goes), "
+                                   "report.md (accuracy per task, bytes held, speed, best per task, fidelity) and "
+                                   "plots of accuracy vs bytes and vs context length. Ready suites: "
+                                   "benchmarks/suites/{smoke,main,orderings}.yaml.")
+    p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default bench-results/<suite name>/)")
+    p.add_argument("--cases", type=int, metavar="N", help="override the suite's cases per task and context")
+    p.add_argument("--contexts", type=int, nargs="+", metavar="TOKENS", help="override the suite's context lengths")
+    p.add_argument("--model", help="override the suite's model")
+    p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
     p = sub.add_parser("diagnose", help="why a pipeline fails: failure modes per case and one-slot-at-a-time probes",
                        description="The fixed-contract diagnostic: per needle case, the answer log-likelihood margin "
                                    "to the full cache, how much of the answer-bearing fact each layer and head kept, "
@@ -141,6 +155,28 @@ def _run(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from kvpipe.bench import contenders, run_suite
+    from kvpipe.models import load
+    from kvpipe.report import write_report
+    from kvpipe.suite import load_suite
+
+    suite, _ = load_suite(args.suite)
+    overrides = {k: v for k, v in (("cases", args.cases), ("contexts", args.contexts), ("model", args.model)) if v}
+    suite = suite.model_copy(update=overrides)
+    suite_dir = Path(args.suite).parent
+    contenders(suite, suite_dir)                   # a bad pipeline or peer fails before the model loads
+    model, tokenizer = load(suite.model)
+    out = Path(args.out or Path("bench-results") / suite.name)
+    records = run_suite(suite, suite_dir, model, tokenizer, out)
+    for path in write_report(records, out, plots=not args.no_plots):
+        print(f"wrote {path}")
+    print((out / "report.md").read_text())
+    return 0
+
+
 def _diagnose(args) -> int:
     from pathlib import Path
 
@@ -182,8 +218,8 @@ def _train_gates(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "run": _run, "diagnose": _diagnose,
-            "train-gates": _train_gates}
+COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "run": _run, "bench": _bench,
+            "diagnose": _diagnose, "train-gates": _train_gates}
 
 if __name__ == "__main__":
     sys.exit(main())

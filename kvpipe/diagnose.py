@@ -30,7 +30,7 @@ from kvpipe.pipeline import Pipeline, build
 from kvpipe.registry import get_stage
 from kvpipe.run import answer
 from kvpipe.table import render
-from kvpipe.tasks import NeedleCase, make_needle_cases
+from kvpipe.tasks import TaskCase, make_cases
 
 MODES = ("evidence missing", "irrelevant ranked in", "coupled evidence split")
 PROBES = ("recovery", "value ranking", "coupled projection")
@@ -95,7 +95,7 @@ def _with_stages(pipeline: Pipeline, stages: list[dict]) -> dict:
     return data
 
 
-def answer_loglik(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> float:
+def answer_loglik(model, tokenizer, case: TaskCase, cache, question_aware: bool) -> float:
     """Log-likelihood of the reference answer, the context cached (and compressed, if attached) first."""
     target = " ".join(case.answers)
     answer_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt").input_ids
@@ -108,7 +108,7 @@ def answer_loglik(model, tokenizer, case: NeedleCase, cache, question_aware: boo
     return float(logits.log_softmax(-1).gather(-1, answer_ids[0, :, None]).sum())
 
 
-def evidence_stats(cache, case: NeedleCase) -> tuple[float, float]:
+def evidence_stats(cache, case: TaskCase) -> tuple[float, float]:
     """(mean share of evidence tokens stored per (layer, head), share of heads holding part of it)."""
     evidence = torch.tensor(case.evidence)
     shares = []
@@ -141,7 +141,7 @@ class Reference:
 def diagnose_cases(tokenizer, kinds: list[str], context: int, cases: int, seed: int = 0):
     """``[(kind, index, case)]``: the cases every pipeline of one diagnostic run is measured on."""
     return [(kind, i, case) for kind in kinds
-            for i, case in enumerate(make_needle_cases(tokenizer, context, cases, seed, kind=kind))]
+            for i, case in enumerate(make_cases(tokenizer, context, cases, seed, kind=kind))]
 
 
 def full_reference(model, tokenizer, work, question_aware: bool = True) -> list[Reference]:

@@ -33,8 +33,12 @@ def fidelity(model, pipeline, context: torch.Tensor, continuation: torch.Tensor)
     full = continuation_logits(model, context, continuation, DynamicCache(config=model.config))
     with pipeline.attach(model) as handle:
         compressed = continuation_logits(model, context, continuation, handle.cache())
+    return compare(full, compressed, continuation[0])
+
+
+def compare(full: torch.Tensor, compressed: torch.Tensor, target: torch.Tensor) -> Fidelity:
+    """KL and perplexities from logits ``[n, vocab]`` of both caches predicting ``target [n]``."""
     log_full, log_comp = full.log_softmax(-1), compressed.log_softmax(-1)
     kl = (log_full.exp() * (log_full - log_comp)).sum(-1).mean()
-    target = continuation[0]
     nll = lambda logp: -logp.gather(-1, target[:, None]).mean()  # noqa: E731
     return Fidelity(float(kl), float(nll(log_full).exp()), float(nll(log_comp).exp()))

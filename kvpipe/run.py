@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,10 +13,7 @@ from kvpipe.cache import cache_bytes
 from kvpipe.models import cache_arg
 from kvpipe.pipeline import Pipeline
 from kvpipe.table import human_bytes, render
-from kvpipe.tasks import NeedleCase, make_needle_cases
-
-MAX_NEW_TOKENS = 24  # the model answers "The special magic number for <key> is <number>."
-
+from kvpipe.tasks import TaskCase, make_cases
 
 @dataclass
 class Tally:
@@ -37,11 +35,13 @@ class Tally:
                 mean(self.prefill_s), mean(self.decode_tps)]
 
 
-def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> tuple[str, float, float]:
+def answer(model, tokenizer, case: TaskCase, cache, question_aware: bool,
+           after_prefill: Callable[[object], None] | None = None) -> tuple[str, float, float]:
     """Generate an answer; returns ``(text, prefill seconds, decode tokens/s)``.
 
     Prefill = the compressed part: the context alone (question-agnostic), or the whole prompt but its
-    last token (question-aware). ``generate()`` then resumes from the cache with the rest.
+    last token (question-aware). ``after_prefill(cache)`` runs then (to measure what the cache holds);
+    ``generate()`` resumes from the cache with the rest.
     """
     ids = case.ids
     prefill = ids[:, :-1] if question_aware else case.prefix_ids
@@ -49,9 +49,10 @@ def answer(model, tokenizer, case: NeedleCase, cache, question_aware: bool) -> t
         start = time.perf_counter()
         model(prefill, **cache_arg(model, cache))
         prefill_s = time.perf_counter() - start
+        if after_prefill is not None:
+            after_prefill(cache)
         start = time.perf_counter()
-        budget = MAX_NEW_TOKENS + 12 * (len(case.answers) - 1)  # about 12 tokens per extra 7-digit number
-        out = model.generate(ids, **cache_arg(model, cache), max_new_tokens=budget, do_sample=False,
+        out = model.generate(ids, **cache_arg(model, cache), max_new_tokens=case.max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         decode_s = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
@@ -76,7 +77,7 @@ def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, q
                seed: int = 0) -> tuple[Tally, Tally]:
     """Every case with the full cache, then with the pipeline attached; same prompts, greedy decoding."""
     full, piped = Tally("full cache"), Tally(pipeline.spec.name or pipeline.source)
-    for case in tqdm(make_needle_cases(tokenizer, context, cases, seed), desc="needle cases", unit="case"):
+    for case in tqdm(make_cases(tokenizer, context, cases, seed), desc="needle cases", unit="case"):
         cache = DynamicCache(config=model.config)
         text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware)
         held = cache_bytes(cache)
@@ -89,13 +90,13 @@ def run_needle(model, tokenizer, pipeline: Pipeline, context: int, cases: int, q
     return full, piped
 
 
-def full_cache_correct(model, tokenizer, prompts: list[NeedleCase], question_aware: bool) -> int:
+def full_cache_correct(model, tokenizer, prompts: list[TaskCase], question_aware: bool) -> int:
     """Cases the uncompressed cache answers correctly: the reference every pipeline is compared with."""
     return sum(case.is_correct(answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)[0])
                for case in prompts)
 
 
-def needle_accuracy(model, tokenizer, pipeline: Pipeline, prompts: list[NeedleCase],
+def needle_accuracy(model, tokenizer, pipeline: Pipeline, prompts: list[TaskCase],
                     question_aware: bool) -> tuple[int, float, float]:
     """``(cases answered correctly, mean KV bytes held, compression cost as % of prefill)`` for ``pipeline``."""
     correct, held, overhead = 0, [], []

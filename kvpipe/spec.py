@@ -119,7 +119,7 @@ def first_error(err: ValidationError, source: YamlSource, prefix: tuple, model: 
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     e = errors[0]
     loc = prefix + tuple(p for p in e["loc"] if not _is_union_tag(p))
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         allowed = _fields_at(model, [p for p in e["loc"] if not _is_union_tag(p)][:-1])
         msg = f"unknown key {loc[-1]!r}" + did_you_mean(str(loc[-1]), allowed)

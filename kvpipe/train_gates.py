@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 
 from kvpipe.attach import find_decoder
 from kvpipe.gates import RetentionGates
-from kvpipe.tasks.needle import KINDS, make_needle_cases, paragraphs
+from kvpipe.tasks import make_cases, paragraphs
 
 TRAINING_ATTENTION = "kvpipe_retention_training"
 
@@ -85,6 +85,9 @@ def losses(model, gates: RetentionGates, ids: torch.Tensor, config: TrainConfig)
     return kl + config.capacity_weight * capacity, float(kl), float(capacity)
 
 
+TRAIN_KINDS = ("single", "multikey", "multivalue", "vartrack")  # retrieval: what gates must learn to keep
+
+
 def training_sequence(tokenizer, config: TrainConfig, step: int) -> torch.Tensor:
     """Step ``step``'s sequence: prose every other step, else a generated task with its answer appended."""
     rng = random.Random(config.seed * 100_003 + step)
@@ -93,8 +96,8 @@ def training_sequence(tokenizer, config: TrainConfig, step: int) -> torch.Tensor
         start = rng.randrange(len(prose))
         text = "\n".join(prose[start:start + 40])
         return tokenizer(text, return_tensors="pt").input_ids[:, :config.context]
-    kind = KINDS[(step // 2) % len(KINDS)]
-    case = make_needle_cases(tokenizer, config.context - 80, 1, seed=rng.randrange(10**9), kind=kind)[0]
+    kind = TRAIN_KINDS[(step // 2) % len(TRAIN_KINDS)]
+    case = make_cases(tokenizer, config.context - 80, 1, seed=rng.randrange(10**9), kind=kind)[0]
     answer = tokenizer(" ".join(case.answers), add_special_tokens=False, return_tensors="pt").input_ids
     return torch.cat([case.ids, answer], -1)
 

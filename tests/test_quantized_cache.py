@@ -12,7 +12,7 @@ from kvpipe.backend import resolve_backend
 from kvpipe.errors import KVPipeError, UnsupportedModelError
 from kvpipe.fidelity import fidelity
 from kvpipe.quantized_store import QuantizedStore, roundtrip
-from kvpipe.tasks.needle import paragraphs
+from kvpipe.tasks import paragraphs
 
 
 def quantize_spec(backend: str = "torch", keep: float | None = None, first: bool = False, **params) -> dict:

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 import kvpipe
 from kvpipe.pipelines import path
-from kvpipe.tasks import make_needle_cases
+from kvpipe.tasks import make_cases
 
 pytestmark = pytest.mark.real_model
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def prompt(smollm):
     _, tokenizer = smollm
-    case = make_needle_cases(tokenizer, 400, 1, seed=3)[0]
+    case = make_cases(tokenizer, 400, 1, seed=3)[0]
     return case
 
 
@@ -71,7 +71,7 @@ def test_positions_continue_after_eviction(smollm, prompt):
 
 def test_left_padded_batch_matches_single_prompts(smollm):
     model, tokenizer = smollm
-    cases = make_needle_cases(tokenizer, 300, 2, seed=11)
+    cases = make_cases(tokenizer, 300, 2, seed=11)
     texts = [tokenizer.decode(c.ids[0]) for c in cases]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert batch.attention_mask[:, 0].tolist().count(0) == 1  # one row really is padded

@@ -1,37 +1,87 @@
 """The needle task generator and the command line."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
+import torch
 
 from kvpipe.cli import main
 from kvpipe.pipelines import path
-from kvpipe.tasks import make_needle_cases
+from kvpipe.tasks import HAYSTACKS, KINDS, make_cases
 
 
 @pytest.mark.real_model
-def test_needle_cases_are_seeded_and_hold_the_needle_once(smollm):
+@pytest.mark.parametrize("kind", KINDS)
+def test_cases_are_seeded_and_meet_the_requested_length(smollm, kind):
     _, tokenizer = smollm
-    first = make_needle_cases(tokenizer, 500, 3, seed=5)
-    again = make_needle_cases(tokenizer, 500, 3, seed=5)
-    other = make_needle_cases(tokenizer, 500, 3, seed=6)
-    assert all(a.ids.equal(b.ids) for a, b in zip(first, again))
-    assert not first[0].ids.equal(other[0].ids)
+    first = make_cases(tokenizer, 600, 3, seed=5, kind=kind)
+    again = make_cases(tokenizer, 600, 3, seed=5, kind=kind)
+    other = make_cases(tokenizer, 600, 3, seed=6, kind=kind)
+    assert all(a.ids.equal(b.ids) and a.answers == b.answers for a, b in zip(first, again))
+    assert not any(a.ids.equal(b.ids) for a, b in zip(first, other))
     for case in first:
-        context = tokenizer.decode(case.prefix_ids[0])
-        question = tokenizer.decode(case.suffix_ids[0])
-        assert context.count(case.answer) == 1 and case.answer not in question
-        assert context.count(case.key) == 1 and case.key in question
-        assert 500 <= case.prefix_ids.shape[1] <= 500 * 1.35  # whole paragraphs: overshoot by one at most
+        assert abs(case.prefix_ids.shape[1] - 600) <= 0.02 * 600, case.prefix_ids.shape
+        assert case.evidence and max(case.evidence) < case.prefix_ids.shape[1]
+        assert case.is_correct(" and ".join(case.answers)) and not case.is_correct("")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("haystack", HAYSTACKS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "common_words"])
+def test_the_answer_is_in_the_context_exactly_once(smollm, kind, haystack):
+    _, tokenizer = smollm
+    if kind == "prose_qa" and haystack == "filler":
+        with pytest.raises(ValueError, match="prose"):
+            make_cases(tokenizer, 400, 1, kind=kind, haystack=haystack)
+        return
+    for context_tokens in (300, 1500):
+        for case in make_cases(tokenizer, context_tokens, 3, seed=context_tokens, kind=kind, haystack=haystack):
+            context = tokenizer.decode(case.prefix_ids[0])
+            assert case.context in context
+            assert all(context.count(answer) == 1 and answer not in case.question for answer in case.answers)
+            assert context.count(case.key) == (3 if kind == "multivalue" else 1) and case.key in case.question
+
+
+@pytest.mark.real_model
+def test_distractors_never_collide_with_the_answer(smollm):
+    _, tokenizer = smollm
+    for kind in ("multikey", "multiquery"):
+        for case in make_cases(tokenizer, 300, 20, seed=1, kind=kind, needles=4):
+            keys = re.findall(r"magic number for ([a-z]+-[a-z]+) is (\d+)", case.context)
+            assert len(keys) == 4 and len({k for k, _ in keys}) == 4 and len({n for _, n in keys}) == 4
+            asked = [n for _, n in keys if n in case.answers]
+            assert sorted(asked) == sorted(case.answers)   # distractor numbers are never an answer
+
+
+@pytest.mark.real_model
+def test_common_words_are_the_most_common(smollm):
+    _, tokenizer = smollm
+    for case in make_cases(tokenizer, 800, 3, seed=2, kind="common_words"):
+        counts = Counter(re.findall(r"\d+\. ([a-z]+)", case.context))
+        top = [word for word, _ in counts.most_common(len(case.answers))]
+        assert sorted(top) == sorted(case.answers)
+        rest = counts.most_common(len(case.answers) + 1)[-1][1]
+        assert min(counts[w] for w in case.answers) >= 3 * rest   # clearly more common, not a tie
+
+
+def test_answers_are_matched_without_case_quote_or_spacing_noise():
+    from kvpipe.tasks.case import TaskCase
+
+    case = TaskCase(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), "k",
+                    ("comma doesn\u2019t create  a",), 0.5)
+    assert case.is_correct("The sentence: \"A comma DOESN'T create a tuple\"")
+    assert not case.is_correct("a comma does create a")
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind", ["multikey", "multivalue"])
 def test_multi_needles_hold_every_fact_once(smollm, kind):
     _, tokenizer = smollm
-    for case in make_needle_cases(tokenizer, 400, 2, seed=9, kind=kind, needles=3):
+    for case in make_cases(tokenizer, 400, 2, seed=9, kind=kind, needles=3):
         context = tokenizer.decode(case.prefix_ids[0])
         question = tokenizer.decode(case.suffix_ids[0])
         assert context.count("The special magic number for") == 3
@@ -44,7 +94,7 @@ def test_multi_needles_hold_every_fact_once(smollm, kind):
 @pytest.mark.real_model
 def test_variable_tracking_chains_lead_to_the_answer(smollm):
     _, tokenizer = smollm
-    for case in make_needle_cases(tokenizer, 400, 3, seed=4, kind="vartrack", needles=3):
+    for case in make_cases(tokenizer, 400, 3, seed=4, kind="vartrack", needles=3):
         context = tokenizer.decode(case.prefix_ids[0])
         assert context.count("VAR ") == 2 * 3 + 2 * 2          # two chains: 3 assignments, 2 of them aliases
         # follow the asked variable back to its number through the context, as the model must

@@ -1,0 +1,135 @@
+"""``kvpipe bench SUITE.yaml``: every contender of a suite on the same cases, side by side in one process.
+
+For each context length, task and case, the full cache answers first (its answer and bytes are the reference
+for that case, computed once); then every pipeline at every budget and every peer answer the same prompt with
+greedy decoding. One JSON line per answer goes to ``results.jsonl`` as it is produced, so a long run that is
+stopped keeps what it did. ``report.md`` and the plots are written from those lines at the end.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import kvpipe
+from kvpipe.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, peer
+from kvpipe.errors import BudgetError
+from kvpipe.fidelity import compare
+from kvpipe.suite import SuiteSpec
+from kvpipe.tasks import make_cases, paragraphs
+
+PROTOCOLS = {"agnostic": (False,), "aware": (True,), "both": (False, True)}
+FIDELITY_PARAGRAPHS = slice(600, 900)   # held out: far from where the haystacks usually start
+
+
+def contenders(suite: SuiteSpec, suite_dir: Path) -> list[Contender]:
+    """Pipelines × their budgets, then peers (kvpress ones at every suite budget). Built before any model
+    loads, so a bad pipeline file or an impossible budget fails fast."""
+    out: list[Contender] = []
+    for entry in suite.pipelines:
+        local = suite_dir / entry.pipeline
+        base = kvpipe.build(local if local.is_file() else entry.pipeline)
+        name = entry.label or base.spec.name or Path(entry.pipeline).stem
+        if entry.budgets == "own":
+            out.append(PipelineContender(name, base, f"own {base.spec.budget}" if base.spec.budget else "own"))
+            continue
+        for budget in entry.budgets or suite.budgets:
+            out.append(PipelineContender(name, base.with_budget(**{budget.kind: getattr(budget, budget.kind)}),
+                                         str(budget)))
+    for name in suite.peers:
+        out += [peer(name, None)] if name in QUANTIZED_PEERS else [peer(name, b) for b in suite.budgets]
+    return out
+
+
+def environment(suite: SuiteSpec) -> dict:
+    """What a reader needs to reproduce the numbers."""
+    import transformers
+
+    versions = {"kvpipe": kvpipe.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    try:
+        import kvpress
+
+        versions["kvpress"] = getattr(kvpress, "__version__", "installed")
+    except ImportError:
+        versions["kvpress"] = "not installed"
+    return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
+            "cases": suite.cases, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", **versions}
+
+
+def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Run everything; returns the records also written to ``out_dir/results.jsonl``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    field = contenders(suite, suite_dir)
+    full = FullCache()
+    protocols = PROTOCOLS[suite.questions]
+    answers = len(suite.contexts) * len(suite.tasks) * len(protocols) * suite.cases * (1 + len(field))
+    records: list[dict] = []
+    with open(out_dir / "results.jsonl", "w") as sink, \
+            tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
+        def emit(record: dict) -> None:
+            records.append(record)
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+
+        emit(environment(suite))
+        for context in suite.contexts:
+            for task in suite.tasks:
+                cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
+                for aware in protocols:
+                    for i, case in enumerate(cases):
+                        where = {"kind": "task", "context": context, "task": task, "case": i,
+                                 "protocol": "aware" if aware else "agnostic", "expected": list(case.answers)}
+                        reference = full.answer(model, tokenizer, case, aware)
+                        base = {**where, "full_correct": case.is_correct(reference.text),
+                                "kv_bytes_full": reference.kv_bytes}
+                        for contender in [full, *field]:
+                            bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
+                            outcome = reference if contender is full else _try(contender, model, tokenizer, case, aware)
+                            emit({**base, **_describe(contender), **_outcome(outcome, case, reference.kv_bytes)})
+                            bar.update()
+        if suite.fidelity is not None:
+            for record in fidelity_records(suite, [full, *field], model, tokenizer, progress):
+                emit(record)
+    return records
+
+
+def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, progress: bool):
+    """KL to the full cache and perplexity on held-out documentation prose, teacher-forced."""
+    spec = suite.fidelity
+    ids = tokenizer("\n".join(paragraphs()[FIDELITY_PARAGRAPHS]), return_tensors="pt").input_ids
+    context, continuation = ids[:, :spec.context], ids[:, spec.context:spec.context + spec.continuation]
+    reference = field[0].logits(model, context, continuation)
+    for contender in tqdm(field[1:], desc="fidelity", disable=not progress):
+        try:
+            result = compare(reference, contender.logits(model, context, continuation), continuation[0])
+            numbers = {"kl": result.kl, "ppl_full": result.ppl_full, "ppl": result.ppl}
+        except BudgetError as err:
+            numbers = {"refused": str(err)}
+        yield {"kind": "fidelity", "context": spec.context, "continuation": spec.continuation,
+               **_describe(contender), **numbers}
+
+
+def _try(contender: Contender, model, tokenizer, case, aware):
+    try:
+        return contender.answer(model, tokenizer, case, aware)
+    except BudgetError as err:   # e.g. a keep fraction below the protected window on this context: say so
+        return err
+
+
+def _describe(contender: Contender) -> dict:
+    return {"contender": contender.label, "name": contender.name, "family": contender.family,
+            "budget": contender.budget}
+
+
+def _outcome(outcome, case, full_bytes: int) -> dict:
+    if isinstance(outcome, BudgetError):
+        return {"refused": str(outcome), "correct": False}
+    return {"correct": case.is_correct(outcome.text), "answer": outcome.text, "kv_bytes": outcome.kv_bytes,
+            "bytes_fraction": outcome.kv_bytes / full_bytes, "prefill_s": outcome.prefill_s,
+            "decode_tps": outcome.decode_tps, "compress_s": outcome.compress_s}

@@ -1,0 +1,119 @@
+"""`kvpipe bench`: suite validation, the runner's files, and the harness's own sanity check."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+from kvpipe.bench import run_suite
+from kvpipe.cli import main
+from kvpipe.contenders import kvpress_available, peer
+from kvpipe.errors import KVPipeError, SpecError
+from kvpipe.report import PLOTS, write_report
+from kvpipe.suite import load_suite
+
+SUITE = """\
+version: 1
+name: tiny
+contexts: [256]
+cases: 2
+tasks: [single, common_words]
+budgets: [{keep: 0.5}]
+pipelines:
+  - default
+  - {pipeline: noop, budgets: own, label: keep everything}
+fidelity: {context: 96, continuation: 16}
+"""
+
+
+def write(tmp_path, text: str, name: str = "suite.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_with_real_tokenizer(smollm):
+    """A 2-layer random model over SmolLM2's vocabulary, so generated tasks (real tokenizer) can run fast."""
+    _, tokenizer = smollm
+    return tiny_model("llama", "sdpa", vocab_size=len(tokenizer)), tokenizer
+
+
+@pytest.mark.real_model
+def test_runner_writes_records_report_and_plots(tmp_path, tiny_with_real_tokenizer):
+    model, tokenizer = tiny_with_real_tokenizer
+    suite, _ = load_suite(write(tmp_path, SUITE))
+    out = tmp_path / "out"
+    records = run_suite(suite, tmp_path, model, tokenizer, out, progress=False)
+    written = write_report(records, out)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(records))
+    answers = [r for r in lines if r["kind"] == "task"]
+    assert len(answers) == 2 * 2 * 3                       # tasks × cases × (full, default@0.5, keep everything)
+    assert {r["contender"] for r in answers} == {"full cache", "default @ keep=0.5", "keep everything @ own"}
+    assert len([r for r in lines if r["kind"] == "fidelity"]) == 2
+    report = (out / "report.md").read_text()
+    assert "## 256 tokens, question-agnostic" in report and "| default @ keep=0.5" in report
+    assert "transformers" in report and "seed 0" in report          # versions and seed recorded
+    for name in PLOTS:
+        assert (out / name) in written and (out / name).read_bytes()[:4] == b"\x89PNG"
+    evicted = [r for r in answers if r["contender"] == "default @ keep=0.5"]
+    assert all(0.3 < r["bytes_fraction"] < 0.7 for r in evicted)
+
+
+@pytest.mark.real_model
+def test_a_pipeline_that_keeps_everything_scores_exactly_the_full_cache(tmp_path, tiny_with_real_tokenizer):
+    model, tokenizer = tiny_with_real_tokenizer
+    suite, _ = load_suite(write(tmp_path, SUITE))
+    records = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
+    full = {(r["task"], r["case"]): r for r in records if r.get("family") == "full"}
+    kept = [r for r in records if r.get("contender") == "keep everything @ own" and r["kind"] == "task"]
+    assert kept and all(r["answer"] == full[r["task"], r["case"]]["answer"] for r in kept)
+    assert all(r["correct"] == full[r["task"], r["case"]]["correct"] and r["bytes_fraction"] == 1 for r in kept)
+    fidelity = next(r for r in records if r.get("contender") == "keep everything @ own" and r["kind"] == "fidelity")
+    assert fidelity["kl"] == 0 and fidelity["ppl"] == fidelity["ppl_full"]
+
+
+@pytest.mark.real_model
+def test_quantized_cache_peer_runs_beside_pipelines(tmp_path, smollm):
+    model, tokenizer = smollm
+    suite, _ = load_suite(write(tmp_path, SUITE.replace("cases: 2", "cases: 1").replace("common_words", "multikey")
+                                + "peers: [hqq-int4]\n"))
+    records = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
+    hqq = [r for r in records if r.get("family") == "transformers"]
+    assert {r["contender"] for r in hqq} == {"transformers hqq-int4 @ own"} and len(hqq) == 3  # 2 tasks + fidelity
+    held = [r["bytes_fraction"] for r in hqq if r["kind"] == "task"]
+    assert all(0.125 < b < 0.25 for b in held), held   # 4-bit codes over fp32 = 1/8, plus scales and zeros
+    assert next(r for r in hqq if r["kind"] == "fidelity")["kl"] > 0
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (SUITE.replace("tasks:", "taskz:"), ":5:1: taskz", "unknown key 'taskz'; did you mean 'tasks'?"),
+    (SUITE.replace("common_words", "common_word"), ":5:8: tasks", "did you mean 'common_words'?"),
+    (SUITE + "peers: [kvpress-snapkvv]\n", ":11:8: peers", "unknown peer 'kvpress-snapkvv'"),
+    (SUITE.replace("contexts: [256]", "contexts: [100]"), ":3:11: contexts", "at least 256 tokens"),
+    (SUITE.replace("budgets: [{keep: 0.5}]\n", ""), ":7:5: pipelines[0]", "`budgets:` is empty"),
+    (SUITE.replace("{keep: 0.5}", "{keep: 2}"), ":6:18: budgets[0].keep", "less than or equal to 1"),
+    (SUITE.replace("budgets: own", "budgets: mine"), ":9:31: pipelines[1].budgets", "or `own`"),
+    (SUITE.replace("version: 1", "version: [1"), ":", "YAML syntax error"),
+])
+def test_malformed_suites_name_file_line_and_key(tmp_path, text, where, message):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as err:
+        load_suite(path)
+    assert str(err.value).startswith(str(path)) and where in str(err.value) and message in str(err.value)
+
+
+def test_cli_rejects_a_bad_suite_before_loading_the_model(tmp_path, capsys):
+    path = write(tmp_path, SUITE.replace("- default", "- no-such-pipeline"))
+    assert main(["bench", str(path)]) == 1
+    assert "no such pipeline file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(kvpress_available(), reason="kvpress is installed here")
+def test_kvpress_peer_without_kvpress_says_how_to_get_it():
+    from kvpipe.spec import Budget
+
+    with pytest.raises(KVPipeError, match="make test-tf52"):
+        peer("kvpress-snapkv", Budget(keep=0.5))
