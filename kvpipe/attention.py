@@ -28,8 +28,9 @@ def register_attention(base: str) -> str:
 
 
 def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs):
-    """``query [B, Hq, q, D]``, ``key``/``value [B, Hkv, kv, D]`` as returned by the cache."""
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, **kwargs):
+    """``query [B, Hq, q, D]``, ``key``/``value [B, Hkv, kv, D]`` as returned by the cache. ``dropout`` is taken
+    by position too, as transformers' own attention functions do (kvpress's wrapper passes it so)."""
     session = getattr(module, "_kvpipe_session", None)
     if session is None:
         raise UnsupportedModelError(
@@ -45,7 +46,7 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
         if forward.compressing:
             session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
-    return session.base_attention(module, query, key, value, attention_mask, **kwargs)
+    return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,

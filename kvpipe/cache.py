@@ -53,8 +53,11 @@ class KVPipeLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # Width = what update() will return; the offset makes HF's last q mask columns the new tokens.
+        # transformers < 5.3 passes cache_position (one entry per new token), later versions its length.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         physical = self.physical_length
         return physical + query_length, self.seen - physical
 

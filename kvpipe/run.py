@@ -52,8 +52,10 @@ def answer(model, tokenizer, case: TaskCase, cache, question_aware: bool,
         if after_prefill is not None:
             after_prefill(cache)
         start = time.perf_counter()
-        out = model.generate(ids, **cache_arg(model, cache), max_new_tokens=case.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        # An explicit mask: SmolLM2's pad token is its <|im_end|>, which the chat prompt contains, and
+        # transformers < 5.3 would otherwise infer a mask that hides those tokens and shifts positions.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(model, cache),
+                             max_new_tokens=case.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         decode_s = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True), prefill_s, len(new) / decode_s

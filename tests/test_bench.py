@@ -117,3 +117,18 @@ def test_kvpress_peer_without_kvpress_says_how_to_get_it():
 
     with pytest.raises(KVPipeError, match="make test-tf52"):
         peer("kvpress-snapkv", Budget(keep=0.5))
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not kvpress_available(), reason="kvpress not installed (it needs transformers<5.3): make test-tf52")
+def test_kvpress_peers_run_through_kvpress_pipeline(tmp_path, smollm):
+    model, tokenizer = smollm
+    suite, _ = load_suite(write(tmp_path, SUITE.replace("cases: 2", "cases: 1").replace(", common_words", "")
+                                + "peers: [kvpress-snapkv, kvpress-adakv-snapkv]\n"))
+    records = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
+    answers = {r["contender"]: r for r in records if r["kind"] == "task"}
+    snapkv, adakv = answers["kvpress-snapkv @ keep=0.5"], answers["kvpress-adakv-snapkv @ keep=0.5"]
+    assert snapkv["answer"] and 0.45 < snapkv["bytes_fraction"] < 0.55    # evicts for real
+    assert adakv["bytes_fraction"] > 0.95                                  # masks: nothing is freed
+    fidelity = {r["contender"]: r for r in records if r["kind"] == "fidelity"}
+    assert fidelity["kvpress-snapkv @ keep=0.5"]["kl"] > 0

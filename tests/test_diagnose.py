@@ -25,7 +25,7 @@ def test_diagnose_classifies_every_failure_and_writes_its_files(smollm, tmp_path
     _, tokenizer = smollm
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
     pipeline = kvpipe.build("default").with_budget(keep=0.3)
-    work = diagnose_cases(tokenizer, ["single", "vartrack"], context=160, cases=1)
+    work = diagnose_cases(tokenizer, ["single", "vartrack"], context=230, cases=1)
     measured = full_reference(model, tokenizer, work)
     assert len(measured) == 2 and all(r.loglik < 0 for r in measured)
     # A random model answers nothing, so the full cache is *declared* right here: every case the pipeline

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def prompt(smollm):
     _, tokenizer = smollm
-    case = make_cases(tokenizer, 400, 1, seed=3)[0]
+    case = make_cases(tokenizer, 540, 1, seed=3)[0]  # over 2x the 256 slots of decode-budget
     return case
 
 
@@ -42,7 +42,8 @@ def test_default_pipeline_generates_and_frees_half(smollm, prompt):
     model, tokenizer = smollm
     ids = prompt.ids
     with kvpipe.build(path("default")).attach(model) as handle:
-        out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
         stats = handle.stats()
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
@@ -90,7 +91,8 @@ def test_every_shipped_pipeline_generates(smollm, prompt, pipeline_path):
     model, tokenizer = smollm
     ids = prompt.ids
     with kvpipe.build(pipeline_path).attach(model) as handle:
-        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
         stats = handle.stats()
     assert out.shape[1] == ids.shape[1] + 4
     if kvpipe.build(pipeline_path).compresses:
@@ -107,7 +109,8 @@ def test_decode_budget_holds_over_512_generated_tokens(smollm, prompt):
         peaks = []
         hook = model.register_forward_hook(lambda *_: peaks.append(int(handle.stats()["kept_tokens"].max())))
         try:
-            out = model.generate(prompt.ids, max_new_tokens=512, min_new_tokens=512, do_sample=False,
+            out = model.generate(prompt.ids, attention_mask=torch.ones_like(prompt.ids), max_new_tokens=512,
+                                 min_new_tokens=512, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         finally:
             hook.remove()
