@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 CONTEXT ?= 1024
 CASES   ?= 6
 
-.PHONY: setup demo test test-tf52 clean
+.PHONY: setup demo test test-tf52 docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,10 @@ test-tf52: $(TF52)/.installed
 	$(TF52)/bin/pytest -q -p no:cacheprovider tests/test_attach.py tests/test_triggers.py tests/test_real_model.py \
 		tests/test_bench.py
 
+# The documentation site (the pages read as plain Markdown too).
+docs: setup
+	$(PY) -m pip install --quiet 'mkdocs>=1.6'
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(TF52) build *.egg-info
+	rm -rf site $(VENV) $(TF52) build *.egg-info

@@ -46,7 +46,8 @@ def variants(gates: str, unshared: str | None, prior: str) -> dict[str, list]:
     for label, path in files.items():
         score = {"stage": "retention_gates", "params": {"gates": path}}
         out[f"{label} + global"] = [score, {"stage": "global", "params": {"calibration": "none", "floor": 0.05}}]
-        out[f"{label} + uniform"] = [score, "uniform"]
+        if path != prior:  # the prior scores by position alone, the same in every head: global = uniform
+            out[f"{label} + uniform"] = [score, "uniform"]
     return out | BASELINES
 
 

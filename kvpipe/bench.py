@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import kvpipe
-from kvpipe.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, peer
+from kvpipe.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, kvpress_available, peer
 from kvpipe.errors import BudgetError
 from kvpipe.fidelity import compare
 from kvpipe.suite import SuiteSpec
@@ -26,10 +27,12 @@ PROTOCOLS = {"agnostic": (False,), "aware": (True,), "both": (False, True)}
 FIDELITY_PARAGRAPHS = slice(600, 900)   # held out: far from where the haystacks usually start
 
 
-def contenders(suite: SuiteSpec, suite_dir: Path) -> list[Contender]:
-    """Pipelines × their budgets, then peers (kvpress ones at every suite budget). Built before any model
-    loads, so a bad pipeline file or an impossible budget fails fast."""
+def contenders(suite: SuiteSpec, suite_dir: Path) -> tuple[list[Contender], list[dict]]:
+    """Pipelines × their budgets, then peers (kvpress ones at every suite budget), and the peers that cannot run
+    here with the reason (kvpress not installed: the report lists them). Built before any model loads, so a bad
+    pipeline file or an impossible budget fails fast."""
     out: list[Contender] = []
+    skipped: list[dict] = []
     for entry in suite.pipelines:
         local = suite_dir / entry.pipeline
         base = kvpipe.build(local if local.is_file() else entry.pipeline)
@@ -41,8 +44,12 @@ def contenders(suite: SuiteSpec, suite_dir: Path) -> list[Contender]:
             out.append(PipelineContender(name, base.with_budget(**{budget.kind: getattr(budget, budget.kind)}),
                                          str(budget)))
     for name in suite.peers:
+        if name.startswith("kvpress-") and not kvpress_available():
+            skipped.append({"kind": "skipped", "contender": name, "reason": "kvpress is not installed (kvpress 0.5.5 "
+                            "needs transformers<5.3; `make test-tf52` builds such an environment)"})
+            continue
         out += [peer(name, None)] if name in QUANTIZED_PEERS else [peer(name, b) for b in suite.budgets]
-    return out
+    return out, skipped
 
 
 def environment(suite: SuiteSpec) -> dict:
@@ -65,7 +72,9 @@ def environment(suite: SuiteSpec) -> dict:
 def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True) -> list[dict]:
     """Run everything; returns the records also written to ``out_dir/results.jsonl``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    field = contenders(suite, suite_dir)
+    field, skipped = contenders(suite, suite_dir)
+    for record in skipped:
+        warnings.warn(f"{record['contender']} not run: {record['reason']}", stacklevel=2)
     full = FullCache()
     protocols = PROTOCOLS[suite.questions]
     answers = len(suite.contexts) * len(suite.tasks) * len(protocols) * suite.cases * (1 + len(field))
@@ -77,7 +86,8 @@ def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path
             sink.write(json.dumps(record) + "\n")
             sink.flush()
 
-        emit(environment(suite))
+        for record in [environment(suite), *skipped]:
+            emit(record)
         for context in suite.contexts:
             for task in suite.tasks:
                 cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)

@@ -1,4 +1,4 @@
-"""``kvpipe`` command line: validate, graph, stages, run, bench, diagnose, train-gates."""
+"""``kvpipe`` command line: validate, graph, stages, reference, run, bench, diagnose, train-gates."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", metavar="FILE", help="also draw the DAG to this PNG (needs matplotlib)")
     p = sub.add_parser("stages", help="list every registered stage with its parameters and defaults")
     p.add_argument("--markdown", action="store_true", help="print the Markdown catalogue (docs/stages.md)")
+    sub.add_parser("reference", help="print the YAML reference of pipeline and suite files (docs/yaml-reference.md)")
     p = sub.add_parser("run", help="needle-in-a-haystack: full cache and the pipeline side by side, one table",
                        description="Hide a fact (random key, 7-digit number) in real Python documentation, ask for "
                                    "it after the context, and compare the full cache with the pipeline: accuracy, "
@@ -143,6 +144,13 @@ def _stages(args) -> int:
     return 0
 
 
+def _reference(args) -> int:
+    from kvpipe.reference import yaml_reference
+
+    print(yaml_reference(), end="")
+    return 0
+
+
 def _run(args) -> int:
     from kvpipe import build
     from kvpipe.models import load
@@ -167,7 +175,7 @@ def _bench(args) -> int:
     overrides = {k: v for k, v in (("cases", args.cases), ("contexts", args.contexts), ("model", args.model)) if v}
     suite = suite.model_copy(update=overrides)
     suite_dir = Path(args.suite).parent
-    contenders(suite, suite_dir)                   # a bad pipeline or peer fails before the model loads
+    contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
     model, tokenizer = load(suite.model)
     out = Path(args.out or Path("bench-results") / suite.name)
     records = run_suite(suite, suite_dir, model, tokenizer, out)
@@ -218,8 +226,8 @@ def _train_gates(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "run": _run, "bench": _bench,
-            "diagnose": _diagnose, "train-gates": _train_gates}
+COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference, "run": _run,
+            "bench": _bench, "diagnose": _diagnose, "train-gates": _train_gates}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,8 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
+from types import UnionType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -122,15 +123,31 @@ def all_stages() -> dict[str, type[Stage]]:
 
 def describe_params(cls: type[Stage]) -> list[tuple[str, str, Any, str]]:
     """``(name, type, default, description)`` per parameter, read from the pydantic model."""
+    return describe_fields(cls.Params)
+
+
+def describe_fields(model) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, description)`` per field of a pydantic model (``"required"`` when it has none)."""
     rows = []
-    for pname, field in cls.Params.model_fields.items():
-        ann = _type_name(field.annotation)
-        default = "required" if field.is_required() else field.default
-        rows.append((pname, ann, default, field.description or ""))
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else (
+            field.default_factory() if field.default_factory is not None else field.default)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(exclude_none=True)
+        rows.append((name, _type_name(field.annotation), default, field.description or ""))
     return rows
 
 
 def _type_name(annotation) -> str:
-    if get_origin(annotation) is Literal:
-        return " or ".join(repr(a) for a in get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "").replace(" | ", " or ")
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, dict, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

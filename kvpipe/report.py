@@ -33,9 +33,11 @@ def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
     for (context, protocol), rows in _groups(tasks, ("context", "protocol")).items():
         out += [f"## {context} tokens, question-{protocol}", "", accuracy_table(rows), ""]
         out += ["Best contender per task (ties listed; the full cache excluded):", "", winners_table(rows), ""]
-    refused = sorted({(r["contender"], r["refused"]) for r in tasks if "refused" in r})
-    if refused:
-        out += ["## Refused", "", *[f"- {c}: {why}" for c, why in refused], ""]
+    not_run = [f"- {r['contender']}: not run, {r['reason']}" for r in records if r["kind"] == "skipped"]
+    not_run += [f"- {c}: refused, {why}" for c, why in sorted({(r["contender"], r["refused"]) for r in tasks
+                                                                 if "refused" in r})]
+    if not_run:
+        out += ["## Not run or refused", "", *not_run, ""]
     fidelity = [r for r in records if r["kind"] == "fidelity"]
     if fidelity:
         out += [f"## Fidelity on held-out prose ({fidelity[0]['context']}-token context, "

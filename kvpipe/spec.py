@@ -77,8 +77,8 @@ class StageSpec(StrictModel):
 
 class PipelineSpec(StrictModel):
     version: Literal[1] = Field(description="spec format version; this kvpipe reads version 1")
-    name: str | None = None
-    description: str | None = None
+    name: str | None = Field(None, description="shown in tables, reports and `Pipeline` reprs")
+    description: str | None = Field(None, description="free text for readers")
     budget: Budget | None = Field(None, description="required when the pipeline evicts")
     trigger: Trigger = Field(default_factory=Trigger, description="when to compress (`prefill`, or "
                                                                   "`{prefill: true, every: 64}` to keep decoding in budget)")

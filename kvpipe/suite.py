@@ -49,7 +49,7 @@ class FidelitySpec(StrictModel):
 class SuiteSpec(StrictModel):
     version: Literal[1] = Field(description="suite format version; this kvpipe reads version 1")
     name: str = Field(description="the suite's name: report title and default output folder")
-    description: str | None = None
+    description: str | None = Field(None, description="free text, shown nowhere but the file")
     model: str = Field("smollm2-135m", description="'smollm2-135m' (embedded) or a HF model id / path")
     seed: int = Field(0, description="seed of every generated case")
     cases: int = Field(3, ge=1, description="cases per task and context length")
@@ -61,7 +61,7 @@ class SuiteSpec(StrictModel):
         "agnostic", description="agnostic: the context is compressed before the question is seen (kvpress's "
                                 "protocol); aware: the question is compressed with it")
     budgets: list[Budget] = Field(default_factory=list, description="budgets every pipeline and kvpress peer runs at")
-    pipelines: list[PipelineEntry] = Field(default_factory=list)
+    pipelines: list[PipelineEntry] = Field(default_factory=list, description="kvpipe pipelines to compare")
     peers: list[str] = Field(default_factory=list, description=f"other libraries: {', '.join(PEERS)}")
     fidelity: FidelitySpec | None = Field(None, description="KL and perplexity on held-out prose; omit to skip")
 

@@ -111,6 +111,18 @@ def test_cli_rejects_a_bad_suite_before_loading_the_model(tmp_path, capsys):
     assert "no such pipeline file" in capsys.readouterr().err
 
 
+@pytest.mark.real_model
+@pytest.mark.skipif(kvpress_available(), reason="kvpress is installed here")
+def test_suite_lists_kvpress_peers_it_could_not_run(tmp_path, tiny_with_real_tokenizer):
+    model, tokenizer = tiny_with_real_tokenizer
+    suite, _ = load_suite(write(tmp_path, SUITE.replace("cases: 2", "cases: 1").replace(", common_words", "")
+                                + "peers: [kvpress-snapkv]\n"))
+    with pytest.warns(UserWarning, match="kvpress-snapkv not run: kvpress is not installed"):
+        records = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
+    write_report(records, tmp_path / "out", plots=False)
+    assert "- kvpress-snapkv: not run, kvpress is not installed" in (tmp_path / "out" / "report.md").read_text()
+
+
 @pytest.mark.skipif(kvpress_available(), reason="kvpress is installed here")
 def test_kvpress_peer_without_kvpress_says_how_to_get_it():
     from kvpipe.spec import Budget

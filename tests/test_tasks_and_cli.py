@@ -162,3 +162,15 @@ def test_stage_catalogue_in_docs_is_current():
 
     docs = Path(__file__).parent.parent / "docs" / "stages.md"
     assert docs.read_text() == catalogue(markdown=True), "regenerate: kvpipe stages --markdown > docs/stages.md"
+
+
+def test_yaml_reference_in_docs_is_current(capsys):
+    from pathlib import Path
+
+    from kvpipe.reference import yaml_reference
+
+    docs = Path(__file__).parent.parent / "docs" / "yaml-reference.md"
+    assert docs.read_text() == yaml_reference(), "regenerate: kvpipe reference > docs/yaml-reference.md"
+    assert main(["reference"]) == 0 and capsys.readouterr().out == yaml_reference()
+    for key in ("`budget`", "`trigger`", "`every`", "`contexts`", "`peers`", "`budgets`"):
+        assert f"| {key}" in yaml_reference()
