@@ -8,6 +8,7 @@ stopped keeps what it did. ``report.md`` and the plots are written from those li
 from __future__ import annotations
 
 import json
+from itertools import chain, product
 import platform
 import time
 import warnings
@@ -70,43 +71,39 @@ def environment(suite: SuiteSpec) -> dict:
 
 
 def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Run everything; returns the records also written to ``out_dir/results.jsonl``."""
+    """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     field, skipped = contenders(suite, suite_dir)
     for record in skipped:
         warnings.warn(f"{record['contender']} not run: {record['reason']}", stacklevel=2)
-    full = FullCache()
-    protocols = PROTOCOLS[suite.questions]
-    answers = len(suite.contexts) * len(suite.tasks) * len(protocols) * suite.cases * (1 + len(field))
+    field = [FullCache(), *field]
+    answers = len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases * len(field)
     records: list[dict] = []
     with open(out_dir / "results.jsonl", "w") as sink, \
             tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
-        def emit(record: dict) -> None:
+        fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity else []
+        for record in chain([environment(suite)], skipped, task_records(suite, field, model, tokenizer, bar), fidelity):
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-
-        for record in [environment(suite), *skipped]:
-            emit(record)
-        for context in suite.contexts:
-            for task in suite.tasks:
-                cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
-                for aware in protocols:
-                    for i, case in enumerate(cases):
-                        where = {"kind": "task", "context": context, "task": task, "case": i,
-                                 "protocol": "aware" if aware else "agnostic", "expected": list(case.answers)}
-                        reference = full.answer(model, tokenizer, case, aware)
-                        base = {**where, "full_correct": case.is_correct(reference.text),
-                                "kv_bytes_full": reference.kv_bytes}
-                        for contender in [full, *field]:
-                            bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
-                            outcome = reference if contender is full else _try(contender, model, tokenizer, case, aware)
-                            emit({**base, **_describe(contender), **_outcome(outcome, case, reference.kv_bytes)})
-                            bar.update()
-        if suite.fidelity is not None:
-            for record in fidelity_records(suite, [full, *field], model, tokenizer, progress):
-                emit(record)
     return records
+
+
+def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar):
+    """Every contender on every case. ``field[0]`` (the full cache) answers first: the reference of its case."""
+    full = field[0]
+    for context, task in product(suite.contexts, suite.tasks):
+        cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
+        for aware, (i, case) in product(PROTOCOLS[suite.questions], enumerate(cases)):
+            reference = full.answer(model, tokenizer, case, aware)
+            base = {"kind": "task", "context": context, "task": task, "case": i,
+                    "protocol": "aware" if aware else "agnostic", "expected": list(case.answers),
+                    "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes}
+            for contender in field:
+                bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
+                outcome = reference if contender is full else _try(contender, model, tokenizer, case, aware)
+                yield {**base, **_describe(contender), **_outcome(outcome, case, reference.kv_bytes)}
+                bar.update()
 
 
 def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, progress: bool):

@@ -14,7 +14,8 @@ def write_report(records: list[dict], out_dir: Path, plots: bool = True) -> list
     """``report.md`` (and the plots, unless ``plots=False``) in ``out_dir``; returns the paths written."""
     written = []
     if plots:
-        written += [plot_accuracy_vs_bytes(records, out_dir / PLOTS[0]), plot_accuracy_vs_context(records, out_dir / PLOTS[1])]
+        written += [plot_accuracy_vs_bytes(records, out_dir / PLOTS[0]),
+                    plot_accuracy_vs_context(records, out_dir / PLOTS[1])]
     path = out_dir / "report.md"
     path.write_text(markdown(records, [p.name for p in written]))
     return [path, *written]

@@ -77,7 +77,8 @@ class SuiteSpec(StrictModel):
     def _long_enough(cls, contexts: list[int]) -> list[int]:
         short = [c for c in contexts if c < 256]
         if short:
-            raise ValueError(f"contexts must be at least 256 tokens (the chat header and the facts need room), got {short}")
+            raise ValueError(f"contexts must be at least 256 tokens (the chat header and the facts need room), "
+                             f"got {short}")
         return contexts
 
     @field_validator("tasks")

@@ -10,8 +10,8 @@ import torch
 class TaskCase:
     """``prefix_ids`` = chat prompt up to the end of the context, ``suffix_ids`` = the question and the assistant
     turn's opening; ``ids = cat(prefix_ids, suffix_ids)``, both ``long [1, n]``. Correct when every one of
-    ``answers`` appears in the generated text (ignoring case, quote style and whitespace). ``context`` and ``question`` keep the plain text (peers such as
-    kvpress take text, not ids)."""
+    ``answers`` appears in the generated text (ignoring case, quote style and whitespace). ``context`` and
+    ``question`` keep the plain text (peers such as kvpress take text, not ids)."""
 
     prefix_ids: torch.Tensor
     suffix_ids: torch.Tensor

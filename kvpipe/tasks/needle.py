@@ -41,7 +41,8 @@ def magic_numbers(rng: random.Random, kind: str, needles: int):
     numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
     facts = [f"The special magic number for {keys[i % len(keys)]} is {numbers[i]}." for i in range(count)]
     if kind == "multivalue":
-        return facts, facts, tuple(numbers), f"What are all the special magic numbers for {keys[0]}? List them.", keys[0]
+        question = f"What are all the special magic numbers for {keys[0]}? List them."
+        return facts, facts, tuple(numbers), question, keys[0]
     if kind == "multiquery":
         asked = sorted(rng.sample(range(count), 2))
         question = (f"What are the special magic numbers for {keys[asked[0]]} and {keys[asked[1]]}? "

@@ -22,8 +22,9 @@ def prose_qa_case(tokenizer, rng: random.Random, tokens: int, source: str, kind:
         raise ValueError("prose_qa needs the prose haystack: filler text has no distinct sentences to ask about")
     while True:
         context = haystack(tokenizer, rng, tokens - prompt_overhead(tokenizer) - 2, source)
-        sentences = [m for m in re.finditer(r"(?<=[.!?] )[A-Z][^.!?]{40,300}[.!?](?= )", context)
-                     if 0.1 * len(context) < m.start() < 0.9 * len(context) and len(m.group().split()) >= QUOTED + ASKED]
+        sentences = [m for m in re.finditer(r"(?<=[.!?] )[A-Z][^.!?]{40,300}[.!?](?= )", context)  # inner ones
+                     if 0.1 * len(context) < m.start() < 0.9 * len(context)
+                     and len(m.group().split()) >= QUOTED + ASKED]
         rng.shuffle(sentences)
         for m in sentences:
             words = m.group().split()
