@@ -169,11 +169,11 @@ def _bench(args) -> int:
     from kvpipe.bench import contenders, run_suite
     from kvpipe.models import load
     from kvpipe.report import write_report
-    from kvpipe.suite import load_suite
+    from kvpipe.suite import load_suite, with_overrides
 
     suite, _ = load_suite(args.suite)
     overrides = {k: v for k, v in (("cases", args.cases), ("contexts", args.contexts), ("model", args.model)) if v}
-    suite = suite.model_copy(update=overrides)
+    suite = with_overrides(suite, overrides)
     suite_dir = Path(args.suite).parent
     contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
     model, tokenizer = load(suite.model)

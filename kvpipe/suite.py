@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kvpipe.contenders import PEERS
+from kvpipe.errors import SpecError
 from kvpipe.spec import Budget, StrictModel, did_you_mean, first_error
 from kvpipe.tasks import HAYSTACKS, KINDS
 from kvpipe.yaml_source import YamlSource, load_yaml
@@ -102,8 +103,6 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, YamlSource]:
     """Read and validate a suite file; any mistake raises ``SpecError`` naming the file, line and key."""
     path = Path(path)
     if not path.is_file():
-        from kvpipe.errors import SpecError
-
         raise SpecError("no such suite file (benchmarks/suites/ has ready ones)", str(path))
     source = load_yaml(path.read_text(), str(path))
     if not isinstance(source.data, dict):
@@ -130,3 +129,13 @@ def _check_consistent(suite: SuiteSpec, source: YamlSource) -> None:
         raise source.error(("peers",), f"kvpress peers {kvpress} run at the suite's budgets, but `budgets:` is empty")
     if suite.haystack == "filler" and "prose_qa" in suite.tasks:
         raise source.error(("haystack",), "prose_qa asks about sentences of real prose; use haystack: prose")
+
+
+def with_overrides(suite: SuiteSpec, overrides: dict) -> SuiteSpec:
+    """The suite with command-line values in place of its own, validated like the file (``--contexts 100`` is
+    refused as ``contexts: [100]`` would be)."""
+    try:
+        return SuiteSpec.model_validate(suite.model_dump(exclude_none=True) | overrides)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SpecError(f"--{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')}", "command line") from None

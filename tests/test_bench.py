@@ -109,6 +109,8 @@ def test_cli_rejects_a_bad_suite_before_loading_the_model(tmp_path, capsys):
     path = write(tmp_path, SUITE.replace("- default", "- no-such-pipeline"))
     assert main(["bench", str(path)]) == 1
     assert "no such pipeline file" in capsys.readouterr().err
+    assert main(["bench", str(write(tmp_path, SUITE, "good.yaml")), "--contexts", "100"]) == 1
+    assert "error: command line: --contexts: contexts must be at least 256 tokens" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
