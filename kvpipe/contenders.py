@@ -148,8 +148,8 @@ class KVPressPeer(Contender):
         pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
         context = case.context + ("\n\n" + case.question if question_aware else "")
         cache = DynamicCache(config=model.config)
-        out = pipe(context, question=case.question, press=self.press(case.prefix_ids.shape[1]),
-                   max_new_tokens=case.max_new_tokens, cache=cache)
+        out = pipe(context, question=case.question, answer_prefix=case.answer_prefix,
+                   press=self.press(case.prefix_ids.shape[1]), max_new_tokens=case.max_new_tokens, cache=cache)
         # The pipeline cuts the cache back to the compressed context after answering, by slicing: count the
         # tensors' own sizes, not their (larger) storage. Masking presses (AdaKV) keep every token: ratio 1.
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)

@@ -10,8 +10,8 @@ import torch
 class TaskCase:
     """``prefix_ids`` = chat prompt up to the end of the context, ``suffix_ids`` = the question and the assistant
     turn's opening; ``ids = cat(prefix_ids, suffix_ids)``, both ``long [1, n]``. Correct when every one of
-    ``answers`` appears in the generated text (ignoring case, quote style and whitespace). ``context`` and
-    ``question`` keep the plain text (peers such as kvpress take text, not ids)."""
+    ``answers`` appears in the generated text (ignoring case, quote style and whitespace). ``context``,
+    ``question`` and ``answer_prefix`` keep the plain text (peers such as kvpress take text, not ids)."""
 
     prefix_ids: torch.Tensor
     suffix_ids: torch.Tensor
@@ -23,6 +23,7 @@ class TaskCase:
     context: str = ""
     question: str = ""
     max_new_tokens: int = 24            # room for "The special magic number for <key> is <number>."
+    answer_prefix: str = ""             # the assistant turn starts with it (in suffix_ids); the model continues
 
     @property
     def ids(self) -> torch.Tensor:
@@ -66,15 +67,16 @@ def insert_facts(context: str, facts: list[str], depths: list[float]) -> str:
 
 
 def encode(tokenizer, context: str, question: str, key: str, answers: tuple[str, ...], depth: float,
-           spans: list[tuple[int, int]], kind: str, max_new_tokens: int = 24) -> TaskCase:
+           spans: list[tuple[int, int]], kind: str, max_new_tokens: int = 24, answer_prefix: str = "") -> TaskCase:
     """Chat-template ``context`` + question; ``spans`` (character ranges of the context) become ``evidence``."""
     head, tail = _chat(tokenizer, context + "\n\n").split(MARKER)
     encoded = tokenizer(head, add_special_tokens=False, return_tensors="pt", return_offsets_mapping=True)
     start = head.find(context)
     evidence = tuple(i for i, (lo, hi) in enumerate(encoded.offset_mapping[0].tolist())
                      if any(start + a < hi and lo < start + b for a, b in spans))
-    suffix = tokenizer(question + tail, add_special_tokens=False, return_tensors="pt").input_ids
-    return TaskCase(encoded.input_ids, suffix, key, answers, depth, evidence, kind, context, question, max_new_tokens)
+    suffix = tokenizer(question + tail + answer_prefix, add_special_tokens=False, return_tensors="pt").input_ids
+    return TaskCase(encoded.input_ids, suffix, key, answers, depth, evidence, kind, context, question, max_new_tokens,
+                    answer_prefix)
 
 
 def _chat(tokenizer, context: str) -> str:

@@ -1,7 +1,9 @@
 """Question answering over real prose: the answer is a sentence of the documentation text in the context.
 
-The question quotes the opening words of one sentence and asks for the sentence; the case is correct when the
-answer contains the words that follow the quote. The sentence is unique in the context (as are its opening and
+The question quotes the opening words of one sentence and asks for the rest, and the answer starts with those
+words (an answer prefix, as kvpress's pipeline has); the case is correct when the model goes on with the words
+that follow them in the text. SmolLM2-135M rarely manages this even with the full cache (1 case in 6 at 1k
+tokens): a task for larger models, kept so that suites for them need nothing new. The sentence is unique in the context (as are its opening and
 the asked words), so the answer must come from that spot; the model may have read the Python docs in training,
 so compare with the full cache's score, not with 100 %.
 """
@@ -30,7 +32,6 @@ def prose_qa_case(tokenizer, rng: random.Random, tokens: int, source: str, kind:
             words = m.group().split()
             opening, asked = " ".join(words[:QUOTED]), " ".join(words[QUOTED:QUOTED + ASKED])
             if context.count(opening) == 1 and context.count(asked) == 1:
-                question = (f'The text above contains a sentence that begins "{opening}". '
-                            "Quote that whole sentence.")
+                question = f'Continue this sentence from the text above, word for word: "{opening}"'
                 return encode(tokenizer, context, question, opening, (asked,), m.start() / len(context),
-                              [m.span()], kind, 64)
+                              [m.span()], kind, 32, answer_prefix=opening)
