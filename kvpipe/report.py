@@ -92,7 +92,10 @@ def plot_accuracy_vs_bytes(records: list[dict], path: Path) -> Path:
         style = {"marker": "*", "markersize": 12} if mine[0]["family"] == "full" else {"marker": "o"}
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
     ax.set_xscale("log")
-    ax.set_xlabel("KV bytes held / full cache (log)")
+    plain = plt.FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("KV bytes held / full cache (log scale)")
     ax.set_ylabel("accuracy over all tasks, %")
     ax.set_title("accuracy vs bytes held")
     ax.grid(alpha=0.3)
