@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="output folder (default bench-results/<suite name>/)")
     p.add_argument("--cases", type=int, metavar="N", help="override the suite's cases per task and context")
     p.add_argument("--contexts", type=int, nargs="+", metavar="TOKENS", help="override the suite's context lengths")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
     p = sub.add_parser("diagnose", help="why a pipeline fails: failure modes per case and one-slot-at-a-time probes",
@@ -172,7 +173,7 @@ def _bench(args) -> int:
     from kvpipe.suite import load_suite, with_overrides
 
     suite, _ = load_suite(args.suite)
-    overrides = {k: v for k, v in (("cases", args.cases), ("contexts", args.contexts), ("model", args.model)) if v}
+    overrides = {k: v for k in ("cases", "contexts", "tasks", "model") if (v := getattr(args, k))}
     suite = with_overrides(suite, overrides)
     suite_dir = Path(args.suite).parent
     contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
