@@ -8,10 +8,10 @@ stopped keeps what it did. ``report.md`` and the plots are written from those li
 from __future__ import annotations
 
 import json
-from itertools import chain, product
 import platform
 import time
 import warnings
+from itertools import chain, product
 from pathlib import Path
 
 import torch
