@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from kvpipe.errors import BudgetError
-from kvpipe.kernels import keep_order, ranks
+from kvpipe.kernels.topk import keep_order, ranks
 
 
 def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None,

@@ -11,7 +11,7 @@ import os
 import torch
 
 from kvpipe.errors import UnsupportedModelError
-from kvpipe.kernels import pack_ragged
+from kvpipe.kernels.ragged import pack_ragged
 
 
 def interpreting() -> bool:

@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 
 from kvpipe.backend import packer
-from kvpipe.kernels import concat_ragged, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, select_ragged_rows, unpack_ragged
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite

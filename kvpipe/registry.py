@@ -14,6 +14,7 @@ A stage declares the slot kinds it reads and writes; ``build()`` checks every re
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from types import UnionType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -105,7 +106,10 @@ def register(name: str, family: str):
 
 
 def _load_builtin() -> None:
-    importlib.import_module("kvpipe.stages")
+    """Import every module of ``kvpipe.stages``: a stage is one file there with its ``@register`` line."""
+    stages = importlib.import_module("kvpipe.stages")
+    for module in pkgutil.iter_modules(stages.__path__, "kvpipe.stages."):
+        importlib.import_module(module.name)
 
 
 def get_stage(name: str) -> type[Stage]:

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from kvpipe.kernels import pack_ragged, unpack_ragged
+from kvpipe.kernels.ragged import pack_ragged, unpack_ragged
 
 POSITION_DTYPE = torch.int32
 

@@ -71,13 +71,12 @@ def read_source(spec: str | Path | dict) -> YamlSource:
         return load_yaml(spec, "<string>")
     path = Path(spec)
     if not path.is_file():
-        from kvpipe.pipelines import DIR
+        from kvpipe import shipped
 
-        shipped = DIR / f"{spec}.yaml"
-        if not shipped.is_file():
-            names = ", ".join(sorted(p.stem for p in DIR.glob("*.yaml")))
-            raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({names})", str(path))
-        path = shipped
+        path = shipped.path(spec)
+        if not path.is_file():
+            raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({', '.join(shipped.names())})",
+                            str(spec))
     return load_yaml(path.read_text(), str(path))
 
 

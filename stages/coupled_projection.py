@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from kvpipe.context import CompressionContext
-from kvpipe.kernels import select_topk
+from kvpipe.kernels.topk import select_topk
 from kvpipe.registry import Params, Stage, register
 from kvpipe.stages.topk import protected_within
 

@@ -5,7 +5,7 @@ import torch
 from pydantic import Field
 
 from kvpipe.context import Candidates, CompressionContext, Observation
-from kvpipe.kernels import ranks
+from kvpipe.kernels.topk import ranks
 from kvpipe.registry import Params, Stage, register
 
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from kvpipe.context import Candidates, CompressionContext, Observation
-from kvpipe.kernels import select_topk
+from kvpipe.kernels.topk import select_topk
 from kvpipe.registry import Params, Stage, register
 
 

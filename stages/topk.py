@@ -5,7 +5,7 @@ import torch
 
 from kvpipe.context import CompressionContext
 from kvpipe.errors import BudgetError
-from kvpipe.kernels import select_topk
+from kvpipe.kernels.topk import select_topk
 from kvpipe.registry import Stage, register
 
 

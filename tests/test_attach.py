@@ -9,7 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvpipe
 from kvpipe import UnsupportedModelError
-from kvpipe.pipelines import path
+from kvpipe.shipped import path
 
 NOOP = {"version": 1, "stages": []}
 

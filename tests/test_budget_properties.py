@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvpipe.budget import slots_per_head
 from kvpipe.context import Candidates, CompressionContext, LayerView
-from kvpipe.kernels import select_topk
+from kvpipe.kernels.topk import select_topk
 from kvpipe.spec import Budget
 from kvpipe.stages.coupled_projection import CoupledProjection
 from kvpipe.stages.sinks_window import protected_ends

@@ -191,7 +191,7 @@ def test_compiled_kernels_match_the_interpreter_contract_on_gpu():
 @pytest.mark.parametrize("shape,dtype", [((2, 3, 150, 16), torch.float32), ((1, 2, 70), torch.int32),
                                          ((2, 2, 40, 200), torch.bfloat16)])
 def test_triton_compaction_is_bit_exact(shape, dtype):
-    from kvpipe.kernels import pack_ragged
+    from kvpipe.kernels.ragged import pack_ragged
     from kvpipe.kernels.triton_compact import pack_ragged_triton
 
     data = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-9, 9, shape, dtype=dtype)

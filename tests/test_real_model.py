@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpipe
-from kvpipe.pipelines import path
+from kvpipe.shipped import path
 from kvpipe.tasks import make_cases
 
 pytestmark = pytest.mark.real_model

@@ -178,7 +178,7 @@ def test_recovery_finds_a_planted_token_the_lookahead_queries_read():
 
 
 def test_coupled_projection_keeps_a_planted_span_whole():
-    from kvpipe.kernels import select_topk
+    from kvpipe.kernels.topk import select_topk
     from kvpipe.stages.coupled_projection import whole_blocks
 
     scores = torch.full((1, 1, 64), 1.0)

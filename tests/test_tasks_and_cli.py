@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvpipe.cli import main
-from kvpipe.pipelines import path
+from kvpipe.shipped import path
 from kvpipe.tasks import HAYSTACKS, KINDS, make_cases
 
 
