@@ -7,6 +7,8 @@ per-head counts, which is also what sizes the output.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,7 @@ def pack_ragged_triton(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     """``padded [B, H, L, *rest]``, ``keep bool [B, H, L]`` → ``[N, *rest]``, kept slots in (row, head, slot) order."""
     batch, heads, length = keep.shape
     rest = padded.shape[3:]
-    features = int(torch.tensor(rest).prod()) if rest else 1
+    features = math.prod(rest)
     counts = keep.sum(-1).flatten()
     starts = (counts.cumsum(0) - counts).to(torch.int32)
     out = padded.new_empty(int(counts.sum()), *rest)

@@ -239,7 +239,8 @@ class Handle:
             "kv_bytes_full": full,
             "kv_bytes_full_16bit": 2 * sum(elements),
             "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
-            "kept_tokens": torch.stack([layer.kept_slots() for layer in layers]) if layers else torch.empty(0),
+            # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
+            "kept_tokens": torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),
             "compress_seconds": getattr(cache, "compress_seconds", 0.0),
             "kv_bytes_peak": max(getattr(cache, "peak_bytes", 0), kv_bytes),

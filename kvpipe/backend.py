@@ -6,17 +6,12 @@ or a CPU model without ``TRITON_INTERPRET=1``) instead of quietly running someth
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.kernels.interpreter import interpreting
 from kvpipe.kernels.ragged import pack_ragged
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests only)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

@@ -149,7 +149,7 @@ class KVPipeLayer(DynamicLayer):
     def kept_slots(self) -> torch.Tensor:
         """``long [B, Hkv]``: slots held per head (kept store slots plus the tail)."""
         batch, heads = self.keys.shape[:2]
-        stored = self.store.lengths.long() if self.store is not None else torch.zeros(batch, heads, dtype=torch.long)
+        stored = self.store.lengths.long() if self.store is not None else torch.zeros(batch, heads, dtype=torch.long, device=self.keys.device)
         return stored + self.tail_length
 
     @property

@@ -48,7 +48,9 @@ class RetentionGates(nn.Module):
         """``keys``/``values [B, Hkv, n, D]`` of one layer -> ``log β [B, Hkv, n]`` (fp32, ≤ 0)."""
         x = torch.cat([keys, values], -1).float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return nn.functional.logsigmoid(self.readout(layer)(self.inner[layer](x)))
+        # the gates follow their layer's device (a few KiB; layers may sit on several devices)
+        inner, readout = self.inner[layer].to(x.device), self.readout(layer).to(x.device)
+        return nn.functional.logsigmoid(readout(inner(x)))
 
     def readout(self, layer: int) -> nn.Module:
         return self.readouts[0 if self.shared else layer]
@@ -90,8 +92,9 @@ class _Readout(nn.Module):
 
     def __init__(self, heads: int, hidden: int, bias_init: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(heads, hidden) * 0.02)
-        self.bias = nn.Parameter(torch.full((heads,), bias_init))
+        # built on the host like any nn.Module; forward() moves the gates to their layer's device
+        self.weight = nn.Parameter(torch.randn(heads, hidden, device="cpu") * 0.02)
+        self.bias = nn.Parameter(torch.full((heads,), bias_init, device="cpu"))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """``u [B, Hkv, n, hidden]`` -> ``z [B, Hkv, n]``."""

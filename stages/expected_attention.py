@@ -46,7 +46,7 @@ class ExpectedAttention(ObservingScorer):
         count = live.sum(2).clamp(min=1)
         mean = (pre_rope * live).sum(2) / count                                          # [B, Hq, D]
         centred = (pre_rope - mean[:, :, None]) * live
-        future = positions.max(-1, keepdim=True).values + torch.arange(1, self.params.n_future + 1)
+        future = positions.max(-1, keepdim=True).values + torch.arange(1, self.params.n_future + 1, device=positions.device)
         cos_f, sin_f = (t.float().mean(1) for t in obs.rotary(future))                   # [B, D]
         rotation = average_rotation(cos_f, sin_f)[:, None]                               # [B, 1, D, D]
         mean_f = (rotation @ mean[..., None])[..., 0]                                    # [B, Hq, D]
@@ -71,5 +71,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def average_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The matrix ``A [B, D, D]`` with ``A x = x·cos + rotate_half(x)·sin`` (HF's RoPE layout)."""
     dim = cos.shape[-1]
-    eye = torch.eye(dim)
+    eye = torch.eye(dim, dtype=cos.dtype, device=cos.device)
     return torch.diag_embed(cos) + sin[..., :, None] * rotate_half(eye).T

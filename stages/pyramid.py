@@ -28,8 +28,8 @@ class Pyramid(Stage):
     def __call__(self, ctx: CompressionContext) -> None:
         layers = len(ctx.layers)
         mean = ctx.slots_per_head().double()                                          # [B]
-        held = torch.stack([view.valid.sum(-1).amin(-1) for view in ctx.layers]).amin(0).double()  # [B]
-        need = torch.stack([c.protected.sum(-1).amax(-1) for c in ctx.candidates(self)]).amax(0).double()
+        held = torch.stack([view.valid.sum(-1).amin(-1).to(mean.device) for view in ctx.layers]).amin(0).double()  # [B]
+        need = torch.stack([c.protected.sum(-1).amax(-1).to(mean.device) for c in ctx.candidates(self)]).amax(0).double()
         low = torch.maximum(mean / self.params.beta, need)
         high = torch.minimum(2 * mean - low, held)
         low = 2 * mean - high
@@ -39,5 +39,5 @@ class Pyramid(Stage):
         allocation = []
         for layer, view in enumerate(ctx.layers):
             per_layer = torch.floor(high - layer * step).long()
-            allocation.append(per_layer[:, None].expand(view.valid.shape[:2]).clone())
+            allocation.append(per_layer[:, None].expand(view.valid.shape[:2]).to(view.valid.device, copy=True))
         ctx.write(self, "allocation", allocation)

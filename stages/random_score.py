@@ -22,6 +22,7 @@ class RandomScore(Stage):
     def __call__(self, ctx: CompressionContext) -> None:
         scores = []
         for layer, view in enumerate(ctx.layers):
+            # drawn on the CPU, so that a seed gives the same scores on every device
             generator = torch.Generator().manual_seed(self.params.seed + layer)
-            scores.append(torch.rand(view.valid.shape, generator=generator).to(view.keys.device))
+            scores.append(torch.rand(view.valid.shape, generator=generator, device="cpu").to(view.keys.device))
         ctx.write(self, "scores", scores)

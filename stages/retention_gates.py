@@ -37,10 +37,12 @@ class RetentionGatesStage(Stage):
         first = ctx.layers[0].keys
         self.gates.check_shape(len(ctx.layers), first.shape[1], first.shape[-1], repr(self.params.gates))
         # t = the next token's position, per row (the newest stored position + 1)
-        newest = torch.stack([view.positions.masked_fill(~view.valid, -1).amax((1, 2)) for view in ctx.layers])
+        newest = torch.stack([view.positions.masked_fill(~view.valid, -1).amax((1, 2)).to(first.device)
+                              for view in ctx.layers])                     # layers may sit on several devices
         next_position = newest.amax(0) + 1
         with torch.no_grad():
-            scores = [retention_scores(self.gates(i, view.keys, view.values), view.positions, next_position,
+            scores = [retention_scores(self.gates(i, view.keys, view.values), view.positions,
+                                       next_position.to(view.keys.device),
                                        self.params.lookahead)
                       for i, view in enumerate(ctx.layers)]
         ctx.write(self, "scores", scores)
