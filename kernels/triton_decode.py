@@ -211,10 +211,11 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
         **fixed(_decode_split_kernel))
-    out = torch.empty_like(q)
+    # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
+    out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
     _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,
                                       BLOCK_S=triton.next_power_of_2(splits + 2), D=dim)
-    return out.view(batch, q_heads, 1, dim).transpose(1, 2)
+    return out.to(q.dtype).view(batch, q_heads, 1, dim).transpose(1, 2)
 
 
 def decode_attention_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
