@@ -15,8 +15,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,30 +23,7 @@ from tqdm.auto import tqdm
 from kvpipe.kernels.pages import PageFormat
 from kvpipe.quantized_store import Quantization, QuantizedStore
 from kvpipe.table import render
-
-
-def timer(device: torch.device):
-    """``time(fn) -> seconds`` (median): do_bench on CUDA, repeated perf_counter on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-
-    def cpu(fn, reps: int = 7) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    return cpu
-
-
-def copy_bandwidth(device: torch.device, time_it) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), 1 GiB buffers."""
-    src = torch.empty(2 ** 28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / time_it(lambda: dst.copy_(src))
+from timing import copy_bandwidth, timer
 
 
 def make_store(batch, kv_heads, context, dim, fmt, residual, skewed, dtype, device) -> QuantizedStore:

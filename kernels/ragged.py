@@ -20,6 +20,12 @@ def pack_ragged(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return padded[keep]
 
 
+def run_starts(lengths: torch.Tensor) -> torch.Tensor:
+    """``int32 [B·H]``: where each head's run begins in the flat layout (exclusive prefix sum of ``lengths``)."""
+    flat = lengths.flatten().to(torch.int32)
+    return (flat.cumsum(0) - flat).to(torch.int32)
+
+
 def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``pack_ragged`` for a left-aligned layout.
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kvpipe.kernels.interpreter import interpreting
 from kvpipe.kernels.pages import PackedPages, PageFormat
+from kvpipe.kernels.ragged import run_starts
 from kvpipe.kernels.tuning import autotuned, fixed
 
 LOG2E = 1.4426950408889634
@@ -146,12 +147,6 @@ def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constex
     tl.store(out + row * D + ch, merged.to(out.dtype.element_ty))
 
 
-def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
-    """``int32 [B·H]``: where each head's run starts in a flat (row, head) order."""
-    flat = counts.flatten().to(torch.int32)
-    return (flat.cumsum(0) - flat).to(torch.int32)
-
-
 def default_splits(pages: int, heads: int, device: torch.device) -> int:
     """Page splits per head: enough programs to fill the GPU about twice over (flash-decoding), at most 64 and
     at most one split per page. Computed from shapes only: no host synchronisation."""
@@ -180,7 +175,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         residual_keys, residual_values: ``[N, D]`` ragged per head; ``residual_lengths int32 [B, Hkv]``.
         tail_keys, tail_values: ``[B, Hkv, T, D]`` (T may be 0).
         splits: page splits per head (default: ``default_splits``).
-        page_starts, residual_starts: ``exclusive_cumsum`` of the counts, if the caller keeps them.
+        page_starts, residual_starts: ``run_starts`` of the counts, if the caller keeps them (saves launches).
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype (the layout HF attention functions return).
     """
@@ -203,9 +198,9 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
     dot, precision = dot_dtype(query.dtype)
     _decode_split_kernel[(heads, splits + 2)](
         q, pages.key_codes, pages.key_scale, pages.key_min, pages.value_codes, pages.value_scale, pages.value_min,
-        pages.positions, page_starts if page_starts is not None else exclusive_cumsum(page_counts),
+        pages.positions, page_starts if page_starts is not None else run_starts(page_counts),
         page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(), residual_values.contiguous(),
-        residual_starts if residual_starts is not None else exclusive_cumsum(residual_lengths),
+        residual_starts if residual_starts is not None else run_starts(residual_lengths),
         residual_lengths.flatten().to(torch.int32).contiguous(), tail_keys.contiguous(), tail_values.contiguous(),
         tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
@@ -231,4 +226,4 @@ def decode_attention_reference(query: torch.Tensor, keys: torch.Tensor, values: 
     return (weights @ v).transpose(1, 2).to(query.dtype)
 
 
-__all__ = ["decode_attention_reference", "default_splits", "exclusive_cumsum", "fused_decode_attention"]
+__all__ = ["decode_attention_reference", "default_splits", "fused_decode_attention"]

@@ -58,7 +58,8 @@ def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_va
     store = layer.store
     return fused_decode_attention(query, store.pages, store.page_counts, store.quant.fmt, store.residual.keys,
                                   store.residual.values, store.residual.lengths, tail_keys, tail_values,
-                                  scaling if scaling is not None else query.shape[-1] ** -0.5).contiguous()
+                                  scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                  page_starts=store.page_starts, residual_starts=store.residual.starts).contiguous()
 
 
 def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, additive: bool) -> torch.Tensor:

@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 
 from kvpipe.backend import packer
-from kvpipe.kernels.ragged import concat_ragged, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, run_starts, select_ragged_rows, unpack_ragged
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite
@@ -134,6 +134,11 @@ class QuantizedStore(ValidSlots):
                 runs.append((first, page + 1, count))
                 first = page + 1
         return runs
+
+    @cached_property
+    def page_starts(self) -> torch.Tensor:
+        """``int32 [B·Hkv]``: each head's first page (what the decode kernel reads)."""
+        return run_starts(self.page_counts)
 
     @cached_property
     def page_width(self) -> int:                # a store never changes once built: computed once, not per step
