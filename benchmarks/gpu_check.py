@@ -96,12 +96,18 @@ def environment(device: torch.device) -> dict:
 
 
 # --- 1. correctness ----------------------------------------------------------------------------------------------
-def correctness(out: Path, select: str | None) -> dict:
+def correctness(out: Path, select: str | None, timeout: float = 300) -> dict:
     """``pytest -m gpu`` in a subprocess; the log goes to ``pytest.log``, the counts into the report."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs",
+    # compiling and autotuning the kernels is most of the time: spread the tests over processes when xdist is there
+    parallel = ["-n", "8"] if importlib.util.find_spec("xdist") and torch.cuda.is_available() else []
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfEs", *parallel,
                "tests/test_quant_kernels.py", "tests/test_gpu.py"] + (["-k", select] if select else [])
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as late:
+        (out / "pytest.log").write_text(f"timed out after {timeout} s\n{late.stdout or ''}{late.stderr or ''}")
+        raise RuntimeError(f"pytest -m gpu did not finish in {timeout} s (see pytest.log)") from None
     (out / "pytest.log").write_text(done.stdout + done.stderr)
     summary = next((line for line in reversed(done.stdout.splitlines())
                     if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)), "no pytest summary")
@@ -129,7 +135,10 @@ def hqq_quantized_cache(sizes: Sizes, batch: int, keys: torch.Tensor, values: to
     return cache, None
 
 
-def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float) -> list[dict]:
+SPLIT_SWEEP = (4, 16, 32, 64, 128)
+
+
+def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float, sweeps: list) -> list[dict]:
     rows = []
     scale = sizes.head_dim ** -0.5
     formats = {name: quantization_of(name, sizes.head_dim) for name in ("int4", "int2")}
@@ -158,7 +167,12 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                                               res.lengths, empty, empty, scale, page_starts=store.page_starts,
                                               residual_starts=res.starts)
             timings[f"kvpipe fused {name}"] = (time_it(fused), store.nbytes + io, None)
-            if name == "int4":
+            if name == "int4":               # how the split count (default_splits) trades parallelism for merging
+                for splits in SPLIT_SWEEP:
+                    sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
+                        lambda s=splits: fused_decode_attention(
+                            query, store.pages, store.page_counts, quant.fmt, res.keys, res.values, res.lengths,
+                            empty, empty, scale, splits=s, page_starts=store.page_starts, residual_starts=res.starts))})
                 def torch_path(store=store):
                     k, v = store.attend(empty, empty, workspace)
                     return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
@@ -287,6 +301,9 @@ def markdown(report: dict) -> str:
                   f"{shape['head_dim']}, bf16 queries)", "",
                   table(report["decode"], ["context", "batch", "contender", "us", "MB", "GB/s", "% copy BW",
                                            "x vs SDPA", "note"]), ""]
+    if report.get("split_sweep"):
+        lines += ["### Fused int4: µs per step by page splits per head", "",
+                  table(report["split_sweep"], ["context", "batch", "splits", "us"]), ""]
     if report.get("end_to_end"):
         lines += [f"## End to end: {report['e2e_shape']}, random weights, batch 1, "
                   f"{report['e2e_tokens']} tokens of prompt", "",
@@ -296,6 +313,13 @@ def markdown(report: dict) -> str:
     for section, error in report.get("errors", {}).items():
         lines += [f"## {section}: FAILED", "", "```", error.strip()[-3000:], "```", ""]
     return "\n".join(lines)
+
+
+def write(report: dict, out: Path) -> str:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    text = markdown(report)
+    (out / "gpu_check.md").write_text(text)
+    return text
 
 
 def main() -> int:
@@ -315,11 +339,12 @@ def main() -> int:
     time_it = timer(device)
     report: dict = {"environment": environment(device), "errors": {},
                     "decode_shape": {"q_heads": sizes.q_heads, "kv_heads": sizes.kv_heads, "head_dim": sizes.head_dim},
-                    "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama", "e2e_tokens": sizes.e2e_context}
+                    "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama", "e2e_tokens": sizes.e2e_context,
+                    "split_sweep": []}
     copy_bw = copy_bandwidth(device, time_it, sizes.copy_numel)
     report["copy_GB_s"] = copy_bw / 1e9
     parts = {"correctness": lambda: correctness(args.out, args.select),
-             "decode": lambda: decode_attention(sizes, device, time_it, copy_bw),
+             "decode": lambda: decode_attention(sizes, device, time_it, copy_bw, report["split_sweep"]),
              "end_to_end": lambda: end_to_end(sizes, device)}
     for name in args.only:
         try:                      # one part failing must not lose the others' numbers
@@ -327,10 +352,8 @@ def main() -> int:
         except Exception:
             report["errors"][name] = traceback.format_exc()
             print(report["errors"][name], file=sys.stderr)
-    report["seconds"] = time.perf_counter() - started
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    text = markdown(report)
-    (args.out / "gpu_check.md").write_text(text)
+        report["seconds"] = time.perf_counter() - started
+        text = write(report, args.out)             # after every part: a run stopped by a time limit keeps the rest
     print(text)
     failed_tests = report.get("correctness", {}).get("returncode", 0) not in (0, 5)
     return 1 if report["errors"] or failed_tests else 0
