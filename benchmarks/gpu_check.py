@@ -168,7 +168,7 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                                               residual_starts=res.starts)
             timings[f"kvpipe fused {name}"] = (time_it(fused), store.nbytes + io, None)
             if name == "int4":               # how the split count (default_splits) trades parallelism for merging
-                for splits in SPLIT_SWEEP:
+                for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
                     sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
                         lambda s=splits: fused_decode_attention(
                             query, store.pages, store.page_counts, quant.fmt, res.keys, res.values, res.lengths,
