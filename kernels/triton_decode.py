@@ -29,6 +29,7 @@ from kvpipe.kernels.tuning import autotuned, fixed
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16        # tl.dot's smallest M: a GQA group of fewer query heads is padded with masked rows
+UNPACK = "reshape"       # how codes leave their words; both ways are kept and timed side by side by gpu_check
 
 
 @triton.jit
@@ -41,6 +42,17 @@ def _online_update(s, v, m_i, l_i, acc, DOT: tl.constexpr, PRECISION: tl.constex
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _scores(qs, codes, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr):
+    """``qs [BH, D]`` (fp32) · ``codes [D, N]`` (exact small integers in the dot dtype). ``SPLIT_Q`` (bf16): the query
+    goes in as two bf16 terms, ``hi + lo``, so it keeps ~16 mantissa bits instead of 8 (two dots, same codes)."""
+    hi = qs.to(DOT)
+    s = tl.dot(hi, codes, input_precision=PRECISION)
+    if SPLIT_Q:
+        s += tl.dot((qs - hi.to(tl.float32)).to(DOT), codes, input_precision=PRECISION)
+    return s
 
 
 @triton.jit
@@ -64,14 +76,15 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
             for n in (64, 32, 128) for w in (4, 8) for s in (2, 3)]
 
 
-@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS"])
+@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "GATHER"])
 @triton.jit
 def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_pos,
                          page_start, page_count, res_keys, res_values, res_start, res_len,
                          tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                          GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr, GATHER: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_H)
@@ -98,26 +111,39 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
         for t0 in range(lo * G, hi * G, TILE):
             pid = first + t0 // G
             tok = t0 % G + tl.arange(0, TILE)
-            # keys, packed along tokens: words [D, TILE/KPER] → codes [D, TILE]; the page's per-channel scale is
-            # folded into the query (q·k = Σ (q·s)·c + Σ q·m), so the codes go to the dot as exact integers
-            kw = t0 % G // KPER + tl.arange(0, TILE // KPER)
-            words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + kw[None, :])
-            shifts = tl.arange(0, KPER) * KBITS
-            codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << KBITS) - 1), (D, TILE))
+            # keys, packed along tokens → codes [D, TILE]; the page's per-channel scale is folded into the query
+            # (q·k = Σ (q·s)·c + Σ q·m), so the codes go to the dot as exact integers
+            if GATHER:     # each word loaded once per code it holds (the repeats hit L1), shifted in place
+                words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + (tok // KPER)[None, :])
+                codes = (words >> ((tok % KPER) * KBITS)[None, :]) & ((1 << KBITS) - 1)
+            else:          # each word loaded once, its fields shifted out into a new axis, then merged
+                kw = t0 % G // KPER + tl.arange(0, TILE // KPER)
+                words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + kw[None, :])
+                shifts = tl.arange(0, KPER) * KBITS
+                codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << KBITS) - 1), (D, TILE))
             scale = tl.load(key_scale + pid * D + ch).to(tl.float32)
             minimum = tl.load(key_min + pid * D + ch).to(tl.float32)
-            s = tl.dot((qv * scale[None, :]).to(DOT), codes.to(DOT), input_precision=PRECISION) \
+            s = _scores(qv * scale[None, :], codes.to(DOT), DOT, PRECISION, SPLIT_Q) \
                 + tl.sum(qv * minimum[None, :], axis=1)[:, None]                          # [BH, TILE]
             used = tl.load(page_pos + pid * G + tok) >= 0
             s = tl.where(used[None, :], s, float("-inf"))
-            # values, packed along channels: words [TILE, D/VPER] → codes [TILE, D/GV, GV], per-token groups
-            vwords = tl.load(value_codes + (pid * G + tok)[:, None] * VW + tl.arange(0, VW)[None, :])
-            vshifts = tl.arange(0, VPER) * VBITS
-            vcodes = tl.reshape((vwords[:, :, None] >> vshifts[None, None, :]) & ((1 << VBITS) - 1), (TILE, NG, GV))
-            vmeta = (pid * G + tok)[:, None] * NG + tl.arange(0, NG)[None, :]
-            vscale = tl.load(value_scale + vmeta).to(tl.float32)
-            vmin = tl.load(value_min + vmeta).to(tl.float32)
-            v = tl.reshape(vcodes.to(tl.float32) * vscale[:, :, None] + vmin[:, :, None], (TILE, D))
+            # values, packed along channels → codes [TILE, D], per-token groups of GV channels
+            row = (pid * G + tok)[:, None]
+            if GATHER:
+                vwords = tl.load(value_codes + row * VW + (ch // VPER)[None, :])
+                vcodes = (vwords >> ((ch % VPER) * VBITS)[None, :]) & ((1 << VBITS) - 1)
+                vmeta = row * NG + (ch // GV)[None, :]
+                v = vcodes.to(tl.float32) * tl.load(value_scale + vmeta).to(tl.float32) \
+                    + tl.load(value_min + vmeta).to(tl.float32)
+            else:
+                vwords = tl.load(value_codes + row * VW + tl.arange(0, VW)[None, :])
+                vshifts = tl.arange(0, VPER) * VBITS
+                vcodes = tl.reshape((vwords[:, :, None] >> vshifts[None, None, :]) & ((1 << VBITS) - 1),
+                                    (TILE, NG, GV))
+                vmeta = row * NG + tl.arange(0, NG)[None, :]
+                vscale = tl.load(value_scale + vmeta).to(tl.float32)
+                vmin = tl.load(value_min + vmeta).to(tl.float32)
+                v = tl.reshape(vcodes.to(tl.float32) * vscale[:, :, None] + vmin[:, :, None], (TILE, D))
             m_i, l_i, acc = _online_update(s, v.to(DOT), m_i, l_i, acc, DOT, PRECISION)
     elif split == NS:
         m_i, l_i, acc = _dense_rows(qd, res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
@@ -148,11 +174,12 @@ def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constex
 
 
 def default_splits(pages: int, heads: int, device: torch.device) -> int:
-    """Page splits per head: enough programs to fill the GPU about twice over (flash-decoding), at most 64 and
-    at most one split per page. Computed from shapes only: no host synchronisation."""
+    """Page splits per head: about 8 programs per multiprocessor, at most 128 and at most one split per page.
+    Measured on an H200 (docs/results.md): at batch 1 the kernel is latency-bound and 128 splits ran 2.6x faster
+    than 33 at 32k tokens; at batch 8 anything from 16 up was equal. From shapes only: no host synchronisation."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = triton.cdiv(2 * units, max(heads, 1))
-    return max(1, min(64, wanted, pages // max(heads, 1)))
+    wanted = triton.cdiv(8 * units, max(heads, 1))
+    return max(1, min(128, wanted, pages // max(heads, 1)))
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -166,7 +193,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
                            residual_keys: torch.Tensor, residual_values: torch.Tensor, residual_lengths: torch.Tensor,
                            tail_keys: torch.Tensor, tail_values: torch.Tensor, scaling: float,
                            splits: int | None = None, page_starts: torch.Tensor | None = None,
-                           residual_starts: torch.Tensor | None = None) -> torch.Tensor:
+                           residual_starts: torch.Tensor | None = None, unpack: str = UNPACK) -> torch.Tensor:
     """Attention of one new token per sequence over a quantized layer.
 
     Args:
@@ -176,6 +203,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         tail_keys, tail_values: ``[B, Hkv, T, D]`` (T may be 0).
         splits: page splits per head (default: ``default_splits``).
         page_starts, residual_starts: ``run_starts`` of the counts, if the caller keeps them (saves launches).
+        unpack: ``"reshape"`` or ``"gather"``, how codes leave their words (both exact; a speed choice).
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype (the layout HF attention functions return).
     """
@@ -205,7 +233,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
-        **fixed(_decode_split_kernel))
+        SPLIT_Q=dot == tl.bfloat16, GATHER=unpack == "gather", **fixed(_decode_split_kernel))
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
     _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,

@@ -34,9 +34,14 @@ def _round_down_f16(v):
 @triton.jit
 def _quantize(x, lo, hi, BITS: tl.constexpr):
     """Codes (int32) of fp32 ``x`` for broadcastable ranges; also the stored fp16 ``(scale, minimum)``."""
-    scale = _round_up_f16(tl.maximum((hi - lo) / (2 ** BITS - 1), 6.103515625e-05))   # fp16 tiny
+    # div_rn: compiled `/` is an approximate division on CUDA (within 2 ulp), torch's is correctly rounded; one ulp
+    # is enough to move a scale across a float16 step (seen on an H200) and break bit-exactness.
+    spread = hi - lo
+    scale = _round_up_f16(tl.maximum(tl.div_rn(spread, tl.full(spread.shape, 2 ** BITS - 1, tl.float32)),
+                                     6.103515625e-05))                                 # fp16 tiny
     minimum = _round_down_f16(lo)
-    v = (x - minimum.to(tl.float32)) / scale.to(tl.float32)
+    shifted = x - minimum.to(tl.float32)
+    v = tl.div_rn(shifted, tl.broadcast_to(scale.to(tl.float32), shifted.shape))
     codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), 2 ** BITS - 1).to(tl.int32)
     return codes, scale, minimum
 

@@ -60,21 +60,23 @@ def test_every_shipped_pipeline_generates_on_cuda(model, name, tmp_path):
         assert stats["kv_bytes"] < stats["kv_bytes_full"], name
 
 
-def test_fused_decode_agrees_with_the_torch_path_in_a_real_forward(model):
-    """One decode step over a 4-bit cache: Triton's fused kernel against dequantize-then-SDPA, same stored codes."""
+def test_fused_decode_is_as_accurate_as_the_torch_path_in_a_real_forward(model):
+    """One decode step over a 4-bit cache, against the full bf16 cache: Triton's fused kernel must be no further
+    from it than dequantize-then-SDPA (same stored codes). Both differ from the full cache by the quantization
+    error; a wrong key, page or scale would add an O(1) error to the fused path only."""
     ids = torch.randint(2, 1000, (1, 1500), generator=torch.Generator().manual_seed(2)).cuda()
-    logits = {}
+    with torch.no_grad():
+        full = model(ids, use_cache=True).logits[:, -1].float()
+    error = {}
     for backend in ("torch", "triton"):
         spec = kvpipe.build("int4").spec.model_dump(mode="python", exclude_none=True) | {"backend": backend}
         with kvpipe.build(spec).attach(model) as handle:
             cache = handle.cache()
             with torch.no_grad():
                 model(ids[:, :-1], past_key_values=cache, use_cache=True)
-                logits[backend] = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits.float()
-    # The torch path rounds the dequantized keys and values to bf16 before SDPA, the kernel feeds bf16 operands to
-    # its dots: 2.8e-2 apart on this model in the interpreter (fp32 there). A wrong key or page gives O(1).
-    error = float((logits["triton"] - logits["torch"]).norm() / logits["torch"].norm())
-    assert error < 6e-2, error
+                logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        error[backend] = float((logits - full).norm() / full.norm())
+    assert error["triton"] <= 1.5 * error["torch"] + 1e-2, error
 
 
 def held_after_prefill(model, ids, pipeline=None) -> tuple[int, dict | None]:

@@ -93,10 +93,12 @@ triton = pytest.importorskip("triton", reason="Triton kernels need the triton pa
 
 # The same tests run in Triton's interpreter on a CPU machine and compiled on a CUDA device (``pytest -m gpu``,
 # which ``benchmarks/gpu_check.py`` runs first). Tolerances on ‖out − ref‖/‖ref‖ against an fp32 reference
-# computed from the same stored codes: the interpreter computes in fp32 whatever the input dtype; compiled dot
-# operands are the query's dtype with fp32 accumulation.
+# computed from the same stored codes, both rounded once to the output dtype. The interpreter computes in fp32
+# whatever the input dtype: its 16-bit rows allow a few elements that straddle a rounding step and land one ulp
+# apart (fp16 ulp 2^-11, bf16 2^-8; ~1.5e-5 and ~2e-5 seen over 2·8·128 outputs). Compiled dot operands are the
+# query's dtype with fp32 accumulation.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {"cpu": {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5},
+TOLERANCE = {"cpu": {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 5e-4},
              "cuda": {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}}
 
 
@@ -145,9 +147,10 @@ FUSED_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unpack", ["reshape", "gather"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "K{}V{}-G{}-D{}-gqa{}-{}".format(
     *c["bits"], c["group"], c["dim"], c["gqa"], str(c["dtype"]).removeprefix("torch.")))
-def test_fused_decode_attention_matches_the_reference(case):
+def test_fused_decode_attention_matches_the_reference(case, unpack):
     from kvpipe.kernels.triton_decode import decode_attention_reference, fused_decode_attention
 
     seed = int(torch.seed() % 2**31)
@@ -163,7 +166,7 @@ def test_fused_decode_attention_matches_the_reference(case):
     poison = torch.full((batch, 1, kv_heads * case["gqa"], dim), float("nan"))
     got = fused_decode_attention(query, store.pages, store.page_counts, fmt, store.residual.keys,
                                  store.residual.values, store.residual.lengths, tail_keys, tail_values, 0.2,
-                                 splits=case["splits"])
+                                 splits=case["splits"], unpack=unpack)
     assert got.dtype == dtype and got.shape == poison.shape
     keys, values, _ = store.padded(torch.float32)
     valid = torch.cat([store.valid(), torch.ones(batch, kv_heads, case["tail"], dtype=torch.bool, device=DEVICE)], -1)
