@@ -76,8 +76,10 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
             for n in (64, 32, 128) for w in (4, 8) for s in (2, 3)]
 
 
+# tail_len grows by one every decode step: specialising on it (==1, %16) would recompile and re-tune the kernel
+# mid-generation (seen on an H200: seconds at the 16th token).
 @autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "GATHER"])
-@triton.jit
+@triton.jit(do_not_specialize=["tail_len"])
 def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_pos,
                          page_start, page_count, res_keys, res_values, res_start, res_len,
                          tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale,

@@ -1,0 +1,53 @@
+"""One launch of the fused decode kernel between ``cudaProfilerStart``/``Stop``, for Nsight Compute.
+
+Llama-3.1-8B's attention shape, a 4-bit cache as the shipped ``int4`` stores it. Tuning and compiling happen
+before the profiled launch, so ``ncu --profile-from-start off`` sees exactly one kernel of interest:
+
+    ncu --clock-control none --profile-from-start off --set detailed \\
+        python benchmarks/decode_kernel_once.py --context 32768 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+import kvpipe
+from kvpipe.kernels.triton_decode import fused_decode_attention
+from kvpipe.quantized_store import QuantizedStore
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pipeline", default="int4", help="a shipped pipeline with a quantize stage")
+    args = parser.parse_args()
+    q_heads, kv_heads, dim = 32, 8, 128
+    quant = dataclasses.replace(kvpipe.build(args.pipeline).quantizer.quantization(dim), backend="triton")
+    shape = (args.batch, kv_heads, args.context, dim)
+    keys, values = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    positions = torch.arange(args.context, device="cuda").expand(shape[:3])
+    store = QuantizedStore.from_padded(keys, values, positions, torch.ones(shape[:3], dtype=torch.bool,
+                                                                           device="cuda"), quant)
+    query = torch.randn(args.batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    empty = keys[:, :, :0]
+    res = store.residual
+
+    def launch():
+        return fused_decode_attention(query, store.pages, store.page_counts, quant.fmt, res.keys, res.values,
+                                      res.lengths, empty, empty, dim ** -0.5, page_starts=store.page_starts,
+                                      residual_starts=res.starts)
+    for _ in range(3):                                     # compile, tune, warm
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    launch()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, {args.context} tokens")
+
+
+if __name__ == "__main__":
+    main()
