@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import kvpipe  # noqa: E402
-from kvpipe.kernels.triton_decode import UNPACK, fused_decode_attention  # noqa: E402
+from kvpipe.kernels.triton_decode import fused_decode_attention  # noqa: E402
 from kvpipe.quantized_store import QuantizedStore, Workspace  # noqa: E402
 from kvpipe.table import render  # noqa: E402
 from timing import copy_bandwidth, timer  # noqa: E402
@@ -163,14 +163,11 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
             store = QuantizedStore.from_padded(keys, values, positions, everything, quant)
             res = store.residual
 
-            def fused(store=store, res=res, fmt=quant.fmt, unpack=UNPACK):
+            def fused(store=store, res=res, fmt=quant.fmt):
                 return fused_decode_attention(query, store.pages, store.page_counts, fmt, res.keys, res.values,
                                               res.lengths, empty, empty, scale, page_starts=store.page_starts,
-                                              residual_starts=res.starts, unpack=unpack)
+                                              residual_starts=res.starts)
             timings[f"kvpipe fused {name}"] = (time_it(fused), store.nbytes + io, None)
-            other = "gather" if UNPACK == "reshape" else "reshape"
-            timings[f"kvpipe fused {name}, {other} unpack"] = (time_it(lambda: fused(unpack=other)),
-                                                                store.nbytes + io, None)
             if name == "int4":               # how the split count (default_splits) trades parallelism for merging
                 for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
                     sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(

@@ -6,15 +6,21 @@ One query token per sequence. Flash-decoding shape (kernels.md §3.1):
   ``BLOCK_H >= 16`` rows so that both products are ``tl.dot`` (tensor cores; GQA: each packed tile is read and
   unpacked once per group). Splits ``s < NS`` share out the head's pages (per-head page counts, so heads of
   different lengths after eviction just get different bounds); split ``NS`` runs over the residual, split
-  ``NS + 1`` over the tail. A head's pages are contiguous, so its quantized slots are walked as one run of
-  ``pages·G`` tokens in tiles of ``BLOCK_N`` (independent of the page size ``G``). Codes are unpacked in
-  registers (gather-shifter) and dequantized with one FMA into the dot's operand dtype; online softmax in base
-  2 with fp32 statistics and accumulator; each split writes its normalised output and log-sum-exp.
+  ``NS + 1`` over the tail. Pages are walked in tiles of ``min(BLOCK_N, G)`` tokens; codes are unpacked in
+  registers. Key scales are folded into the query (the codes go to the dot as exact integers), value groups are
+  dequantized with one FMA. Online softmax in base 2 with fp32 statistics and accumulator; each split writes
+  its normalised output and log-sum-exp.
 * stage 2, grid ``(B·Hq,)``: merges the splits by their log-sum-exps.
 
-Dot operands are the query's dtype (fp16 or bf16; fp32 with IEEE products for fp32 queries) and always fp32
-under the interpreter, whose bf16 arithmetic is wrong (kernels.md §4.3). Nothing dequantized is ever written
-to memory. The torch reference is ``decode_attention_reference``.
+Dot operands are the query's dtype (fp16, or bf16 with the query split into two bf16 terms for the scores;
+fp32 with IEEE products for fp32 queries), and always fp32 under the interpreter, whose bf16 arithmetic is wrong
+(kernels.md §4.3). Nothing dequantized is ever written to memory. The torch reference is
+``decode_attention_reference``.
+
+Speed, measured on an H200 (docs/results.md): correct, but bound by shared memory, not by HBM. Nsight Compute
+at 32k tokens, batch 8: DRAM 9.5 % of peak, L1/shared 79 %, 35 % of shared wavefronts excess (bank conflicts)
+from the layout conversions that carry unpacked tiles into the MMA operand layout; 168 registers and 70 KB of
+shared memory per program cap occupancy at 19 %.
 """
 from __future__ import annotations
 
@@ -29,7 +35,6 @@ from kvpipe.kernels.tuning import autotuned, fixed
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16        # tl.dot's smallest M: a GQA group of fewer query heads is padded with masked rows
-UNPACK = "reshape"       # how codes leave their words; both ways are kept and timed side by side by gpu_check
 
 
 @triton.jit
@@ -78,15 +83,14 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
 
 # tail_len grows by one every decode step: specialising on it (==1, %16) would recompile and re-tune the kernel
 # mid-generation (seen on an H200: seconds at the 16th token).
-@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "GATHER"])
+@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS"])
 @triton.jit(do_not_specialize=["tail_len"])
 def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_pos,
                          page_start, page_count, res_keys, res_values, res_start, res_len,
                          tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                          GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr, GATHER: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_H)
@@ -115,14 +119,12 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
             tok = t0 % G + tl.arange(0, TILE)
             # keys, packed along tokens → codes [D, TILE]; the page's per-channel scale is folded into the query
             # (q·k = Σ (q·s)·c + Σ q·m), so the codes go to the dot as exact integers
-            if GATHER:     # each word loaded once per code it holds (the repeats hit L1), shifted in place
-                words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + (tok // KPER)[None, :])
-                codes = (words >> ((tok % KPER) * KBITS)[None, :]) & ((1 << KBITS) - 1)
-            else:          # each word loaded once, its fields shifted out into a new axis, then merged
-                kw = t0 % G // KPER + tl.arange(0, TILE // KPER)
-                words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + kw[None, :])
-                shifts = tl.arange(0, KPER) * KBITS
-                codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << KBITS) - 1), (D, TILE))
+            # Each word is loaded once and its fields shifted out into a new axis, then merged. (Loading each word
+            # once per code it holds and shifting in place was 3-6x slower on an H200 at 32k-128k tokens.)
+            kw = t0 % G // KPER + tl.arange(0, TILE // KPER)
+            words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + kw[None, :])
+            shifts = tl.arange(0, KPER) * KBITS
+            codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << KBITS) - 1), (D, TILE))
             scale = tl.load(key_scale + pid * D + ch).to(tl.float32)
             minimum = tl.load(key_min + pid * D + ch).to(tl.float32)
             s = _scores(qv * scale[None, :], codes.to(DOT), DOT, PRECISION, SPLIT_Q) \
@@ -131,21 +133,13 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
             s = tl.where(used[None, :], s, float("-inf"))
             # values, packed along channels → codes [TILE, D], per-token groups of GV channels
             row = (pid * G + tok)[:, None]
-            if GATHER:
-                vwords = tl.load(value_codes + row * VW + (ch // VPER)[None, :])
-                vcodes = (vwords >> ((ch % VPER) * VBITS)[None, :]) & ((1 << VBITS) - 1)
-                vmeta = row * NG + (ch // GV)[None, :]
-                v = vcodes.to(tl.float32) * tl.load(value_scale + vmeta).to(tl.float32) \
-                    + tl.load(value_min + vmeta).to(tl.float32)
-            else:
-                vwords = tl.load(value_codes + row * VW + tl.arange(0, VW)[None, :])
-                vshifts = tl.arange(0, VPER) * VBITS
-                vcodes = tl.reshape((vwords[:, :, None] >> vshifts[None, None, :]) & ((1 << VBITS) - 1),
-                                    (TILE, NG, GV))
-                vmeta = row * NG + tl.arange(0, NG)[None, :]
-                vscale = tl.load(value_scale + vmeta).to(tl.float32)
-                vmin = tl.load(value_min + vmeta).to(tl.float32)
-                v = tl.reshape(vcodes.to(tl.float32) * vscale[:, :, None] + vmin[:, :, None], (TILE, D))
+            vwords = tl.load(value_codes + row * VW + tl.arange(0, VW)[None, :])
+            vshifts = tl.arange(0, VPER) * VBITS
+            vcodes = tl.reshape((vwords[:, :, None] >> vshifts[None, None, :]) & ((1 << VBITS) - 1), (TILE, NG, GV))
+            vmeta = row * NG + tl.arange(0, NG)[None, :]
+            vscale = tl.load(value_scale + vmeta).to(tl.float32)
+            vmin = tl.load(value_min + vmeta).to(tl.float32)
+            v = tl.reshape(vcodes.to(tl.float32) * vscale[:, :, None] + vmin[:, :, None], (TILE, D))
             m_i, l_i, acc = _online_update(s, v.to(DOT), m_i, l_i, acc, DOT, PRECISION)
     elif split == NS:
         m_i, l_i, acc = _dense_rows(qd, res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
@@ -195,7 +189,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
                            residual_keys: torch.Tensor, residual_values: torch.Tensor, residual_lengths: torch.Tensor,
                            tail_keys: torch.Tensor, tail_values: torch.Tensor, scaling: float,
                            splits: int | None = None, page_starts: torch.Tensor | None = None,
-                           residual_starts: torch.Tensor | None = None, unpack: str = UNPACK) -> torch.Tensor:
+                           residual_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over a quantized layer.
 
     Args:
@@ -205,7 +199,6 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         tail_keys, tail_values: ``[B, Hkv, T, D]`` (T may be 0).
         splits: page splits per head (default: ``default_splits``).
         page_starts, residual_starts: ``run_starts`` of the counts, if the caller keeps them (saves launches).
-        unpack: ``"reshape"`` or ``"gather"``, how codes leave their words (both exact; a speed choice).
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype (the layout HF attention functions return).
     """
@@ -235,7 +228,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
-        SPLIT_Q=dot == tl.bfloat16, GATHER=unpack == "gather", **fixed(_decode_split_kernel))
+        SPLIT_Q=dot == tl.bfloat16, **fixed(_decode_split_kernel))
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
     _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,

@@ -147,10 +147,9 @@ FUSED_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("unpack", ["reshape", "gather"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "K{}V{}-G{}-D{}-gqa{}-{}".format(
     *c["bits"], c["group"], c["dim"], c["gqa"], str(c["dtype"]).removeprefix("torch.")))
-def test_fused_decode_attention_matches_the_reference(case, unpack):
+def test_fused_decode_attention_matches_the_reference(case):
     from kvpipe.kernels.triton_decode import decode_attention_reference, fused_decode_attention
 
     seed = int(torch.seed() % 2**31)
@@ -166,7 +165,7 @@ def test_fused_decode_attention_matches_the_reference(case, unpack):
     poison = torch.full((batch, 1, kv_heads * case["gqa"], dim), float("nan"))
     got = fused_decode_attention(query, store.pages, store.page_counts, fmt, store.residual.keys,
                                  store.residual.values, store.residual.lengths, tail_keys, tail_values, 0.2,
-                                 splits=case["splits"], unpack=unpack)
+                                 splits=case["splits"])
     assert got.dtype == dtype and got.shape == poison.shape
     keys, values, _ = store.padded(torch.float32)
     valid = torch.cat([store.valid(), torch.ones(batch, kv_heads, case["tail"], dtype=torch.bool, device=DEVICE)], -1)
