@@ -1,0 +1,32 @@
+"""``benchmarks/gpu_check.py --tiny``: the GPU check runs end to end on the CPU (Triton's interpreter, toy shapes),
+so the script cannot rot between the sessions that have a GPU."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(tmp_path),
+                           "-k", "compaction"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["errors"] == {}
+    assert report["correctness"]["returncode"] == 0 and "passed" in report["correctness"]["summary"]
+    timed = {row["contender"] for row in report["decode"] if row["us"] is not None}
+    assert {"SDPA, full bf16 cache", "kvpipe fused int4", "kvpipe fused int2",
+            "kvpipe torch path int4 (dequantize, SDPA)"} <= timed
+    assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in report["decode"] if row["us"] is not None)
+    end_to_end = {row["contender"]: row for row in report["end_to_end"]}
+    assert set(end_to_end) == {"full cache", "default @ keep 0.25", "int4", "value-aware-int4"}
+    assert all(row["decode_tok_s"] > 0 for row in end_to_end.values())
+    assert end_to_end["int4"]["kv_GB"] < end_to_end["full cache"]["kv_GB"]
+    text = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("## Correctness", "## Decode attention", "## End to end"):
+        assert heading in text
+    assert (tmp_path / "profile.txt").stat().st_size > 0
