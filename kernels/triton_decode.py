@@ -171,8 +171,8 @@ def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constex
 
 def default_splits(pages: int, heads: int, device: torch.device) -> int:
     """Page splits per head: about 8 programs per multiprocessor, at most 128 and at most one split per page.
-    Measured on an H200 (docs/results.md): at batch 1 the kernel is latency-bound and 128 splits ran 2.6x faster
-    than 33 at 32k tokens; at batch 8 anything from 16 up was equal. From shapes only: no host synchronisation."""
+    On an H200 (docs/results.md) counts from 16 to 128 were within run-to-run noise of each other at 32k-128k
+    tokens; fewer programs than multiprocessors leave the GPU idle. From shapes only: no host synchronisation."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     wanted = triton.cdiv(8 * units, max(heads, 1))
     return max(1, min(128, wanted, pages // max(heads, 1)))
