@@ -20,8 +20,12 @@ def select_topk(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
 
 
 def keep_order(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
-    """Scores as float with protected slots first (+inf) and invalid slots last (-inf)."""
-    ordered = scores.float().masked_fill(~valid, float("-inf"))
+    """Scores as float with protected slots first (+inf) and invalid slots last (-inf). NaN scores rank after
+    every real score (a descending sort would put them first) and infinite ones next to the largest finite:
+    protected slots stay first whatever a scorer returns."""
+    finfo = torch.finfo(torch.float32)
+    ordered = scores.float().nan_to_num(nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    ordered = ordered.masked_fill(~valid, float("-inf"))
     return ordered if protected is None else ordered.masked_fill(protected & valid, float("inf"))
 
 

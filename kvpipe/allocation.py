@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from kvpipe.errors import BudgetError
 from kvpipe.kernels.topk import keep_order, ranks
 
 
@@ -20,16 +19,14 @@ def pooled_counts(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Te
         valid: ``bool [B, U, n]``; protected: ``bool [B, U, n]`` or None.
         total, floor: ``long [B]``.
     Returns:
-        ``long [B, U]``, summing to ``min(total, valid slots)`` per row.
+        ``long [B, U]``, summing to ``min(total, valid slots)`` per row; where protected slots and floors alone
+        exceed ``total``, exactly those (the caller reports the shortfall: ``CompressionContext.over_budget``).
     """
     protected = (protected & valid) if protected is not None else torch.zeros_like(valid)
     ranked = keep_order(scores, valid, protected)
     rank = ranks(ranked)
     reserved = torch.maximum(protected.sum(-1), torch.minimum(floor[:, None], valid.sum(-1)))
-    remaining = total - reserved.sum(-1)
-    if bool((remaining < 0).any()):
-        raise BudgetError(f"the budget grants {int(total.min())} slots but protected slots and per-head floors "
-                          f"need {int(reserved.sum(-1).max())}; raise the budget or lower the floor/window")
+    remaining = (total - reserved.sum(-1)).clamp_min(0)
     counts = reserved.clone()
     open_slots = valid & (rank >= reserved[..., None])
     for row in range(scores.shape[0]):

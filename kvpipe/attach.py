@@ -85,8 +85,7 @@ class Session:
         forward, self.active = self.active, None
         if forward is not None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
-            held = cache_bytes(forward.cache)
-            forward.cache.peak_bytes = max(getattr(forward.cache, "peak_bytes", 0), held)
+            forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
             if forward.compressing:
                 self.pipeline.compress(forward)
             for layer in forward.cache.layers:
@@ -132,8 +131,7 @@ class Session:
             raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
                                         "filled without the pipeline. Start from an empty cache or handle.cache()")
         cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
-        cache.layers = [KVPipeLayer(self) for _ in range(len(self.decoder.layers))]
-        cache.kvpipe_session = self
+        cache.bind(self, len(self.decoder.layers))
         return cache
 
 
@@ -223,8 +221,10 @@ class Handle:
         Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
         dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
         (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
-        ``compress_seconds`` (time spent in the compression phase, observation excluded) and ``kv_bytes_peak``
-        (the most the cache held after any forward, measured before that forward's compression).
+        ``compress_seconds`` (time spent in the compression phase, observation excluded), ``kv_bytes_peak``
+        (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
+        and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
+        protected: a prompt shorter than the sinks and window; 0 when met).
         """
         if cache is None:
             cache = self.session.last_cache
@@ -242,6 +242,8 @@ class Handle:
             # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
             "kept_tokens": torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),
-            "compress_seconds": getattr(cache, "compress_seconds", 0.0),
-            "kv_bytes_peak": max(getattr(cache, "peak_bytes", 0), kv_bytes),
+            "compress_seconds": cache.compress_seconds,
+            "kv_bytes_peak": max(cache.peak_bytes, kv_bytes),
+            "budget_met": cache.budget_shortfall == 0,
+            "budget_shortfall": cache.budget_shortfall,
         }

@@ -177,6 +177,16 @@ def cache_bytes(cache: Cache) -> int:
 class KVPipeCache(DynamicCache):
     """A ``DynamicCache`` made of ``KVPipeLayer``s, bound to the handle that created it."""
 
+    compress_seconds: float       # time spent compressing (observation excluded)
+    peak_bytes: int               # most bytes held after any forward, before that forward's compression
+    budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
+
     def __init__(self, session: Session, num_layers: int):
-        Cache.__init__(self, layers=[KVPipeLayer(session) for _ in range(num_layers)])
+        Cache.__init__(self, layers=[])
+        self.bind(session, num_layers)
+
+    def bind(self, session: Session, num_layers: int) -> None:
+        """Fresh layers and counters for ``session`` (also for a plain ``DynamicCache`` adopted in place)."""
+        self.layers = [KVPipeLayer(session) for _ in range(num_layers)]
         self.kvpipe_session = session
+        self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0

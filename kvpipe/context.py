@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvpipe.budget import slots_per_head
+from kvpipe.errors import BudgetError
 from kvpipe.spec import Budget
 
 if TYPE_CHECKING:
@@ -104,9 +105,28 @@ class CompressionContext:
     slot_bytes: float                                              # bytes one kept token costs in the store
     full_slot_bytes: int                                           # ... in an uncompressed cache
     overhead_bytes: float = 0.0                                    # most a head holds beyond that (residual)
+    strict: bool = False                                           # a budget protected slots exceed: error
+    shortfall: int = 0                                             # slots kept beyond the budget (protected)
     observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
     by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
+
+    def over_budget(self, message: str, slots: int) -> None:
+        """Protected slots need ``slots`` more than the budget grants: an error under ``strict: true``; otherwise
+        they are kept (a short prompt is not refused) and the shortfall is reported by ``handle.stats()``."""
+        if self.strict:
+            raise BudgetError(message + " (the pipeline says strict: true; without it the protected slots are kept "
+                                        "and handle.stats() reports budget_met: false)")
+        self.shortfall += slots
+
+    def check_pooled(self, counts: torch.Tensor, total: torch.Tensor, where: str) -> None:
+        """After a pooled allocation (``counts [B, U]`` of ``total [B]`` slots): report protected slots and floors
+        that did not fit."""
+        over = (counts.sum(-1) - total).clamp_min(0)
+        if bool((over > 0).any()):
+            self.over_budget(f"{where}: the budget grants {int(total.min())} slots but protected slots and per-head "
+                             f"floors need {int(counts.sum(-1).max())}; raise the budget or lower the floor/window",
+                             int(over.sum()))
 
     def write(self, stage: Stage, slot: str, per_layer: list) -> None:
         self.slots[slot] = per_layer

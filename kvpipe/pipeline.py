@@ -94,7 +94,7 @@ class Pipeline:
             layers=list(views), budget=self.spec.budget, seen_real=seen_real.long(),
             slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
             full_slot_bytes=2 * head_dim * dtype.itemsize,
-            overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0,
+            overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0, strict=self.spec.strict,
             observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
         started = time.perf_counter()
         for stage in self.stages:
@@ -109,7 +109,8 @@ class Pipeline:
         values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
         for layer, view, keep, value in zip(layers, views, keeps, values):
             layer.compact(dataclasses.replace(view, values=value), keep, quant)
-        cache.compress_seconds = getattr(cache, "compress_seconds", 0.0) + time.perf_counter() - started
+        cache.compress_seconds += time.perf_counter() - started
+        cache.budget_shortfall = ctx.shortfall
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source}: {' -> '.join(s.id for s in self.stages) or 'no stages'}, budget {self.spec.budget})"

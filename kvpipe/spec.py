@@ -80,6 +80,9 @@ class PipelineSpec(StrictModel):
     name: str | None = Field(None, description="shown in tables, reports and `Pipeline` reprs")
     description: str | None = Field(None, description="free text for readers")
     budget: Budget | None = Field(None, description="required when the pipeline evicts")
+    strict: bool = Field(False, description="a prompt whose protected tokens exceed the budget is an error "
+                                            "(for benchmarks); by default they are kept, nothing else is, and "
+                                            "`handle.stats()` reports `budget_met: false`")
     trigger: Trigger = Field(default_factory=Trigger, description="when to compress (`prefill`, or "
                                                                   "`{prefill: true, every: 64}` to keep decoding in budget)")
     backend: Literal["auto", "torch", "triton"] = Field("auto", description="kernels: auto = Triton on CUDA, torch elsewhere")

@@ -27,6 +27,9 @@ class AdaptiveHeads(Stage):
     def __call__(self, ctx: CompressionContext) -> None:
         per_head = ctx.slots_per_head()
         floor = torch.floor(per_head * self.params.floor).long()
-        allocation = [pooled_counts(scores, view.valid & c.eligible, c.protected, per_head * view.valid.shape[1], floor)
-                      for view, scores, c in zip(ctx.layers, ctx.read(self, "scores"), ctx.candidates(self))]
+        allocation = []
+        for layer, (view, scores, c) in enumerate(zip(ctx.layers, ctx.read(self, "scores"), ctx.candidates(self))):
+            total = per_head * view.valid.shape[1]
+            allocation.append(pooled_counts(scores, view.valid & c.eligible, c.protected, total, floor))
+            ctx.check_pooled(allocation[-1], total, f"layer {layer}")
         ctx.write(self, "allocation", allocation)

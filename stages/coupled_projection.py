@@ -8,7 +8,7 @@ from pydantic import Field
 from kvpipe.context import CompressionContext
 from kvpipe.kernels.topk import select_topk
 from kvpipe.registry import Params, Stage, register
-from kvpipe.stages.topk import protected_within
+from kvpipe.stages.topk import within_budget
 
 
 class CoupledProjectionParams(Params):
@@ -32,7 +32,8 @@ class CoupledProjection(Stage):
         keep = []
         for layer, (view, scores, k, candidates) in enumerate(
                 zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
-            protected = protected_within(layer, candidates.protected & view.valid, k)
+            protected = candidates.protected & view.valid
+            k = within_budget(ctx, layer, protected, k)
             open_ = view.valid & candidates.eligible & ~protected
             blocks = whole_blocks(scores.float(), open_, k - protected.sum(-1), self.params.block)
             chosen = protected | blocks

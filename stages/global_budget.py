@@ -41,5 +41,6 @@ class GlobalBudget(Stage):
         total = per_head * pooled_valid.shape[1]
         counts = pooled_counts(pooled_scores, pooled_valid, pooled_protected, total,
                                torch.floor(per_head * self.params.floor).long())
+        ctx.check_pooled(counts, total, "all layers")
         per_layer = counts.split([v.valid.shape[1] for v in ctx.layers], dim=1)
         ctx.write(self, "allocation", [c.to(v.valid.device) for c, v in zip(per_layer, ctx.layers)])

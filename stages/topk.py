@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from kvpipe.context import CompressionContext
-from kvpipe.errors import BudgetError
 from kvpipe.kernels.topk import select_topk
 from kvpipe.registry import Stage, register
 
@@ -21,17 +20,19 @@ class TopK(Stage):
         keep = []
         for layer, (view, scores, k, candidates) in enumerate(
                 zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
-            protected = protected_within(layer, candidates.protected & view.valid, k)
+            protected = candidates.protected & view.valid
+            k = within_budget(ctx, layer, protected, k)
             keep.append(select_topk(scores, k, view.valid & candidates.eligible, protected))
         ctx.write(self, "keep", keep)
 
 
-def protected_within(layer: int, protected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``protected`` (``bool [B, H, n]``), after checking it fits in the allocation ``k [B, H]``."""
+def within_budget(ctx: CompressionContext, layer: int, protected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The allocation ``k [B, H]``, raised where a head's ``protected`` slots (``bool [B, H, n]``) exceed it: a
+    prompt shorter than the protected window keeps them all (``ctx.over_budget`` reports or, strict, refuses)."""
     need = protected.sum(-1)
-    if bool((need > k).any()):
-        raise BudgetError(
-            f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
-            "protected (sinks + recent window, recovered evidence); the prompt is too short for this budget. "
-            "Raise the budget or protect less")
-    return protected
+    short = (need - k).clamp_min(0)
+    if bool((short > 0).any()):
+        ctx.over_budget(f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
+                        "protected (sinks + recent window, recovered evidence); the prompt is too short for this "
+                        "budget. Raise the budget or protect less", int(short.sum()))
+    return torch.maximum(k, need)

@@ -20,14 +20,21 @@ from kvpipe.store import RaggedStore
 
 @st.composite
 def layers(draw):
-    """A random padded layer: ``valid [B, H, n]`` with left padding per row, random scores."""
+    """A random padded layer: ``valid [B, H, n]`` with left padding per row or per head (what eviction leaves),
+    random scores with ties (rounded) and NaNs drawn in."""
     batch, heads = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     n = draw(st.integers(8, 48))
-    pads = draw(st.lists(st.integers(0, n - 8), min_size=batch, max_size=batch))
+    per_head = draw(st.booleans())
+    pads = torch.tensor(draw(st.lists(st.integers(0, n - 8), min_size=batch * heads, max_size=batch * heads)))
+    pads = pads.view(batch, heads) if per_head else pads.view(batch, heads)[:, :1].expand(batch, heads)
     seed = draw(st.integers(0, 2**31 - 1))
     generator = torch.Generator().manual_seed(seed)
-    valid = torch.stack([torch.arange(n) >= p for p in pads])[:, None].expand(batch, heads, n).clone()
+    valid = torch.arange(n) >= pads[..., None]
     scores = torch.randn(batch, heads, n, generator=generator)
+    if draw(st.booleans()):
+        scores = scores.round()                                    # many ties
+    if draw(st.booleans()):
+        scores[torch.rand(batch, heads, n, generator=generator) < 0.2] = float("nan")
     return valid, scores, generator
 
 
@@ -49,8 +56,6 @@ def run_eviction(valid, scores, budget, sinks, window, generator, block: int = 0
     ctx.write(GIVEN, "candidates", [Candidates(ends, valid.clone())])
     Uniform(Uniform.Params())(ctx)
     allocation = ctx.slots["allocation"][0]
-    if bool((ends.sum(-1) > allocation).any()):
-        return None
     evictor(block)(ctx)
     return view, ctx, allocation, ctx.slots["keep"][0]
 
@@ -74,22 +79,25 @@ def evictor(block: int):
 def test_eviction_invariants(layer, budget, sinks, window, block):
     """For ``topk`` (block 0) and ``coupled_projection`` (block 1, 4, 16)."""
     valid, scores, generator = layer
-    done = run_eviction(valid, scores, budget, sinks, window, generator, block)
-    if done is None:  # the budget cannot hold the protected tokens: TopK refuses (tested below)
-        return
-    view, ctx, allocation, keep = done
+    view, ctx, allocation, keep = run_eviction(valid, scores, budget, sinks, window, generator, block)
     n_real = valid[:, 0].sum(-1)
-    # kept per head == allocation, and the allocation never exceeds what the budget grants
-    assert torch.equal(keep.sum(-1), allocation)
+    protected = ctx.slots["candidates"][0].protected & valid
+    # the allocation is what the budget grants; a head keeps it, or all its protected slots when they are more
+    # (a prompt shorter than the protected window: kept, and the shortfall reported)
     grant = slots_per_head(budget, n_real, ctx.slot_bytes, ctx.full_slot_bytes)
     assert torch.equal(allocation, grant[:, None].expand_as(allocation))
-    total_bytes = keep.sum() * ctx.slot_bytes
+    expected = torch.minimum(torch.maximum(allocation, protected.sum(-1)), valid.sum(-1))
+    assert torch.equal(keep.sum(-1), expected)
+    over = (protected.sum(-1) - allocation).clamp_min(0)
+    assert ctx.shortfall == int(over.sum())
+    within = keep.sum(-1) - over                                       # what the budget itself pays for
     if budget.kind == "keep":
-        assert int(keep.sum()) <= budget.keep * int(valid.sum()) + 1e-6
+        assert int(within.sum()) <= budget.keep * int(n_real.sum()) * valid.shape[1] + 1e-6
     elif budget.kind == "tokens":
-        assert bool((keep.sum(-1) <= budget.tokens).all())
+        assert bool((within <= budget.tokens).all())
     else:
-        assert float(total_bytes) <= budget.bytes * int(valid.sum()) * ctx.full_slot_bytes + 1e-6
+        assert float(within.sum() * ctx.slot_bytes) <= \
+            budget.bytes * int(n_real.sum()) * valid.shape[1] * ctx.full_slot_bytes + 1e-6
     # padding is never kept; protected ends always are
     assert not bool((keep & ~valid).any())
     assert bool((keep | ~ctx.slots["candidates"][0].protected).all())
@@ -117,20 +125,34 @@ def test_topk_is_idempotent(layer, k):
     assert torch.equal(once.sum(-1), torch.minimum(allocation, valid.sum(-1)))
 
 
-def test_protected_beyond_budget_is_a_clear_error():
+def test_protected_beyond_budget_is_kept_and_reported_or_a_clear_error_when_strict():
     import pytest
 
     from kvpipe import BudgetError
 
     ctx = _ctx_over_budget(torch.ones(1, 2, 20, dtype=torch.bool))  # keeps 5, protects 4 + 8
-    with pytest.raises(BudgetError, match="keeps 5 slots per head but 12 are protected"):
-        topk()(ctx)
+    topk()(ctx)
+    assert torch.equal(ctx.slots["keep"][0], ctx.slots["candidates"][0].protected)
+    assert ctx.shortfall == 2 * (12 - 5)
+    strict = _ctx_over_budget(torch.ones(1, 2, 20, dtype=torch.bool), strict=True)
+    with pytest.raises(BudgetError, match="keeps 5 slots per head but 12 are protected.*strict: true"):
+        topk()(strict)
 
 
-def _ctx_over_budget(valid):
+def test_nan_scores_rank_last_and_never_displace_protected_slots():
+    valid = torch.ones(1, 1, 10, dtype=torch.bool)
+    scores = torch.tensor([[[0.5, float("nan"), 2.0, float("nan"), -1.0, float("inf"), 0.1, float("nan"), 3.0,
+                             -float("inf")]]])
+    protected = torch.zeros_like(valid)
+    protected[..., [1, 9]] = True                                        # a NaN slot and a -inf slot
+    keep = select_topk(scores, torch.tensor([[5]]), valid, protected)
+    assert keep[0, 0].nonzero().flatten().tolist() == [1, 2, 5, 8, 9]   # protected, then +inf, 3.0, 2.0
+
+
+def _ctx_over_budget(valid, strict: bool = False):
     view = LayerView(torch.randn(*valid.shape, 4), torch.randn(*valid.shape, 4),
                      torch.arange(valid.shape[-1]).expand(valid.shape), valid)
-    ctx = CompressionContext([view], Budget(keep=0.25), valid[:, 0].sum(-1), 36, 32)
+    ctx = CompressionContext([view], Budget(keep=0.25), valid[:, 0].sum(-1), 36, 32, strict=strict)
     ctx.write(GIVEN, "scores", [torch.randn(valid.shape)])
     ctx.write(GIVEN, "candidates", [Candidates(protected_ends(valid, 4, 8), valid.clone())])
     Uniform(Uniform.Params())(ctx)

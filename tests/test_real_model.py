@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpipe
-from kvpipe.shipped import path
+from kvpipe.shipped import names, path
 from kvpipe.tasks import make_cases
 
 pytestmark = pytest.mark.real_model
@@ -119,3 +119,34 @@ def test_decode_budget_holds_over_512_generated_tokens(smollm, prompt):
     assert max(peaks) <= budget + every - 1
     full_slot, slot = 2 * 64 * 4, 2 * 64 * 4 + 4  # fp32 K and V per slot; the store adds an int32 position
     assert stats["compression_ratio"] > (prompt.ids.shape[1] + 511) / (budget + every) * full_slot / slot
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_shipped_pipeline_generates_from_short_prompts(smollm, name):
+    """A chat user's short first turn: prompts shorter than the protected sinks and window are kept whole (the
+    budget is reported as not met) instead of refused; nothing crashes inside generate(). One left-padded batch
+    holds prompts of 1, 10, 40 and 135 tokens."""
+    model, _ = smollm
+    generator = torch.Generator().manual_seed(11)
+    lengths = (1, 10, 40, 135)
+    ids = torch.randint(10, 40000, (len(lengths), max(lengths)), generator=generator)
+    mask = (torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]).long()
+    with kvpipe.build(name).attach(model) as handle:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        stats = handle.stats()
+    assert out.shape == (len(lengths), max(lengths) + 2)
+    assert stats["budget_met"] == (stats["budget_shortfall"] == 0)
+
+
+def test_a_prompt_shorter_than_the_protected_window_is_kept_and_reported(smollm):
+    model, _ = smollm
+    ids = torch.randint(10, 40000, (1, 40), generator=torch.Generator().manual_seed(12))
+    with kvpipe.build("default").attach(model) as handle:               # keep 0.5, 4 sinks + 64 window
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+        stats = handle.stats()
+    assert not stats["budget_met"] and stats["budget_shortfall"] > 0
+    assert int(stats["kept_tokens"][:, 0].min()) >= 40                  # every prompt token kept
+    strict = kvpipe.build("default").spec.model_dump(mode="python", exclude_none=True) | {"strict": True}
+    with kvpipe.build(strict).attach(model):
+        with pytest.raises(kvpipe.BudgetError, match="strict: true"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
