@@ -163,12 +163,32 @@ def check_model(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"attention implementation {base!r} is not supported: per-head eviction needs an arbitrary mask. "
             "Load the model with attn_implementation='sdpa' (or 'eager')")
-    kinds = set(getattr(config, "layer_types", None) or
-                ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
-    if kinds != {"full_attention"}:
+    if getattr(config, "kv_lora_rank", None):
         raise UnsupportedModelError(
-            f"layer types {sorted(kinds)} are not supported yet: kvpipe compresses full-attention layers only; "
-            "sliding-window layers would need their own cache layer")
+            f"{type(model).__name__} uses multi-head latent attention (MLA, kv_lora_rank={config.kv_lora_rank}): its "
+            "cache holds one compressed latent per token shared by all heads, not per-head keys and values, so "
+            "kvpipe's per-head eviction and quantization do not apply. kvpipe supports models whose every layer is "
+            "full attention with per-head keys and values (Llama, Qwen2/3, Mistral, SmolLM...)")
+    kinds = list(getattr(config, "layer_types", None) or
+                 ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
+    other = sorted(set(kinds) - {"full_attention"})
+    if other:
+        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in other)
+        why = "; ".join(LAYER_KINDS.get(kind, f"{kind} layers are not full attention") for kind in other)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {counts} layers out of {len(kinds)}: {why}. kvpipe compresses full-attention "
+            "layers only; models whose every layer is full attention work (Llama, Qwen2/3, Mistral without a "
+            "sliding window, SmolLM...)")
+
+
+# What each layer kind that kvpipe refuses holds instead of per-token keys and values.
+LAYER_KINDS = {
+    "sliding_attention": "sliding-window layers keep a rolling window of their own, which needs its own cache layer",
+    "chunked_attention": "chunked-attention layers attend within fixed chunks, which needs its own cache layer",
+    "linear_attention": "linear-attention and state-space layers (Mamba, Gated DeltaNet) keep a fixed-size recurrent "
+                        "state, not per-token keys and values: there is nothing to evict",
+    "conv": "short-convolution layers keep a convolution state, not per-token keys and values",
+}
 
 
 class Handle:

@@ -261,3 +261,32 @@ def test_default_pipeline_file_attaches(random_ids):
     with kvpipe.build(path("default")).attach(model) as handle:
         model.generate(random_ids(1, 300), max_new_tokens=3, do_sample=False)
         assert handle.stats()["compression_ratio"] > 1.9
+
+
+def test_refuses_latent_attention_with_the_reason():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                              n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                              topk_group=1, attn_implementation="sdpa")
+    model = DeepseekV3ForCausalLM(config).eval()
+    with pytest.raises(UnsupportedModelError, match="multi-head latent attention.*kv_lora_rank=16"):
+        kvpipe.build("int4").attach(model)
+    assert getattr(model, "_kvpipe_session", None) is None
+    model.generate(torch.randint(2, 100, (1, 8)), max_new_tokens=2, do_sample=False)    # untouched
+
+
+def test_refuses_hybrid_models_naming_the_layer_kind():
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=2,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
+                             num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                             attn_implementation="sdpa")
+    model = Qwen3NextForCausalLM(config).eval()
+    with pytest.raises(UnsupportedModelError, match=r"3 linear_attention layers out of 4: .*recurrent state") as err:
+        kvpipe.build("default").attach(model)
+    assert "sliding-window layers" not in str(err.value)
