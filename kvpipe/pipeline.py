@@ -32,6 +32,10 @@ def build(spec: str | Path | dict) -> Pipeline:
         problem = stage.check_budget(parsed.budget) if parsed.budget is not None else None
         if problem:
             raise source.error(("budget",), problem)
+    if parsed.budget is not None and not any("keep" in stage.writes for stage in pipeline.stages):
+        raise source.error(("budget",), "no stage decides what to keep (topk, coupled_projection, ...), so this "
+                                        "budget would be ignored and every token kept; add an eviction stage or "
+                                        "remove the budget")
     return pipeline
 
 

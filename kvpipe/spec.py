@@ -27,11 +27,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+MAX_TOKENS = 1 << 24      # 16M: beyond any model's context; larger numbers are typos (or 1e23)
+
+
 class Budget(StrictModel):
     """Exactly one of three ways to say how much cache to keep (DESIGN §3)."""
 
     keep: float | None = Field(None, gt=0, le=1, description="fraction of each row's real tokens kept per layer×KV head")
-    tokens: int | None = Field(None, ge=1, description="tokens kept per layer×KV head (mean, for non-uniform allocators)")
+    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                               description="tokens kept per layer×KV head (mean, for non-uniform allocators)")
     bytes: float | None = Field(None, gt=0, le=1,
                                 description="fraction of the uncompressed cache's bytes, metadata included")
 
@@ -54,7 +58,7 @@ class Trigger(StrictModel):
     """When the cache is compressed. ``trigger: prefill`` is short for ``{prefill: true}``."""
 
     prefill: bool = Field(True, description="compress after the first forward on a fresh cache (the prompt)")
-    every: int | None = Field(None, ge=1, description="also compress whenever this many tokens have been added "
+    every: int | None = Field(None, ge=1, le=MAX_TOKENS, description="also compress whenever this many tokens have been added "
                                                       "since the last compression (decoding, chunked prefill)")
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ Duplicate keys, which ``safe_load`` silently collapses, are an error here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,18 @@ import yaml
 from kvpipe.errors import SpecError
 
 KeyPath = tuple  # e.g. ("stages", 1, "params", "window")
+MAX_NODES = 10_000  # a pipeline has a few dozen; aliases can make a 400-byte file expand exponentially
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``
+    and would hand the string ``"1e-3"`` to the spec)."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 @dataclass
@@ -50,17 +63,25 @@ def format_path(path: KeyPath) -> str:
 
 def load_yaml(text: str, name: str) -> YamlSource:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=Loader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        raise SpecError(f"YAML syntax error: {err.problem or err.context}", name,
-                        mark.line + 1 if mark else None, mark.column + 1 if mark else None) from None
+        raise _located(err, "YAML syntax error", name) from None
     source = YamlSource(None, name)
     if root is None:
         raise SpecError("the file is empty; a pipeline needs at least `version:` and `stages:`", name, 1, 1)
-    _record(root, (), source)
-    source.data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 — SafeLoader is safe_load
+    _record(root, (), source, [0])
+    try:
+        source.data = Loader(text).get_single_data()   # the safe loader: tags never construct Python objects
+    except yaml.constructor.ConstructorError as err:
+        raise _located(err, "unsupported YAML tag (pipelines hold plain mappings, lists, strings and numbers)",
+                       name) from None
     return source
+
+
+def _located(err: yaml.MarkedYAMLError, what: str, name: str) -> SpecError:
+    mark = err.problem_mark or err.context_mark
+    detail = (err.problem or err.context or "").split(" for the tag ")[-1]
+    return SpecError(f"{what}: {detail}", name, mark.line + 1 if mark else None, mark.column + 1 if mark else None)
 
 
 def read_source(spec: str | Path | dict) -> YamlSource:
@@ -77,21 +98,33 @@ def read_source(spec: str | Path | dict) -> YamlSource:
         if not path.is_file():
             raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({', '.join(shipped.names())})",
                             str(spec))
-    return load_yaml(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"not UTF-8 text (byte {err.start}); save the pipeline as UTF-8", str(path)) from None
+    return load_yaml(text, str(path))
 
 
-def _record(node: yaml.Node, path: KeyPath, source: YamlSource) -> None:
-    source.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+def _record(node: yaml.Node, path: KeyPath, source: YamlSource, visited: list[int]) -> None:
+    where = (node.start_mark.line + 1, node.start_mark.column + 1)
+    visited[0] += 1
+    if visited[0] > MAX_NODES:
+        raise SpecError(f"more than {MAX_NODES:,} values once aliases are expanded; a pipeline needs a few dozen",
+                        source.name, *where, format_path(path))
+    source.marks[path] = where
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError("a key must be a plain name, not a list or mapping", source.name,
+                                key_node.start_mark.line + 1, key_node.start_mark.column + 1, format_path(path))
             key = key_node.value
             if key in seen:
                 line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
                 raise SpecError(f"duplicate key {key!r}", source.name, line, col, format_path(path + (key,)))
             seen.add(key)
             source.key_marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _record(value_node, path + (key,), source)
+            _record(value_node, path + (key,), source, visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _record(item, path + (i,), source)
+            _record(item, path + (i,), source, visited)

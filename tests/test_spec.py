@@ -87,3 +87,16 @@ def test_shipped_pipelines_by_name_and_missing_files():
     assert kvpipe.build("default").spec == kvpipe.build(PIPELINES / "default.yaml").spec
     with pytest.raises(kvpipe.SpecError, match="no such pipeline file.*default, .*noop, random"):
         kvpipe.build("no/such/file.yaml")
+
+
+def test_yaml_1_2_exponents_are_numbers():
+    pipeline = kvpipe.build("version: 1\nbudget: {keep: 1e-1}\nstages: [sinks_window, attention_mass, uniform, topk]\n")
+    assert pipeline.spec.budget.keep == 0.1
+
+
+def test_a_file_that_is_not_utf8_is_one_located_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("version: 1\nname: caf\xe9\nstages: [noop]\n".encode("latin-1"))
+    with pytest.raises(kvpipe.SpecError) as err:
+        kvpipe.build(path)
+    assert str(err.value) == f"{path}: not UTF-8 text (byte 20); save the pipeline as UTF-8"   # the é
