@@ -86,12 +86,16 @@ class Session:
         if forward is not None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
             forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
-            if forward.compressing:
-                self.pipeline.compress(forward)
-            for layer in forward.cache.layers:
-                layer.settle()
+            # Storage is not differentiable (codes, kept sets): a forward with gradients on still compresses
+            # its cache, and no graph reaches into it.
+            with torch.no_grad():
+                if forward.compressing:
+                    self.pipeline.compress(forward)
+                for layer in forward.cache.layers:
+                    layer.settle()
         return output
 
+    @torch.no_grad()
     def observe(self, forward: ForwardState, module, query, key, value, scaling, position_ids) -> None:
         layer_idx = module.layer_idx
         batch, _, q, _ = query.shape
@@ -199,17 +203,21 @@ class Handle:
         self.session = session = Session(pipeline, model)
         self.original_attention = session.base
         name = register_attention(session.base)
-        for layer in session.decoder.layers:
-            layer.self_attn._kvpipe_session = session
-        self._hooks = [
-            session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
-            session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
-        ]
-        model._kvpipe_session = session
-        model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:
+        self._hooks = []
+        try:                    # all or nothing: whatever fails half-way, the model is left as it was
+            for layer in session.decoder.layers:
+                layer.self_attn._kvpipe_session = session
+            self._hooks = [
+                session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
+                session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
+            ]
+            model._kvpipe_session = session
+            model.set_attn_implementation(name)
+            if model.config._attn_implementation != name:
+                raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {name!r}")
+        except BaseException:
             self.detach()
-            raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {name!r}")
+            raise
         session.attached = True
 
     def detach(self) -> None:
@@ -247,6 +255,9 @@ class Handle:
         protected: a prompt shorter than the sinks and window; 0 when met).
         """
         if cache is None:
+            if not self.session.attached:
+                raise UnsupportedModelError("this handle was detached, and with it the cache it used; call stats() "
+                                            "before detach(), or pass the cache: stats(cache=...)")
             cache = self.session.last_cache
             if cache is None:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")

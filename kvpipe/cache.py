@@ -47,6 +47,12 @@ class KVPipeLayer(DynamicLayer):
         if self.store is None or self.decodes_fused(key_states.shape[-2]):
             return keys, values                     # fused decode reads the packed store itself
         if isinstance(self.store, QuantizedStore):
+            if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+                # a forward with gradients on: the stored part is constants (fresh buffers, not the shared
+                # workspace, which autograd would otherwise hold on to), the new tokens keep their graph
+                with torch.no_grad():
+                    stored = self.store.attend(keys[..., :0, :], values[..., :0, :])
+                return torch.cat([stored[0], keys], -2), torch.cat([stored[1], values], -2)
             return self.store.attend(keys, values, self.session.workspace)
         return self.store.attend(keys, values)
 

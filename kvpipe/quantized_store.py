@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 
 from kvpipe.backend import packer
-from kvpipe.kernels.ragged import concat_ragged, run_starts, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, pack_ragged, run_starts, select_ragged_rows, unpack_ragged
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range, quantize_pages)
 from kvpipe.kernels.quant import check_finite
@@ -151,42 +151,49 @@ class QuantizedStore(ValidSlots):
         """Aligned heads: every slot valid, pages dequantize straight into place."""
         return self._runs is not None
 
-    @property
+    @cached_property
     def width(self) -> int:
-        """Padded width attention sees: page slots (see above), then the longest residual."""
-        return self.page_width + self.residual.width
+        """Padded width attention sees. Aligned heads: their page slots (see above), then the residual. Otherwise
+        each head's tokens left-aligned (used page slots, then residual) up to the fullest head: never wider than
+        the tokens seen, which transformers' mask offsets rely on (unused page slots are not laid out)."""
+        if self._equal_heads:
+            return self.page_width + self.residual.width
+        return int(self.lengths.max()) if self.lengths.numel() else 0
 
-    def page_positions(self) -> torch.Tensor:
-        """``long [B, Hkv, page_width]``, -1 where no token is stored."""
+    def _holey_positions(self) -> torch.Tensor:
+        """``long [B, Hkv, pages·G + residual]``: every page slot then the residual, -1 where none is stored."""
         padded, _ = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)
-        padded = padded.flatten(2)
-        if self._runs is None:
-            return padded
-        return padded[..., padded[0, 0] >= 0] if padded.shape[0] * padded.shape[1] else padded[..., :0]
+        return torch.cat([padded.flatten(2), self.residual.padded()[2]], -1)
 
     def _build_valid(self) -> torch.Tensor:
-        return torch.cat([self.page_positions() >= 0, self.residual.valid()], -1)
+        if self._equal_heads:
+            return torch.ones((*self.page_counts.shape, self.width), dtype=torch.bool, device=self.page_counts.device)
+        return torch.arange(self.width, device=self.page_counts.device) < self.lengths[..., None]
 
-    @property
+    @cached_property
     def lengths(self) -> torch.Tensor:
         """``long [B, Hkv]``: tokens stored per head."""
-        return self._valid.sum(-1)
+        return (self._holey_positions() >= 0).sum(-1)
 
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized; in ``dtype``, default the residual's)
         and ``positions long`` (-1 = empty)."""
         res_keys, res_values, res_positions = self.residual.padded()
         dtype = dtype or res_keys.dtype
-        positions = torch.cat([self.page_positions(), res_positions], -1)
         if self._equal_heads:
             keys, values = self.attend(res_keys[..., :0, :].to(dtype), res_values[..., :0, :].to(dtype))
-            return keys, values, positions
-        res_keys, res_values = res_keys.to(dtype), res_values.to(dtype)
+            pages = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)[0].flatten(2)
+            pages = pages[..., pages[0, 0] >= 0] if pages.shape[0] * pages.shape[1] else pages[..., :0]
+            return keys, values, torch.cat([pages, res_positions], -1)
         page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
-        keys, _ = unpack_ragged(page_keys, self.page_counts)
-        values, _ = unpack_ragged(page_values, self.page_counts)
-        return (torch.cat([keys.flatten(2, 3), res_keys], -2), torch.cat([values.flatten(2, 3), res_values], -2),
-                positions)
+        positions = self._holey_positions()
+        stored = positions >= 0
+        keys, values = (torch.cat([unpack_ragged(pages, self.page_counts)[0].flatten(2, 3), res.to(dtype)], -2)
+                        for pages, res in ((page_keys, res_keys), (page_values, res_values)))
+        # left-align each head's stored slots: pack the holey layout, unpack it by per-head counts
+        return (unpack_ragged(pack_ragged(keys, stored), self.lengths)[0],
+                unpack_ragged(pack_ragged(values, stored), self.lengths)[0],
+                unpack_ragged(pack_ragged(positions, stored), self.lengths, fill=-1)[0])
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:

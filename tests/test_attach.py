@@ -290,3 +290,60 @@ def test_refuses_hybrid_models_naming_the_layer_kind():
     with pytest.raises(UnsupportedModelError, match=r"3 linear_attention layers out of 4: .*recurrent state") as err:
         kvpipe.build("default").attach(model)
     assert "sliding-window layers" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["int4", "value-aware-int4", "int4-then-evict"])
+def test_quantized_pipelines_on_a_left_padded_batch_of_short_prompts(name):
+    """Partly used 128-token pages once made the padded width exceed the tokens seen, and transformers' mask
+    offset went negative (IndexError inside masking)."""
+    model = tiny_model()
+    ids = torch.randint(2, 250, (2, 30), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    with kvpipe.build(name).attach(model) as handle:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        kept = handle.stats()["kept_tokens"]
+    assert out.shape == (2, 35)
+    assert int(kept[:, 1].max()) <= 20 + 5                    # padding never stored
+
+
+def test_attach_is_all_or_nothing(monkeypatch):
+    model = tiny_model()
+    ids = torch.randint(2, 250, (1, 40), generator=torch.Generator().manual_seed(6))
+    before = model(ids).logits
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("set_attn_implementation failed")
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    with pytest.raises(RuntimeError, match="set_attn_implementation failed"):
+        kvpipe.build("default").attach(model)
+    monkeypatch.undo()
+    assert getattr(model, "_kvpipe_session", None) is None
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks
+    assert torch.equal(model(ids).logits, before)
+    with kvpipe.build("default").attach(model):                # a new attach works
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("name", ["int4", "int2", "value-aware-int4", "int4-then-evict", "default"])
+def test_manual_forward_with_gradients_enabled(name):
+    """Training-style code calls the model with autograd on: the cache compresses under no_grad and the new
+    tokens keep their graph (the stored part is constants)."""
+    model = tiny_model()
+    ids = torch.randint(2, 250, (1, 300), generator=torch.Generator().manual_seed(7))
+    with kvpipe.build(name).attach(model) as handle:
+        cache = handle.cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        logits = model(ids[:, :2], past_key_values=cache, use_cache=True).logits
+        logits.sum().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
+
+
+def test_stats_after_detach_says_why():
+    model = tiny_model()
+    handle = kvpipe.build("default").attach(model)
+    ids = torch.randint(2, 250, (1, 200), generator=torch.Generator().manual_seed(8))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    handle.detach()
+    with pytest.raises(UnsupportedModelError, match="detached.*stats\\(cache=...\\)"):
+        handle.stats()
