@@ -38,7 +38,8 @@ def contenders(suite: SuiteSpec, suite_dir: Path) -> tuple[list[Contender], list
         local = suite_dir / entry.pipeline
         base = kvpipe.build(local if local.is_file() else entry.pipeline)
         name = entry.label or base.spec.name or Path(entry.pipeline).stem
-        if entry.budgets == "own":
+        # a pipeline that evicts nothing (noop, quantize-only) has no budget to sweep: it runs once, as it is
+        if entry.budgets == "own" or not base.evicts:
             out.append(PipelineContender(name, base, f"own {base.spec.budget}" if base.spec.budget else "own"))
             continue
         for budget in entry.budgets or suite.budgets:

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pipeline", help="path of a pipeline YAML file (e.g. pipelines/default.yaml)")
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded, default) or a Hugging Face model id / local path")
-    p.add_argument("--context", type=int, default=2048, metavar="TOKENS", help="context length (default 2048)")
-    p.add_argument("--cases", type=int, default=12, metavar="N", help="number of cases (default 12)")
+    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
+    p.add_argument("--cases", type=positive, default=12, metavar="N", help="number of cases (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
     p.add_argument("--question-aware", action="store_true",
                    help="compress the prompt with the question in it (easier). Default: the context is "
@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "plots of accuracy vs bytes and vs context length. Ready suites: "
                                    "benchmarks/suites/{smoke,main,orderings}.yaml.")
     p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default bench-results/<suite name>/)")
-    p.add_argument("--cases", type=int, metavar="N", help="override the suite's cases per task and context")
-    p.add_argument("--contexts", type=int, nargs="+", metavar="TOKENS", help="override the suite's context lengths")
+    p.add_argument("--out", metavar="DIR", help="output folder, new or without a run in it (default "
+                                                "bench-results/<suite name>-<date-time>/): a run is never overwritten")
+    p.add_argument("--cases", type=positive, metavar="N", help="override the suite's cases per task and context")
+    p.add_argument("--contexts", type=positive, nargs="+", metavar="TOKENS",
+                   help="override the suite's context lengths")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override the budget with keep: KEEP (several: one run per budget)")
     p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS,
                    help="needle task kinds (default: single multikey multivalue; vartrack = multi-hop chains)")
-    p.add_argument("--context", type=int, default=2048, metavar="TOKENS", help="context length (default 2048)")
-    p.add_argument("--cases", type=int, default=6, metavar="N", help="cases per kind (default 6)")
+    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
+    p.add_argument("--cases", type=positive, default=6, metavar="N", help="cases per kind (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
     p.add_argument("--agnostic", action="store_true", help="compress the context before the question is seen "
                                                            "(default: question-aware, where selection decides)")
@@ -109,12 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except SpecError as err:
+    except KVPipeError as err:                 # SpecError too: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KVPipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def _validate(args) -> int:
@@ -152,13 +151,25 @@ def _reference(args) -> int:
     return 0
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (``--cases 0`` has nothing to measure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _run(args) -> int:
     from kvpipe import build
-    from kvpipe.models import load
+    from kvpipe.models import check_context, load
     from kvpipe.run import report, run_needle
 
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
     model, tokenizer = load(args.model)
+    check_context(model, args.context + 64, "--context (plus the question and answer)")
     full, piped = run_needle(model, tokenizer, pipeline, args.context, args.cases, args.question_aware, args.seed)
     print(report(full, piped, args.question_aware, args.context, pipeline.spec.budget))
     return 0
@@ -168,22 +179,38 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from kvpipe.bench import contenders, run_suite
-    from kvpipe.models import load
+    from kvpipe.models import check_context, load
     from kvpipe.report import write_report
     from kvpipe.suite import load_suite, with_overrides
 
     suite, _ = load_suite(args.suite)
-    overrides = {k: v for k in ("cases", "contexts", "tasks", "model") if (v := getattr(args, k))}
+    overrides = {k: v for k in ("cases", "contexts", "tasks", "model") if (v := getattr(args, k)) is not None}
     suite = with_overrides(suite, overrides)
     suite_dir = Path(args.suite).parent
     contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
+    out = output_folder(args.out, suite.name)      # so does an output folder that would overwrite a run
     model, tokenizer = load(suite.model)
-    out = Path(args.out or Path("bench-results") / suite.name)
+    for context in suite.contexts:
+        check_context(model, context + 64, f"suite context {context} (plus the question and answer)")
     records = run_suite(suite, suite_dir, model, tokenizer, out)
     for path in write_report(records, out, plots=not args.no_plots):
         print(f"wrote {path}")
     print((out / "report.md").read_text())
     return 0
+
+
+def output_folder(given: str | None, suite_name: str):
+    """``--out`` as given, or ``bench-results/<suite>-<date-time>``: never a folder that already holds a run's
+    results (they would be overwritten) and never a file."""
+    import time
+    from pathlib import Path
+
+    out = Path(given) if given else Path("bench-results") / f"{suite_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise KVPipeError(f"--out {out} is a file; give a folder")
+    if (out / "results.jsonl").exists():
+        raise KVPipeError(f"{out} already holds a run (results.jsonl); give another --out, or remove it first")
+    return out
 
 
 def _diagnose(args) -> int:

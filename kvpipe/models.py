@@ -58,6 +58,15 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
     return model.eval(), tokenizer
 
 
+def check_context(model: torch.nn.Module, tokens: int, what: str) -> None:
+    """Refuse ``tokens`` beyond the model's position range: past it RoPE extrapolates and the numbers mean
+    nothing, silently."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise KVPipeError(f"{what} needs {tokens:,} positions but {type(model).__name__} was trained for "
+                          f"{limit:,}; use a shorter context or a longer-context model")
+
+
 def cache_arg(model: torch.nn.Module, cache) -> dict:
     """``{name: cache}`` for ``model(...)`` and ``generate(...)``: transformers 5.24 renamed ``past_key_values``
     to ``cache`` (the old name warns, and goes away in 5.40); older 5.x only know ``past_key_values``."""

@@ -32,7 +32,7 @@ def build(spec: str | Path | dict) -> Pipeline:
         problem = stage.check_budget(parsed.budget) if parsed.budget is not None else None
         if problem:
             raise source.error(("budget",), problem)
-    if parsed.budget is not None and not any("keep" in stage.writes for stage in pipeline.stages):
+    if parsed.budget is not None and not pipeline.evicts:
         raise source.error(("budget",), "no stage decides what to keep (topk, coupled_projection, ...), so this "
                                         "budget would be ignored and every token kept; add an eviction stage or "
                                         "remove the budget")
@@ -47,6 +47,11 @@ class Pipeline:
         self.quantizer = next((s for s in self.stages if "store" in s.writes), None)
         ids = [s.id for s in self.stages]
         self.after_quantizer = set(ids[ids.index(self.quantizer.id) + 1:]) if self.quantizer else set()
+
+    @property
+    def evicts(self) -> bool:
+        """Whether a stage decides what to keep, i.e. whether a budget applies."""
+        return any("keep" in stage.writes for stage in self.stages)
 
     @property
     def compresses(self) -> bool:

@@ -146,3 +146,12 @@ def test_kvpress_peers_run_through_kvpress_pipeline(tmp_path, smollm):
     assert adakv["bytes_fraction"] > 0.95                                  # masks: nothing is freed
     fidelity = {r["contender"]: r for r in records if r["kind"] == "fidelity"}
     assert fidelity["kvpress-snapkv @ keep=0.5"]["kl"] > 0
+
+
+def test_pipelines_that_evict_nothing_run_once_without_a_budget_label(tmp_path):
+    from kvpipe.bench import contenders
+
+    suite, _ = load_suite(write(tmp_path, SUITE.replace("  - {pipeline: noop, budgets: own, label: keep everything}",
+                                                         "  - noop\n  - int4")))
+    labels = [c.label for c in contenders(suite, tmp_path)[0]]
+    assert labels == ["default @ keep=0.5", "noop @ own", "int4 @ own"]

@@ -174,3 +174,41 @@ def test_yaml_reference_in_docs_is_current(capsys):
     assert main(["reference"]) == 0 and capsys.readouterr().out == yaml_reference()
     for key in ("`budget`", "`trigger`", "`every`", "`contexts`", "`peers`", "`budgets`"):
         assert f"| {key}" in yaml_reference()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "pipelines/default.yaml", "--cases", "0"], "argument --cases: 0 is not at least 1"),
+    (["run", "pipelines/default.yaml", "--context", "-5"], "argument --context: -5 is not at least 1"),
+    (["bench", "benchmarks/suites/smoke.yaml", "--cases", "0"], "argument --cases: 0 is not at least 1"),
+])
+def test_counts_below_one_are_refused_by_the_parser(argv, message, capsys):
+    from kvpipe.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_never_overwrites_a_run(tmp_path):
+    from kvpipe.cli import output_folder
+    from kvpipe.errors import KVPipeError
+
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    with pytest.raises(KVPipeError, match="already holds a run"):
+        output_folder(str(tmp_path), "smoke")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(KVPipeError, match="is a file"):
+        output_folder(str(tmp_path / "a-file"), "smoke")
+    first, second = output_folder(None, "smoke"), str(tmp_path / "new")
+    assert first.name.startswith("smoke-") and output_folder(second, "smoke").name == "new"
+
+
+@pytest.mark.real_model
+def test_run_refuses_a_context_beyond_the_models_positions(smollm):
+    from kvpipe.errors import KVPipeError
+    from kvpipe.models import check_context
+
+    model, _ = smollm
+    check_context(model, 2048, "--context")
+    with pytest.raises(KVPipeError, match="needs 100,000 positions but LlamaForCausalLM was trained for 8,192"):
+        check_context(model, 100_000, "--context")
