@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvpipe.backend import packer
 from kvpipe.context import LayerView
+from kvpipe.errors import UnsupportedModelError
 from kvpipe.quantized_store import Quantization, QuantizedStore
 from kvpipe.store import RaggedStore, storage_bytes
 
@@ -41,6 +42,10 @@ class KVPipeLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]``."""
         self.session.ensure_attached()
+        if self.session.active is None:     # the attached decoder's pre-hook did not run: another model's forward
+            raise UnsupportedModelError(
+                f"this cache belongs to the pipeline attached to a {type(self.session.model).__name__}, but a forward "
+                "that is not that model's is filling it; use handle.cache() only with the model it came from")
         keys, values = super().update(key_states, value_states)
         self.seen += key_states.shape[-2]
         self.since_compression += key_states.shape[-2]

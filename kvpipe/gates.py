@@ -78,13 +78,21 @@ class RetentionGates(nn.Module):
             raise KVPipeError(f"no retention gate file {source!r}: give a .safetensors path or one of "
                               f"{sorted(SHIPPED)}")
         from safetensors import safe_open
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
-        if "shape" not in meta:
-            raise KVPipeError(f"{path} is not a kvpipe retention gate file (no 'shape' metadata)")
-        gates = cls(**json.loads(meta["shape"]))
-        gates.load_state_dict(load_file(str(path)))
-        return gates.eval().requires_grad_(False), json.loads(meta.get("record", "{}"))
+        try:        # truncated, empty, pickled or foreign files, bad metadata: one clear error, never a traceback
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+            if "shape" not in meta:
+                raise ValueError("no 'shape' metadata")
+            gates = cls(**json.loads(meta["shape"]))
+            gates.load_state_dict(load_file(str(path)))
+            record = json.loads(meta.get("record", "{}"))
+        except Exception as err:  # safetensors raises its own error types; all mean "not a gate file"
+            raise KVPipeError(f"{path} is not a valid kvpipe retention gate file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); train one with "
+                              "`kvpipe train-gates`") from None
+        if not all(bool(torch.isfinite(p).all()) for p in gates.parameters()):
+            raise KVPipeError(f"{path}: the retention gates hold NaN or inf weights; retrain them")
+        return gates.eval().requires_grad_(False), record
 
 
 class _Readout(nn.Module):

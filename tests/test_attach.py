@@ -347,3 +347,11 @@ def test_stats_after_detach_says_why():
     handle.detach()
     with pytest.raises(UnsupportedModelError, match="detached.*stats\\(cache=...\\)"):
         handle.stats()
+
+
+def test_a_cache_given_to_another_model_is_refused_on_first_use():
+    model, other = tiny_model(), tiny_model(num_attention_heads=2, num_key_value_heads=1, seed=1)
+    ids = torch.randint(2, 250, (1, 20), generator=torch.Generator().manual_seed(9))
+    with kvpipe.build("default").attach(model) as handle:
+        with pytest.raises(UnsupportedModelError, match="use handle.cache\\(\\) only with the model it came from"):
+            other(ids, past_key_values=handle.cache(), use_cache=True)

@@ -102,3 +102,34 @@ def test_shipped_gates_load_for_smollm2_and_generate(smollm):
         stats = handle.stats()
     assert out.shape[1] == ids.shape[1] + 4
     assert stats["compression_ratio"] > 1.5
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "pickled", "bad metadata", "wrong shapes", "nan weights"])
+def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from kvpipe.errors import KVPipeError
+    from kvpipe.gates import RetentionGates
+
+    good = tiny_gates_file(tmp_path)
+    path = tmp_path / f"{kind.replace(' ', '-')}.safetensors"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(open(good, "rb").read()[:200])
+    elif kind == "pickled":
+        path.write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+    elif kind == "bad metadata":
+        save_file({"w": torch.ones(2)}, str(path), metadata={"shape": "{not json"})
+    elif kind == "wrong shapes":
+        save_file({"w": torch.ones(2)}, str(path), metadata={"shape": '{"layers": 2, "heads": 2, "head_dim": 16}'})
+    else:
+        gates, _ = RetentionGates.load(good)
+        with torch.no_grad():
+            next(gates.parameters())[0] = float("nan")
+        gates.save(str(path), {"note": "poisoned"})
+    with pytest.raises(KVPipeError, match="not a valid kvpipe retention gate file|NaN or inf") as err:
+        RetentionGates.load(path)
+    assert "\n" not in str(err.value)

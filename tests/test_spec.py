@@ -100,3 +100,12 @@ def test_a_file_that_is_not_utf8_is_one_located_line(tmp_path):
     with pytest.raises(kvpipe.SpecError) as err:
         kvpipe.build(path)
     assert str(err.value) == f"{path}: not UTF-8 text (byte 20); save the pipeline as UTF-8"   # the é
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_validate_cli_gives_one_line_and_exit_1_for_every_bad_spec(path, capsys):
+    from kvpipe.cli import main
+
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}") and "Traceback" not in err
