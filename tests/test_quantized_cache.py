@@ -238,3 +238,54 @@ def test_layout_skips_unused_page_slots_only_when_heads_align(counts):
             assert torch.equal(got_pos[b, h][valid], want)
             # 8-bit codes: each key within half a step of its group's range (< 1e-2 for these inputs)
             torch.testing.assert_close(got_k[b, h][valid], all_k[b, h][want], atol=2e-2, rtol=0)
+
+
+def quantize_case(seed: int, batch: int = 2, heads: int = 2, n: int = 100, dim: int = 16):
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(batch, heads, n, dim, generator=generator) for _ in range(2))
+    keys[..., :2] *= 20                                                   # outlier channels, as real keys have
+    valid = torch.rand(batch, heads, n, generator=generator) < 0.8
+    return keys, values, torch.arange(n).expand(batch, heads, n), valid
+
+
+def test_preview_roundtrip_is_what_the_cache_returns():
+    """Stages after `quantize` see ``roundtrip``: exactly the stored values, which are not the inputs."""
+    keys, values, positions, valid = quantize_case(3)
+    quant = kvpipe.build(quantize_spec(bits=4, residual=8)).quantizer.quantization(keys.shape[-1])
+    k, v = roundtrip(keys, values, positions, valid, quant)
+    store = QuantizedStore.from_padded(keys, values, positions, valid, quant)
+    stored_k, stored_v, stored_pos = store.padded()
+    for seen, stored in ((k, stored_k), (v, stored_v)):
+        for b in range(2):
+            for h in range(2):
+                picked = seen[b, h][valid[b, h]]
+                assert torch.equal(picked, stored[b, h, : picked.shape[0]])
+    error = float((k - keys)[valid].norm() / keys[valid].norm())
+    assert 0.002 < error < 0.1, error                # 4-bit error: neither zero (identity) nor garbage
+
+
+def test_stored_scale_is_the_group_range_over_the_code_count():
+    """Step = (max - min) / (2^b - 1), rounded up to float16: a coarser step would still meet "error <= step/2"."""
+    keys, values, positions, valid = quantize_case(4, n=128)
+    valid = torch.ones_like(valid)
+    for bits in (2, 4, 8):
+        quant = kvpipe.build(quantize_spec(bits=bits, residual=0)).quantizer.quantization(keys.shape[-1])
+        store = QuantizedStore.from_padded(keys, values, positions, valid, quant)
+        pages = keys.float().reshape(-1, 32, keys.shape[-1])                 # full pages of 32 tokens, per head
+        want = (pages.amax(1) - pages.amin(1)) / (2 ** bits - 1)
+        got = store.pages.key_scale.float()[: want.shape[0]]
+        assert bool((got >= want).all()) and bool((got <= want * (1 + 2 ** -10) + 1e-7).all()), bits
+
+
+@pytest.mark.parametrize("method", ["hqq", "quanto"])
+def test_library_ranges_are_as_accurate_as_min_max(method):
+    """hqq and quanto choose their own ranges; garbage ranges would leave every format test green but not this."""
+    pytest.importorskip({"hqq": "hqq", "quanto": "optimum.quanto"}[method])
+    keys, values, positions, valid = quantize_case(5)
+    errors = {}
+    for name in ("kivi", method):
+        quant = kvpipe.build(quantize_spec(method=name, bits=4, residual=0)).quantizer.quantization(keys.shape[-1])
+        k, v = roundtrip(keys, values, positions, valid, quant)
+        errors[name] = float(torch.cat([(k - keys)[valid], (v - values)[valid]]).norm()
+                             / torch.cat([keys[valid], values[valid]]).norm())
+    assert 0 < errors[method] <= 1.5 * errors["kivi"], errors
