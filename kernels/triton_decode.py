@@ -15,7 +15,7 @@ One query token per sequence. Flash-decoding shape (kernels.md §3.1):
 Dot operands are the query's dtype (fp16, or bf16 with the query split into two bf16 terms for the scores;
 fp32 with IEEE products for fp32 queries), and always fp32 under the interpreter, whose bf16 arithmetic is wrong
 (kernels.md §4.3). Nothing dequantized is ever written to memory. The torch reference is
-``decode_attention_reference``.
+``kernels.attention_reference.decode_attention_reference``.
 
 Speed, measured on an H200 (docs/results.md): correct, but bound by shared memory, not by HBM. Nsight Compute
 at 32k tokens, batch 8: DRAM 9.5 % of peak, L1/shared 79 %, 35 % of shared wavefronts excess (bank conflicts)
@@ -236,17 +236,4 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
     return out.to(q.dtype).view(batch, q_heads, 1, dim).transpose(1, 2)
 
 
-def decode_attention_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
-                               scaling: float) -> torch.Tensor:
-    """fp32 ground truth: ``query [B, Hq, 1, D]`` over ``keys``/``values [B, Hkv, n, D]`` where ``valid``
-    (``bool [B, Hkv, n]``); returns ``[B, 1, Hq, D]``. Heads with no valid slot give zeros."""
-    group = query.shape[1] // keys.shape[1]
-    k = keys.float().repeat_interleave(group, 1)
-    v = values.float().repeat_interleave(group, 1)
-    scores = (query.float() @ k.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~valid.repeat_interleave(group, 1)[:, :, None, :], float("-inf"))
-    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0)
-    return (weights @ v).transpose(1, 2).to(query.dtype)
-
-
-__all__ = ["decode_attention_reference", "default_splits", "fused_decode_attention"]
+__all__ = ["default_splits", "fused_decode_attention"]

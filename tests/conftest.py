@@ -68,9 +68,16 @@ def smollm():
     return load("smollm2-135m")
 
 
+def fresh_seed() -> int:
+    """A new random seed, printed: pytest shows a failing test's output, so the failure can be replayed."""
+    seed = int(torch.seed() % 2**31)
+    print(f"seed {seed}")
+    return seed
+
+
 @pytest.fixture
 def random_ids():
     def make(batch: int, length: int, vocab: int = 256, seed: int | None = None) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+        generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
         return torch.randint(2, vocab - 1, (batch, length), generator=generator)
     return make

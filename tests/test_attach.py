@@ -355,3 +355,24 @@ def test_a_cache_given_to_another_model_is_refused_on_first_use():
     with kvpipe.build("default").attach(model) as handle:
         with pytest.raises(UnsupportedModelError, match="use handle.cache\\(\\) only with the model it came from"):
             other(ids, past_key_values=handle.cache(), use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["default", "int4", "value-aware-int4"])
+def test_reorder_cache_moves_every_rows_tokens(name):
+    """Beam search reorders rows: each layer's stored keys, values and positions follow, exactly."""
+    model = tiny_model()
+    ids = torch.randint(2, 250, (3, 300), generator=torch.Generator().manual_seed(10))
+    with kvpipe.build(name).attach(model) as handle:
+        cache = handle.cache()
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+        before = [layer.view(None) for layer in cache.layers]
+        order = torch.tensor([2, 0, 0])
+        cache.reorder_cache(order)
+        after = [layer.view(None) for layer in cache.layers]
+    for old, new in zip(before, after):
+        width = new.valid.shape[-1]                      # rows 1 and 2 of old may have held more per head
+        assert not bool(old.valid[order][..., width:].any())
+        assert not torch.equal(old.keys[:, :, :width], new.keys)
+        for field in ("keys", "values", "positions", "valid"):
+            assert torch.equal(getattr(new, field), getattr(old, field)[order][:, :, :width]), field

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import fresh_seed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,7 @@ from kvpipe.stages.tova import TOVA
 
 
 def observation(batch=1, q_heads=4, kv_heads=2, q=6, kv=6, dim=8, model_dim=12, seed=None) -> Observation:
-    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     return Observation(0, rand(batch, q_heads, q, dim), rand(batch, kv_heads, kv, dim), rand(batch, kv_heads, kv, dim),
                        dim**-0.5, torch.ones(batch, q, dtype=torch.bool), torch.ones(batch, kv_heads, kv, dtype=torch.bool),
