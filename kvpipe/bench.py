@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import kvpipe
 from kvpipe.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, kvpress_available, peer
-from kvpipe.errors import BudgetError
+from kvpipe.errors import BudgetError, KVPipeError
 from kvpipe.fidelity import compare
 from kvpipe.suite import SuiteSpec
 from kvpipe.tasks import make_cases, paragraphs
@@ -107,10 +107,25 @@ def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar
                 bar.update()
 
 
+def fidelity_ids(tokenizer) -> torch.Tensor:
+    """``long [1, n]``: the held-out prose fidelity is measured on."""
+    return tokenizer("\n".join(paragraphs()[FIDELITY_PARAGRAPHS]), return_tensors="pt").input_ids
+
+
+def check_fidelity(suite: SuiteSpec, tokenizer) -> None:
+    """Before any task runs: the held-out prose must be long enough for ``fidelity``'s context + continuation."""
+    if suite.fidelity is None:
+        return
+    need, have = suite.fidelity.context + suite.fidelity.continuation, fidelity_ids(tokenizer).shape[1]
+    if need > have:
+        raise KVPipeError(f"fidelity needs {need:,} tokens of held-out prose (context + continuation) but there "
+                          f"are {have:,} with this tokenizer; lower fidelity.context")
+
+
 def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, progress: bool):
     """KL to the full cache and perplexity on held-out documentation prose, teacher-forced."""
     spec = suite.fidelity
-    ids = tokenizer("\n".join(paragraphs()[FIDELITY_PARAGRAPHS]), return_tensors="pt").input_ids
+    ids = fidelity_ids(tokenizer)
     context, continuation = ids[:, :spec.context], ids[:, spec.context:spec.context + spec.continuation]
     reference = field[0].logits(model, context, continuation)
     for contender in tqdm(field[1:], desc="fidelity", disable=not progress):

@@ -178,7 +178,7 @@ def _run(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from kvpipe.bench import contenders, run_suite
+    from kvpipe.bench import check_fidelity, contenders, run_suite
     from kvpipe.models import check_context, load
     from kvpipe.report import write_report
     from kvpipe.suite import load_suite, with_overrides
@@ -190,8 +190,9 @@ def _bench(args) -> int:
     contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
     out = output_folder(args.out, suite.name)      # so does an output folder that would overwrite a run
     model, tokenizer = load(suite.model)
-    for context in suite.contexts:
+    for context in suite.contexts:               # before any task runs
         check_context(model, context + 64, f"suite context {context} (plus the question and answer)")
+    check_fidelity(suite, tokenizer)
     records = run_suite(suite, suite_dir, model, tokenizer, out)
     for path in write_report(records, out, plots=not args.no_plots):
         print(f"wrote {path}")

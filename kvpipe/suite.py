@@ -25,7 +25,7 @@ from kvpipe.contenders import PEERS
 from kvpipe.errors import SpecError
 from kvpipe.spec import Budget, StrictModel, did_you_mean, first_error
 from kvpipe.tasks import HAYSTACKS, KINDS
-from kvpipe.yaml_source import YamlSource, load_yaml
+from kvpipe.yaml_source import YamlSource, load_file
 
 
 class PipelineEntry(StrictModel):
@@ -104,7 +104,7 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, YamlSource]:
     path = Path(path)
     if not path.is_file():
         raise SpecError("no such suite file (benchmarks/suites/ has ready ones)", str(path))
-    source = load_yaml(path.read_text(), str(path))
+    source = load_file(path)
     if not isinstance(source.data, dict):
         raise source.error((), f"a suite is a mapping with `version:`, `name:`, `contexts:`, `tasks:` ..., "
                                f"got {type(source.data).__name__}")

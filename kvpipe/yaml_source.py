@@ -98,10 +98,15 @@ def read_source(spec: str | Path | dict) -> YamlSource:
         if not path.is_file():
             raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({', '.join(shipped.names())})",
                             str(spec))
+    return load_file(path)
+
+
+def load_file(path: Path) -> YamlSource:
+    """``load_yaml`` of a file, which must be UTF-8 text."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise SpecError(f"not UTF-8 text (byte {err.start}); save the pipeline as UTF-8", str(path)) from None
+        raise SpecError(f"not UTF-8 text (byte {err.start}); save the file as UTF-8", str(path)) from None
     return load_yaml(text, str(path))
 
 

@@ -155,3 +155,24 @@ def test_pipelines_that_evict_nothing_run_once_without_a_budget_label(tmp_path):
                                                          "  - noop\n  - int4")))
     labels = [c.label for c in contenders(suite, tmp_path)[0]]
     assert labels == ["default @ keep=0.5", "noop @ own", "int4 @ own"]
+
+
+@pytest.mark.real_model
+def test_a_fidelity_context_longer_than_the_prose_is_refused_before_any_task(tmp_path, smollm):
+    from kvpipe.bench import check_fidelity
+
+    _, tokenizer = smollm
+    check_fidelity(load_suite(write(tmp_path, SUITE))[0], tokenizer)
+    long = SUITE.replace("fidelity: {context: 96, continuation: 16}", "fidelity: {context: 900000, continuation: 16}")
+    with pytest.raises(KVPipeError, match="fidelity needs 900,016 tokens of held-out prose"):
+        check_fidelity(load_suite(write(tmp_path, long, "long.yaml"))[0], tokenizer)
+
+
+def test_suite_files_with_a_python_tag_or_not_utf8_are_one_located_line(tmp_path):
+    bad = write(tmp_path, SUITE.replace("cases: 2", "cases: !!python/object/apply:os.system [true]"))
+    with pytest.raises(SpecError, match=r"suite.yaml:4:8: unsupported YAML tag"):
+        load_suite(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(SUITE.replace("name: tiny", "name: caf\xe9").encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        load_suite(latin)

@@ -99,7 +99,7 @@ def test_a_file_that_is_not_utf8_is_one_located_line(tmp_path):
     path.write_bytes("version: 1\nname: caf\xe9\nstages: [noop]\n".encode("latin-1"))
     with pytest.raises(kvpipe.SpecError) as err:
         kvpipe.build(path)
-    assert str(err.value) == f"{path}: not UTF-8 text (byte 20); save the pipeline as UTF-8"   # the é
+    assert str(err.value) == f"{path}: not UTF-8 text (byte 20); save the file as UTF-8"   # the é
 
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
