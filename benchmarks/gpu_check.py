@@ -174,11 +174,11 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                         lambda s=splits: fused_decode_attention(
                             query, store.pages, store.page_counts, quant.fmt, res.keys, res.values, res.lengths,
                             empty, empty, scale, splits=s, page_starts=store.page_starts, residual_starts=res.starts))})
+
                 def torch_path(store=store):
                     k, v = store.attend(empty, empty, workspace)
                     return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
                 timings["kvpipe torch path int4 (dequantize, SDPA)"] = (time_it(torch_path), store.nbytes + io, None)
-            del store
         cache, why = hqq_quantized_cache(sizes, batch, keys, values)
         if cache is not None:
             def quantized_cache():
@@ -187,7 +187,6 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
             timings["transformers QuantizedCache (HQQ int4)"] = (time_it(quantized_cache), None, None)
         else:
             timings["transformers QuantizedCache (HQQ int4)"] = (None, None, why)
-        del keys, values, cache
         sdpa = timings["SDPA, full bf16 cache"][0]
         for contender, (seconds, read, note) in timings.items():
             rows.append({"context": context, "batch": batch, "contender": contender,

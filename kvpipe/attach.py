@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpipe.attention import BASES, register_attention
 from kvpipe.backend import resolve_backend
-from kvpipe.cache import KVPipeCache, KVPipeLayer, cache_bytes
+from kvpipe.cache import KVPipeCache, cache_bytes
 from kvpipe.context import Observation
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.quantized_store import Workspace

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from kvpipe.diagnose import PROBES
-from kvpipe.errors import KVPipeError, SpecError
+from kvpipe.errors import KVPipeError
 from kvpipe.tasks import KINDS
 
 EPILOG = """\
