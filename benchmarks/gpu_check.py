@@ -384,8 +384,8 @@ def main() -> int:
     time_it = timer(device)
     report: dict = {"environment": environment(device), "errors": {},
                     "decode_shape": {"q_heads": sizes.q_heads, "kv_heads": sizes.kv_heads, "head_dim": sizes.head_dim},
-                    "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama", "e2e_tokens": sizes.e2e_context,
-                    "split_sweep": []}
+                    "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama",
+                    "e2e_tokens": sizes.e2e_context, "split_sweep": []}
     copy_bw = copy_bandwidth(device, time_it, sizes.copy_numel)
     report["copy_GB_s"] = copy_bw / 1e9
     parts = {"correctness": lambda: correctness(args.out, args.select),
