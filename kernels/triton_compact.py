@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvpipe.kernels.ragged import run_starts
+
 
 @triton.jit
 def _compact_kernel(src, keep, starts, out, n, F, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
@@ -35,8 +37,8 @@ def pack_ragged_triton(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     batch, heads, length = keep.shape
     rest = padded.shape[3:]
     features = math.prod(rest)
-    counts = keep.sum(-1).flatten()
-    starts = (counts.cumsum(0) - counts).to(torch.int32)
+    counts = keep.sum(-1)
+    starts = run_starts(counts)
     out = padded.new_empty(int(counts.sum()), *rest)
     if out.numel():
         block_f = min(triton.next_power_of_2(features), 128)

@@ -160,7 +160,9 @@ class KVPipeLayer(DynamicLayer):
     def kept_slots(self) -> torch.Tensor:
         """``long [B, Hkv]``: slots held per head (kept store slots plus the tail)."""
         batch, heads = self.keys.shape[:2]
-        stored = self.store.lengths.long() if self.store is not None else torch.zeros(batch, heads, dtype=torch.long, device=self.keys.device)
+        if self.store is None:
+            return torch.full((batch, heads), self.tail_length, dtype=torch.long, device=self.keys.device)
+        stored = self.store.lengths.long()
         return stored + self.tail_length
 
     @property

@@ -151,6 +151,9 @@ def _reference(args) -> int:
     return 0
 
 
+QUESTION_ROOM = 64     # positions a task needs past its context: the question and the answer
+
+
 def positive(text: str) -> int:
     """argparse type: a whole number of at least 1 (``--cases 0`` has nothing to measure)."""
     try:
@@ -169,7 +172,7 @@ def _run(args) -> int:
 
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
     model, tokenizer = load(args.model)
-    check_context(model, args.context + 64, "--context (plus the question and answer)")
+    check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     full, piped = run_needle(model, tokenizer, pipeline, args.context, args.cases, args.question_aware, args.seed)
     print(report(full, piped, args.question_aware, args.context, pipeline.spec.budget))
     return 0
@@ -191,7 +194,7 @@ def _bench(args) -> int:
     out = output_folder(args.out, suite.name)      # so does an output folder that would overwrite a run
     model, tokenizer = load(suite.model)
     for context in suite.contexts:               # before any task runs
-        check_context(model, context + 64, f"suite context {context} (plus the question and answer)")
+        check_context(model, context + QUESTION_ROOM, f"suite context {context} (plus the question and answer)")
     check_fidelity(suite, tokenizer)
     records = run_suite(suite, suite_dir, model, tokenizer, out)
     for path in write_report(records, out, plots=not args.no_plots):

@@ -95,7 +95,8 @@ class Pipeline:
         head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
         seen = cache.get_seq_length()
         padding = forward.padding
-        seen_real = padding.sum(-1) if padding is not None else torch.full((views[0].valid.shape[0],), seen, device=views[0].valid.device)
+        valid = views[0].valid
+        seen_real = padding.sum(-1) if padding is not None else torch.full(valid.shape[:1], seen, device=valid.device)
         quant = self.quantizer.quantization(head_dim) if self.quantizer is not None else None
         if quant is not None:
             quant = dataclasses.replace(quant, backend=cache.kvpipe_session.backend)

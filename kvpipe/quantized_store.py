@@ -160,10 +160,13 @@ class QuantizedStore(ValidSlots):
             return self.page_width + self.residual.width
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
-    def _holey_positions(self) -> torch.Tensor:
+    def _page_positions(self) -> torch.Tensor:
+        """``long [B, Hkv, pages·G]``: every page slot of each head, -1 where none is stored."""
+        return unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)[0].flatten(2)
+
+    def _holey_positions(self, residual_positions: torch.Tensor) -> torch.Tensor:
         """``long [B, Hkv, pages·G + residual]``: every page slot then the residual, -1 where none is stored."""
-        padded, _ = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)
-        return torch.cat([padded.flatten(2), self.residual.padded()[2]], -1)
+        return torch.cat([self._page_positions(), residual_positions], -1)
 
     def _build_valid(self) -> torch.Tensor:
         if self._equal_heads:
@@ -173,7 +176,7 @@ class QuantizedStore(ValidSlots):
     @cached_property
     def lengths(self) -> torch.Tensor:
         """``long [B, Hkv]``: tokens stored per head."""
-        return (self._holey_positions() >= 0).sum(-1)
+        return (self._holey_positions(self.residual.padded()[2]) >= 0).sum(-1)
 
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized; in ``dtype``, default the residual's)
@@ -182,11 +185,11 @@ class QuantizedStore(ValidSlots):
         dtype = dtype or res_keys.dtype
         if self._equal_heads:
             keys, values = self.attend(res_keys[..., :0, :].to(dtype), res_values[..., :0, :].to(dtype))
-            pages = unpack_ragged(self.pages.positions.long(), self.page_counts, fill=-1)[0].flatten(2)
+            pages = self._page_positions()
             pages = pages[..., pages[0, 0] >= 0] if pages.shape[0] * pages.shape[1] else pages[..., :0]
             return keys, values, torch.cat([pages, res_positions], -1)
         page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
-        positions = self._holey_positions()
+        positions = self._holey_positions(res_positions)
         stored = positions >= 0
         keys, values = (torch.cat([unpack_ragged(pages, self.page_counts)[0].flatten(2, 3), res.to(dtype)], -2)
                         for pages, res in ((page_keys, res_keys), (page_values, res_values)))

@@ -53,7 +53,7 @@ def whole_blocks(scores: torch.Tensor, open_: torch.Tensor, room: torch.Tensor, 
     batch, heads, n = open_.shape
     index = ((open_.long().cumsum(-1) - 1) // block).clamp_min(0)                        # block of each slot
     blocks = n // block + 1
-    size = torch.zeros(batch, heads, blocks, dtype=torch.long, device=open_.device).scatter_add_(-1, index, open_.long())
+    size = open_.new_zeros(batch, heads, blocks, dtype=torch.long).scatter_add_(-1, index, open_.long())
     total = scores.new_zeros(batch, heads, blocks).scatter_add_(-1, index, torch.where(open_, scores, 0.0))
     density = torch.where(size > 0, total / size.clamp_min(1), float("-inf"))
     order = torch.argsort(density, dim=-1, descending=True, stable=True)

@@ -46,7 +46,8 @@ class ExpectedAttention(ObservingScorer):
         count = live.sum(2).clamp(min=1)
         mean = (pre_rope * live).sum(2) / count                                          # [B, Hq, D]
         centred = (pre_rope - mean[:, :, None]) * live
-        future = positions.max(-1, keepdim=True).values + torch.arange(1, self.params.n_future + 1, device=positions.device)
+        ahead = torch.arange(1, self.params.n_future + 1, device=positions.device)
+        future = positions.max(-1, keepdim=True).values + ahead
         cos_f, sin_f = (t.float().mean(1) for t in obs.rotary(future))                   # [B, D]
         rotation = average_rotation(cos_f, sin_f)[:, None]                               # [B, 1, D, D]
         mean_f = (rotation @ mean[..., None])[..., 0]                                    # [B, Hq, D]

@@ -46,18 +46,32 @@ def tiny():
     return tiny_model()
 
 
-def tiny_gates_file(directory, shared: bool = True, seed: int = 0) -> str:
-    """Untrained retention gates shaped for ``tiny_model()`` (2 layers, 2 KV heads, head_dim 16), saved as a
+def tiny_gates_file(directory, shared: bool = True, seed: int = 0,
+                    shape: tuple[int, int, int] = (2, 2, 16)) -> str:
+    """Untrained retention gates of ``shape`` (layers, KV heads, head_dim; default: ``tiny_model()``'s), saved as a
     gate file. A low bias and wide weights make ``log β`` differ between tokens, so eviction has a choice."""
     from kvpipe.gates import RetentionGates
 
     torch.manual_seed(seed)
-    gates = RetentionGates(2, 2, 16, hidden=8, bias_init=1.0, shared=shared)
+    gates = RetentionGates(*shape, hidden=8, bias_init=1.0, shared=shared)
     for weight in (p for p in gates.parameters() if p.dim() > 1):
         torch.nn.init.normal_(weight, std=0.5)
-    path = f"{directory}/tiny-gates-{'shared' if shared else 'unshared'}-{seed}.safetensors"
+    layers, heads, dim = shape
+    path = f"{directory}/gates-{layers}x{heads}x{dim}-{'shared' if shared else 'unshared'}-{seed}.safetensors"
     gates.save(path, {"model": "tiny llama", "note": "untrained, for tests"})
     return path
+
+
+def shipped_pipeline(name: str, directory, gate_shape: tuple[int, int, int] = (2, 2, 16), **spec_overrides):
+    """A shipped pipeline for a test model: its SmolLM2 gates (if any) swapped for untrained ones of
+    ``gate_shape``, and top-level spec keys (``backend=...``) overridden."""
+    import kvpipe
+
+    spec = kvpipe.build(name).spec.model_dump(mode="python", exclude_none=True) | spec_overrides
+    for stage in spec["stages"]:
+        if isinstance(stage, dict) and stage.get("stage") == "retention_gates":
+            stage["params"]["gates"] = tiny_gates_file(directory, shape=gate_shape)
+    return kvpipe.build(spec)
 
 
 @pytest.fixture(scope="session")

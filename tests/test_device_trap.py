@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shipped_pipeline, tiny_model
 from torch.overrides import TorchFunctionMode
 
-import kvpipe
 from kvpipe.shipped import names
-from conftest import tiny_gates_file, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_CODE = tuple(str(ROOT / folder) + "/" for folder in ("kvpipe", "stages", "kernels"))
@@ -57,12 +56,7 @@ def test_every_shipped_pipeline_runs_under_the_device_trap(name, backend, tmp_pa
     """``triton`` runs the kernels' wrappers too (compaction, quantize-and-pack, fused decode) in the interpreter."""
     if backend == "triton":
         pytest.importorskip("triton")
-    spec = kvpipe.build(name).spec.model_dump(mode="python", exclude_none=True)
-    spec["backend"] = backend
-    for stage in spec["stages"]:
-        if isinstance(stage, dict) and stage.get("stage") == "retention_gates":
-            stage["params"]["gates"] = tiny_gates_file(tmp_path)
-    pipeline = kvpipe.build(spec)
+    pipeline = shipped_pipeline(name, tmp_path, backend=backend)
     model = tiny_model()
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 250, (2, 300), generator=generator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shipped_pipeline
 
 import kvpipe
 from kvpipe.shipped import names
@@ -30,22 +31,9 @@ def model():
     return llama_shaped()
 
 
-def with_gates(name: str, tmp_path) -> kvpipe.Pipeline:
-    """The shipped pipeline; trained gates for SmolLM2 are swapped for untrained ones shaped for this model."""
-    from kvpipe.gates import RetentionGates
-
-    spec = kvpipe.build(name).spec.model_dump(mode="python", exclude_none=True)
-    for stage in spec["stages"]:
-        if isinstance(stage, dict) and stage.get("stage") == "retention_gates":
-            path = tmp_path / "gates.safetensors"
-            RetentionGates(4, 2, 64, hidden=8, bias_init=1.0, shared=True).save(str(path), {"note": "untrained"})
-            stage["params"]["gates"] = str(path)
-    return kvpipe.build(spec)
-
-
 @pytest.mark.parametrize("name", names())
 def test_every_shipped_pipeline_generates_on_cuda(model, name, tmp_path):
-    pipeline = with_gates(name, tmp_path)
+    pipeline = shipped_pipeline(name, tmp_path, gate_shape=(4, 2, 64))     # llama_shaped()'s layers and heads
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 1000, (2, 700), generator=generator).cuda()
     mask = torch.ones_like(ids)
