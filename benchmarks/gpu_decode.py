@@ -1,0 +1,97 @@
+"""``gpu_check.py``'s decode-attention microbenchmark: one decode step at an attention shape, kvpipe's fused int4 and
+int2 kernels beside SDPA over a full bf16 cache, kvpipe's torch path and transformers' ``QuantizedCache``.
+Imported by ``gpu_check.py``, which sets ``TRITON_INTERPRET`` for ``--tiny`` before this module's kernels load."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from gpu_shapes import Sizes
+from tqdm.auto import tqdm
+
+import kvpipe
+from kvpipe.kernels.triton_decode import fused_decode_attention
+from kvpipe.quantized_store import QuantizedStore, Workspace
+
+
+def quantization_of(name: str, head_dim: int):
+    """The storage a shipped pipeline asks for (so the benchmark measures exactly what ``int4`` ships)."""
+    return kvpipe.build(name).quantizer.quantization(head_dim)
+
+
+def hqq_quantized_cache(sizes: Sizes, batch: int, keys: torch.Tensor, values: torch.Tensor):
+    """transformers' ``QuantizedCache`` (HQQ, 4 bits) holding ``keys``/``values``, or why it cannot be built."""
+    if importlib.util.find_spec("hqq") is None:
+        return None, "hqq is not installed on this machine"
+    from transformers import LlamaConfig, QuantizedCache
+
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=sizes.q_heads, num_key_value_heads=sizes.kv_heads,
+                         head_dim=sizes.head_dim, hidden_size=sizes.q_heads * sizes.head_dim)
+    cache = QuantizedCache(backend="hqq", config=config, nbits=4, residual_length=128)
+    cache.update(keys, values, 0)
+    return cache, None
+
+
+SPLIT_SWEEP = (16, 32, 64, 128)
+
+
+def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float, sweeps: list) -> list[dict]:
+    rows = []
+    scale = sizes.head_dim ** -0.5
+    formats = {name: quantization_of(name, sizes.head_dim) for name in ("int4", "int2")}
+    workspace = Workspace()
+    sweep = [(c, b) for c in sizes.contexts for b in sizes.batches]
+    for context, batch in tqdm(sweep, desc="decode attention"):
+        generator = torch.Generator(device=device).manual_seed(context + batch)
+        shape = (batch, sizes.kv_heads, context, sizes.head_dim)
+        keys = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+        values = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+        query = torch.randn(batch, sizes.q_heads, 1, sizes.head_dim, generator=generator, device=device,
+                            dtype=torch.bfloat16)
+        empty = keys[:, :, :0]
+        io = 2 * query.nbytes                                                # the query read, the output written
+        timings = {"SDPA, full bf16 cache": (time_it(lambda: F.scaled_dot_product_attention(
+            query, keys, values, scale=scale, enable_gqa=True)), keys.nbytes + values.nbytes + io, None)}
+        positions = torch.arange(context, device=device).expand(batch, sizes.kv_heads, context)
+        everything = torch.ones(shape[:3], dtype=torch.bool, device=device)
+        for name, quant in formats.items():
+            quant = dataclasses.replace(quant, backend="triton")
+            store = QuantizedStore.from_padded(keys, values, positions, everything, quant)
+            res = store.residual
+
+            def fused(store=store, res=res, fmt=quant.fmt):
+                return fused_decode_attention(query, store.pages, store.page_counts, fmt, res.keys, res.values,
+                                              res.lengths, empty, empty, scale, page_starts=store.page_starts,
+                                              residual_starts=res.starts)
+            timings[f"kvpipe fused {name}"] = (time_it(fused), store.nbytes + io, None)
+            if name == "int4":               # how the split count (default_splits) trades parallelism for merging
+                for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
+                    sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
+                        lambda s=splits: fused_decode_attention(
+                            query, store.pages, store.page_counts, quant.fmt, res.keys, res.values, res.lengths,
+                            empty, empty, scale, splits=s, page_starts=store.page_starts, residual_starts=res.starts))})
+
+                def torch_path(store=store):
+                    k, v = store.attend(empty, empty, workspace)
+                    return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+                timings["kvpipe torch path int4 (dequantize, SDPA)"] = (time_it(torch_path), store.nbytes + io, None)
+        cache, why = hqq_quantized_cache(sizes, batch, keys, values)
+        if cache is not None:
+            def quantized_cache():
+                k, v = cache.layers[0].update(empty[:, :, :1], empty[:, :, :1])
+                return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
+            timings["transformers QuantizedCache (HQQ int4)"] = (time_it(quantized_cache), None, None)
+        else:
+            timings["transformers QuantizedCache (HQQ int4)"] = (None, None, why)
+        sdpa = timings["SDPA, full bf16 cache"][0]
+        for contender, (seconds, read, note) in timings.items():
+            rows.append({"context": context, "batch": batch, "contender": contender,
+                         "us": seconds * 1e6 if seconds else None, "MB": read / 1e6 if read else None,
+                         "GB/s": read / seconds / 1e9 if seconds and read else None,
+                         "% copy BW": 100 * read / seconds / copy_bw if seconds and read else None,
+                         "x vs SDPA": sdpa / seconds if seconds else None, "note": note})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
