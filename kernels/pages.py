@@ -2,10 +2,14 @@
 
 A page holds ``G`` token slots (fewer may be used: empty slots have position -1 and code 0).
 
-* keys: one group per channel across the page's ``G`` tokens, codes packed **along tokens**;
-* values: per token, groups of ``value_group`` channels, codes packed **along channels**.
+* keys: one group per channel across the page's ``G`` tokens, codes packed **along channels** (per token);
+* values: per token, groups of ``value_group`` channels, codes packed **along tokens** (per channel).
 
-The Triton kernels read exactly these tensors; ``PackedPages`` is also what the cache stores.
+Each side is packed along the axis its attention product sums over (``q·k`` over channels, ``p·v`` over tokens):
+the neighbours of a byte are then neighbours in a tensor-core operand, so the fused decode kernel unpacks bytes
+straight into the operand's registers instead of routing unpacked tiles through shared memory (kernels.md §3).
+The quantization groups (KIVI's) are unchanged by the packing. The Triton kernels read exactly these tensors;
+``PackedPages`` is also what the cache stores.
 """
 from __future__ import annotations
 
@@ -14,8 +18,7 @@ from typing import Callable
 
 import torch
 
-from kvpipe.kernels.quant import (affine_params, codes_per_word, dequantize_into, pack_codes, quantize_codes,
-                                 unpack_codes)
+from kvpipe.kernels.quant import affine_params, dequantize_into, pack_codes, quantize_codes, unpack_codes
 
 # (groups [..., g] in fp32, bits, scale dtype) -> stored (scale, minimum), each [..., 1]
 GroupRange = Callable[[torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
@@ -44,8 +47,8 @@ class PageFormat:
 
 @dataclass
 class PackedPages:
-    """``P`` pages. Shapes: ``key_codes int32 [P, D, G·bk/32]``, ``key_scale``/``key_min [P, D]``,
-    ``value_codes int32 [P, G, D·bv/32]``, ``value_scale``/``value_min [P, G, D/Gv]``, ``positions int32 [P, G]``."""
+    """``P`` pages. Shapes: ``key_codes int32 [P, G, D·bk/32]``, ``key_scale``/``key_min [P, D]``,
+    ``value_codes int32 [P, D, G·bv/32]``, ``value_scale``/``value_min [P, G, D/Gv]``, ``positions int32 [P, G]``."""
 
     key_codes: torch.Tensor
     key_scale: torch.Tensor
@@ -82,8 +85,8 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     values = values.float().reshape(pages, group, dim // fmt.value_group, fmt.value_group)
     value_scale, value_min = group_range(values, fmt.value_bits, fmt.scale_dtype)    # [P, G, D/Gv, 1]
     value_codes = quantize_codes(values, value_scale, value_min, fmt.value_bits).reshape(pages, group, dim) * used
-    pages = PackedPages(pack_codes(key_codes, fmt.key_bits), key_scale[..., 0], key_min[..., 0],
-                        pack_codes(value_codes, fmt.value_bits), value_scale[..., 0], value_min[..., 0],
+    pages = PackedPages(pack_codes(key_codes.transpose(1, 2), fmt.key_bits), key_scale[..., 0], key_min[..., 0],
+                        pack_codes(value_codes.transpose(1, 2), fmt.value_bits), value_scale[..., 0], value_min[..., 0],
                         positions.to(torch.int32))
     return pages.map(torch.Tensor.contiguous)                 # kernels index them as dense arrays
 
@@ -101,32 +104,17 @@ def dequantize_pages_into(pages: PackedPages, fmt: PageFormat, keys: torch.Tenso
     """Dequantize into ``keys``/``values [..., G, D]`` (any strides with a dense ``[G, D]``; leading dims flatten
     to the page count): attention buffers are filled in place, without a dequantized copy in between.
 
-    The operation order is chosen by measurement on CPU (2 cores, 90 pages of 64 x 64): a broadcast
-    multiply-add is fast only when the codes are read densely and the scale repeats along an outer dim.
-    Keys are packed along tokens. At 2 and 4 bits the words are transposed (``[D, w]`` to ``[w, D]``, a small
-    int32 copy) and the ``32 / bits`` codes of a word are shifted out at once into token rows
-    ``[w, per, D]``, the output's own order: 0.32 ms against 0.43 ms for unpacking then reading the codes
-    transposed (4-bit). At 8 bits the codes are bytes already, and reading them transposed beats shifting
-    by 3x. Values are unpacked, converted and scaled in place: 0.24 ms against 0.40 ms for one broadcast
-    ``addcmul``.
+    Keys are unpacked in their stored order (token rows) and scaled in place; values are unpacked per channel and
+    read transposed by the broadcast multiply-add. All arithmetic in fp32, as the kernels.
     """
     lead, (group, dim) = keys.shape[:-2], keys.shape[-2:]
-    scale, minimum = pages.key_scale.view(*lead, 1, dim), pages.key_min.view(*lead, 1, dim)
-    if fmt.key_bits == 8:
-        codes = unpack_codes(pages.key_codes, 8).view(*lead, dim, group).transpose(-1, -2)
-        dequantize_into(codes, scale, minimum, keys)
-    else:
-        per_word, bits = codes_per_word(fmt.key_bits), fmt.key_bits
-        words = pages.key_codes.view(*lead, dim, group // per_word).transpose(-1, -2).contiguous()  # [..., w, D]
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)[:, None]        # [per, 1]
-        codes = (words[..., None, :] >> shifts) & (2 ** bits - 1)     # [..., w, per, D]: token j·per + i at [j, i]
-        dequantize_into(codes, scale[..., None, :, :], minimum[..., None, :, :],
-                        keys.unflatten(-2, (group // per_word, per_word)))
+    codes = unpack_codes(pages.key_codes, fmt.key_bits).view(*lead, group, dim)
+    dequantize_into(codes, pages.key_scale.view(*lead, 1, dim), pages.key_min.view(*lead, 1, dim), keys)
     split = (*lead, group, dim // fmt.value_group, fmt.value_group)
-    codes = unpack_codes(pages.value_codes, fmt.value_bits).view(split)
+    codes = unpack_codes(pages.value_codes, fmt.value_bits).view(*lead, dim, group).transpose(-1, -2).reshape(split)
     scale, minimum = pages.value_scale.view(*split[:-1], 1), pages.value_min.view(*split[:-1], 1)
     out = values.view(split)
     work = out if out.dtype == torch.float32 else torch.empty(split, dtype=torch.float32, device=out.device)
-    work.copy_(codes).mul_(scale).add_(minimum)                                     # fp32 math, as the kernels
+    work.copy_(codes).mul_(scale).add_(minimum)
     if work is not out:
         out.copy_(work)

@@ -35,29 +35,53 @@ from kvpipe.kernels.tuning import autotuned, fixed
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16        # tl.dot's smallest M: a GQA group of fewer query heads is padded with masked rows
+DENSE_N = tl.constexpr(16)    # rows per tile over the residual and the tail
 
 
 @triton.jit
 def _online_update(s, v, m_i, l_i, acc, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """Fold scores ``s [BH, N]`` (log2 units, -inf = masked) and values ``v [N, D]`` (dot dtype) in."""
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+    return m_i, l_i, acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online softmax in base 2: the tile's weights ``p``, the old state's rescale ``alpha``, the new max and sum."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
-def _scores(qs, codes, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr):
-    """``qs [BH, D]`` (fp32) · ``codes [D, N]`` (exact small integers in the dot dtype). ``SPLIT_Q`` (bf16): the query
-    goes in as two bf16 terms, ``hi + lo``, so it keeps ~16 mantissa bits instead of 8 (two dots, same codes)."""
-    hi = qs.to(DOT)
-    s = tl.dot(hi, codes, input_precision=PRECISION)
-    if SPLIT_Q:
-        s += tl.dot((qs - hi.to(tl.float32)).to(DOT), codes, input_precision=PRECISION)
-    return s
+def _field(x, DOT: tl.constexpr, MAGIC: tl.constexpr):
+    """One code field (int16, at most 8 bits) as a dot operand. ``MAGIC``: the bit pattern of the 16-bit float
+    ``OFFSET`` whose unit is one step of the mantissa; OR-ing the code in gives ``OFFSET + code`` exactly, without
+    an integer-to-float conversion (a quarter-rate instruction that bounded the kernel on an H200)."""
+    if MAGIC:
+        return (x | MAGIC).to(DOT, bitcast=True)
+    return x.to(DOT)
+
+
+@triton.jit
+def _unpack_rows(b, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
+    """Bytes ``[R, N]`` → codes ``[R·8/BITS, N]``: row ``r·(8/BITS) + j`` is field ``j`` (LSB first) of byte row
+    ``r``. The fields are joined along a new minor axis and merged into rows, so each thread keeps the codes of
+    the bytes it loaded: the conversion into the tensor-core operand layout moves packed bytes, not codes."""
+    R: tl.constexpr = b.shape[0]
+    N: tl.constexpr = b.shape[1]
+    x = b.to(tl.int16)
+    if BITS == 8:
+        return _field(x, DOT, MAGIC)
+    elif BITS == 4:
+        c = tl.join(_field(x & 15, DOT, MAGIC), _field(x >> 4, DOT, MAGIC))             # [R, N, 2]
+        return tl.reshape(tl.permute(c, (0, 2, 1)), (2 * R, N))
+    else:
+        lo = tl.join(_field(x & 3, DOT, MAGIC), _field((x >> 2) & 3, DOT, MAGIC))
+        hi = tl.join(_field((x >> 4) & 3, DOT, MAGIC), _field(x >> 6, DOT, MAGIC))
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 2, 1)), (4 * R, N))        # [R, 2(hi), 2(j), N]
 
 
 @triton.jit
@@ -78,19 +102,65 @@ def _dense_rows(q, keys, values, start, n, m_i, l_i, acc, D: tl.constexpr, BLOCK
 
 
 _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n in (64, 32, 128) for w in (4, 8) for s in (2, 3)]
+            for n in (64, 128, 32) for w in (4, 8) for s in (2, 3)]
+
+
+@triton.jit
+def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos, pid, t0, m_i, l_i,
+               acc, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+               TILE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
+               KMAGIC: tl.constexpr, VMAGIC: tl.constexpr, OFFSET: tl.constexpr):
+    """Fold tokens ``t0 .. t0 + TILE`` of page ``pid`` (``t0`` relative to the page) into the online softmax."""
+    ch = tl.arange(0, D)
+    tok = t0 + tl.arange(0, TILE)
+    # keys: bytes [D·bk/8, TILE] (packed along channels) → codes [D, TILE], exact small integers (+ OFFSET)
+    KB: tl.constexpr = D * KBITS // 8
+    kb = tl.arange(0, KB)
+    codes = _unpack_rows(tl.load(key_bytes + pid * (G * KB) + tok[None, :] * KB + kb[:, None]), KBITS, DOT, KMAGIC)
+    # the page's per-channel scale is folded into the query: q·k = Σ (q·s)·c + Σ q·m, minus the offset's share
+    qs = qv * tl.load(key_scale + pid * D + ch).to(tl.float32)[None, :]
+    hi = qs.to(DOT)
+    s = tl.dot(hi, codes, input_precision=PRECISION)
+    folded = hi.to(tl.float32)
+    if SPLIT_Q:           # bf16: the query goes in as hi + lo, ~16 mantissa bits instead of 8 (two dots, same codes)
+        lo = (qs - folded).to(DOT)
+        s += tl.dot(lo, codes, input_precision=PRECISION)
+        folded += lo.to(tl.float32)
+    minimum = tl.load(key_min + pid * D + ch).to(tl.float32)
+    s += tl.sum(qv * minimum[None, :] - OFFSET * folded, axis=1)[:, None]
+    used = tl.load(page_pos + pid * G + tok) >= 0
+    p, alpha, m_i, l_i = _softmax_step(tl.where(used[None, :], s, float("-inf")), m_i, l_i)
+    acc = acc * alpha[:, None]
+    # values: bytes [TILE·bv/8, D] (packed along tokens) → codes [TILE, D]; a token's scale is folded into its
+    # weight, p·v = Σ (p·s)·c + Σ p·m; groups of GV < D channels get one masked product each
+    VB: tl.constexpr = G * VBITS // 8
+    vb = t0 * VBITS // 8 + tl.arange(0, TILE * VBITS // 8)
+    codes = _unpack_rows(tl.load(value_bytes + pid * (D * VB) + ch[None, :] * VB + vb[:, None]), VBITS, DOT, VMAGIC)
+    NG: tl.constexpr = D // GV
+    for g in tl.static_range(NG):
+        meta = (pid * G + tok) * NG + g
+        pv = (p * tl.load(value_scale + meta).to(tl.float32)[None, :]).to(DOT)
+        shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
+        if NG == 1:
+            acc += tl.dot(pv, codes, input_precision=PRECISION) + shift[:, None]
+        else:
+            inside = (ch // GV == g)[None, :]
+            acc += tl.dot(pv, tl.where(inside, codes, tl.zeros_like(codes)), input_precision=PRECISION)
+            acc += tl.where(inside, shift[:, None], 0.0)
+    return m_i, l_i, acc
 
 
 # tail_len grows by one every decode step: specialising on it (==1, %16) would recompile and re-tune the kernel
 # mid-generation (seen on an H200: seconds at the 16th token).
 @autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS"])
 @triton.jit(do_not_specialize=["tail_len"])
-def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_pos,
+def _decode_split_kernel(q, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos,
                          page_start, page_count, res_keys, res_values, res_start, res_len,
                          tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                          GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
+                         KMAGIC: tl.constexpr, VMAGIC: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_H)
@@ -98,16 +168,10 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
     ch = tl.arange(0, D)
     rows = bh * GROUP + heads
     qv = tl.load(q + rows[:, None] * D + ch[None, :], mask=live[:, None], other=0.0).to(tl.float32) * qk_scale
-    qd = qv.to(DOT)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     if split < NS:
-        KPER: tl.constexpr = 32 // KBITS
-        VPER: tl.constexpr = 32 // VBITS
-        KW: tl.constexpr = G // KPER
-        VW: tl.constexpr = D // VPER
-        NG: tl.constexpr = D // GV
         TILE: tl.constexpr = BLOCK_N if BLOCK_N < G else G          # a tile never straddles two pages
         count = tl.load(page_count + bh)
         first = tl.load(page_start + bh).to(tl.int64)
@@ -115,38 +179,17 @@ def _decode_split_kernel(q, key_codes, key_scale, key_min, value_codes, value_sc
         lo = tl.minimum(split * per_split, count)
         hi = tl.minimum(lo + per_split, count)
         for t0 in range(lo * G, hi * G, TILE):
-            pid = first + t0 // G
-            tok = t0 % G + tl.arange(0, TILE)
-            # keys, packed along tokens → codes [D, TILE]; the page's per-channel scale is folded into the query
-            # (q·k = Σ (q·s)·c + Σ q·m), so the codes go to the dot as exact integers
-            # Each word is loaded once and its fields shifted out into a new axis, then merged. (Loading each word
-            # once per code it holds and shifting in place was 3-6x slower on an H200 at 32k-128k tokens.)
-            kw = t0 % G // KPER + tl.arange(0, TILE // KPER)
-            words = tl.load(key_codes + pid * (D * KW) + ch[:, None] * KW + kw[None, :])
-            shifts = tl.arange(0, KPER) * KBITS
-            codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << KBITS) - 1), (D, TILE))
-            scale = tl.load(key_scale + pid * D + ch).to(tl.float32)
-            minimum = tl.load(key_min + pid * D + ch).to(tl.float32)
-            s = _scores(qv * scale[None, :], codes.to(DOT), DOT, PRECISION, SPLIT_Q) \
-                + tl.sum(qv * minimum[None, :], axis=1)[:, None]                          # [BH, TILE]
-            used = tl.load(page_pos + pid * G + tok) >= 0
-            s = tl.where(used[None, :], s, float("-inf"))
-            # values, packed along channels → codes [TILE, D], per-token groups of GV channels
-            row = (pid * G + tok)[:, None]
-            vwords = tl.load(value_codes + row * VW + tl.arange(0, VW)[None, :])
-            vshifts = tl.arange(0, VPER) * VBITS
-            vcodes = tl.reshape((vwords[:, :, None] >> vshifts[None, None, :]) & ((1 << VBITS) - 1), (TILE, NG, GV))
-            vmeta = row * NG + tl.arange(0, NG)[None, :]
-            vscale = tl.load(value_scale + vmeta).to(tl.float32)
-            vmin = tl.load(value_min + vmeta).to(tl.float32)
-            v = tl.reshape(vcodes.to(tl.float32) * vscale[:, :, None] + vmin[:, :, None], (TILE, D))
-            m_i, l_i, acc = _online_update(s, v.to(DOT), m_i, l_i, acc, DOT, PRECISION)
+            m_i, l_i, acc = _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min,
+                                       page_pos, first + t0 // G, t0 % G, m_i, l_i, acc, D, G, GV, KBITS, VBITS,
+                                       TILE, DOT, PRECISION, SPLIT_Q, KMAGIC, VMAGIC, OFFSET)
+    # the exact rows (residual, tail) are short; a narrow tile keeps them from setting the kernel's register count
+    # (with BLOCK_N-wide tiles the kernel spilled at 255 registers, compiled for sm_90)
     elif split == NS:
-        m_i, l_i, acc = _dense_rows(qd, res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
-                                    m_i, l_i, acc, D, BLOCK_N, DOT, PRECISION)
+        m_i, l_i, acc = _dense_rows(qv.to(DOT), res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
+                                    m_i, l_i, acc, D, DENSE_N, DOT, PRECISION)
     else:
-        m_i, l_i, acc = _dense_rows(qd, tail_keys, tail_values, bh * tail_len, tail_len, m_i, l_i, acc, D,
-                                    BLOCK_N, DOT, PRECISION)
+        m_i, l_i, acc = _dense_rows(qv.to(DOT), tail_keys, tail_values, bh * tail_len, tail_len, m_i, l_i, acc, D,
+                                    DENSE_N, DOT, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -176,6 +219,20 @@ def default_splits(pages: int, heads: int, device: torch.device) -> int:
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     wanted = triton.cdiv(8 * units, max(heads, 1))
     return max(1, min(128, wanted, pages // max(heads, 1)))
+
+
+# 16-bit floats whose mantissa step is 1: OFFSET + code is exact for codes below OFFSET (bf16 128: 7 bits, fp16
+# 1024: 10 bits); the kernel subtracts OFFSET's share in fp32.
+_MAGIC = {tl.bfloat16: (0x4300, 128.0), tl.float16: (0x6400, 1024.0)}
+
+
+def code_offsets(dot, fmt: PageFormat) -> dict:
+    """The kernel's ``KMAGIC``/``VMAGIC`` bit patterns and their ``OFFSET`` (0: plain integer conversion)."""
+    magic, offset = _MAGIC.get(dot, (0, 0.0))
+    fits = [bits < 8 or offset > 255 for bits in (fmt.key_bits, fmt.value_bits)]
+    if magic and not all(fits):
+        magic, offset = 0, 0.0        # 8-bit codes in bf16: plain conversion (keys and values share one OFFSET)
+    return {"KMAGIC": magic, "VMAGIC": magic, "OFFSET": offset}
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -220,7 +277,8 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
     mid_lse = q.new_empty(batch * q_heads, splits + 2, dtype=torch.float32)
     dot, precision = dot_dtype(query.dtype)
     _decode_split_kernel[(heads, splits + 2)](
-        q, pages.key_codes, pages.key_scale, pages.key_min, pages.value_codes, pages.value_scale, pages.value_min,
+        q, pages.key_codes.view(torch.uint8), pages.key_scale, pages.key_min, pages.value_codes.view(torch.uint8),
+        pages.value_scale, pages.value_min,
         pages.positions, page_starts if page_starts is not None else run_starts(page_counts),
         page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(), residual_values.contiguous(),
         residual_starts if residual_starts is not None else run_starts(residual_lengths),
@@ -228,7 +286,7 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
         tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
-        SPLIT_Q=dot == tl.bfloat16, **fixed(_decode_split_kernel))
+        SPLIT_Q=dot == tl.bfloat16, **code_offsets(dot, fmt), **fixed(_decode_split_kernel))
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
     _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,

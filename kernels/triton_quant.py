@@ -71,9 +71,9 @@ def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min
     k_codes = tl.where(used[:, None], k_codes, 0)
     tl.store(key_scale + page * D + ch, tl.reshape(k_scale, (D,)))
     tl.store(key_min + page * D + ch, tl.reshape(k_min, (D,)))
-    KW: tl.constexpr = G * KBITS // 32
-    k_words = _pack_rows(tl.trans(k_codes), D, G, KBITS)                              # packed along tokens
-    tl.store(key_codes + page * D * KW + ch[:, None] * KW + tl.arange(0, KW)[None, :], k_words)
+    KW: tl.constexpr = D * KBITS // 32
+    k_words = _pack_rows(k_codes, G, D, KBITS)                                        # packed along channels
+    tl.store(key_codes + page * G * KW + tok[:, None] * KW + tl.arange(0, KW)[None, :], k_words)
 
     v = tl.reshape(tl.load(values + offs).to(tl.float32), (G, D // GV, GV))
     v_codes, v_scale, v_min = _quantize(v, tl.min(v, axis=2)[:, :, None], tl.max(v, axis=2)[:, :, None], VBITS)
@@ -82,9 +82,9 @@ def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min
     meta = page * G * NG + tok[:, None] * NG + tl.arange(0, NG)[None, :]
     tl.store(value_scale + meta, tl.reshape(v_scale, (G, NG)))
     tl.store(value_min + meta, tl.reshape(v_min, (G, NG)))
-    VW: tl.constexpr = D * VBITS // 32
-    v_words = _pack_rows(v_codes, G, D, VBITS)                                        # packed along channels
-    tl.store(value_codes + page * G * VW + tok[:, None] * VW + tl.arange(0, VW)[None, :], v_words)
+    VW: tl.constexpr = G * VBITS // 32
+    v_words = _pack_rows(tl.trans(v_codes), D, G, VBITS)                              # packed along tokens
+    tl.store(value_codes + page * D * VW + ch[:, None] * VW + tl.arange(0, VW)[None, :], v_words)
 
 
 def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -97,9 +97,9 @@ def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: t
         raise ValueError(f"the Triton quantize kernel needs a power-of-two head dimension, got {dim}; use backend: torch")
     keys, values, positions = keys.contiguous(), values.contiguous(), positions.to(torch.int32).contiguous()
     out = PackedPages(
-        keys.new_empty(pages, dim, group * fmt.key_bits // 32, dtype=torch.int32),
+        keys.new_empty(pages, group, dim * fmt.key_bits // 32, dtype=torch.int32),
         keys.new_empty(pages, dim, dtype=torch.float16), keys.new_empty(pages, dim, dtype=torch.float16),
-        keys.new_empty(pages, group, dim * fmt.value_bits // 32, dtype=torch.int32),
+        keys.new_empty(pages, dim, group * fmt.value_bits // 32, dtype=torch.int32),
         keys.new_empty(pages, group, dim // fmt.value_group, dtype=torch.float16),
         keys.new_empty(pages, group, dim // fmt.value_group, dtype=torch.float16), positions)
     if pages:

@@ -221,3 +221,41 @@ def test_triton_compaction_is_bit_exact(shape, dtype):
     rates = torch.tensor([0.5, 0.0, 1.0, 0.2, 0.7, 0.9])[:heads].view(shape[0], shape[1], 1)  # empty and full heads
     keep = torch.rand(shape[:3]) < rates
     assert torch.equal(pack_ragged_triton(data.to(DEVICE), keep.to(DEVICE)).cpu(), pack_ragged(data, keep))
+
+
+if importlib.util.find_spec("triton") is not None:        # a kernel around the decode kernel's unpack helper
+    import triton
+    import triton.language as tl
+
+    from kvpipe.kernels.triton_decode import _unpack_rows, code_offsets
+
+    @triton.jit
+    def _unpack_kernel(src, out, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
+                       MAGIC: tl.constexpr):
+        rows, cols = tl.arange(0, R), tl.arange(0, N)
+        codes = _unpack_rows(tl.load(src + rows[:, None] * N + cols[None, :]), BITS, DOT, MAGIC)
+        out_rows = tl.arange(0, R * 8 // BITS)
+        tl.store(out + out_rows[:, None] * N + cols[None, :], codes.to(tl.float32))
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unpacked_codes_are_exact_in_the_dot_dtype(bits, dtype):
+    """The decode kernel's unpack, bytes to operand rows, with the 16-bit ``OFFSET + code`` trick where it is used:
+    every code (and the offset) exact, in the layout of ``unpack_codes`` along the rows."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and bits == 8:
+        pytest.skip("the interpreter converts integers to bf16 wrongly (kernels.md §4.3); compiled only")
+    dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    offsets = code_offsets(dot, PageFormat(bits, bits, 32, 16, torch.float16))
+    assert offsets["OFFSET"] == (0 if dtype == torch.float32 or (dtype == torch.bfloat16 and bits == 8)
+                                 else {torch.float16: 1024, torch.bfloat16: 128}[dtype])
+    generator = torch.Generator().manual_seed(fresh_seed())
+    rows, cols = 4, 16
+    words = torch.randint(-2 ** 31, 2 ** 31, (cols, rows // 4), generator=generator, dtype=torch.int64).to(torch.int32)
+    want = unpack_codes(words, bits).T.float() + offsets["OFFSET"]              # [codes along rows, cols]
+    src = words.view(torch.uint8).T.contiguous().to(DEVICE)                     # bytes [rows, cols], rows packed
+    got = torch.full((rows * 8 // bits, cols), float("nan"), device=DEVICE)
+    _unpack_kernel[(1,)](src, got, rows, cols, bits, dot, offsets["KMAGIC"])
+    assert torch.equal(got.cpu(), want)
