@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 import kvpipe
-from kvpipe.kernels.triton_decode import fused_decode_attention
+from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
 from kvpipe.quantized_store import QuantizedStore
 
 
@@ -46,7 +46,8 @@ def main() -> None:
     launch()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, {args.context} tokens")
+    print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, {args.context} tokens; "
+          f"tuned: {getattr(_decode_split_kernel, 'best_config', None)}")
 
 
 if __name__ == "__main__":

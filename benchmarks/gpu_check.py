@@ -110,7 +110,10 @@ def markdown(report: dict) -> str:
         lines += [f"## Decode attention ({shape['q_heads']} query heads, {shape['kv_heads']} KV heads, head dim "
                   f"{shape['head_dim']}, bf16 queries)", "",
                   table(report["decode"], ["context", "batch", "contender", "us", "MB", "GB/s", "% copy BW",
-                                           "x vs SDPA", "note"]), ""]
+                                           "x vs SDPA", "us back to back", "us graph", "note"]), "",
+                  "`us`: `do_bench` median with L2 flushed between calls; `us back to back`: 100 calls issued "
+                  "as a decode loop issues them (the larger of host launch cost and device time); `us graph`: "
+                  "device time alone (20 calls in one CUDA graph, replayed).", ""]
     if report.get("split_sweep"):
         lines += ["### Fused int4: µs per step by page splits per head", "",
                   table(report["split_sweep"], ["context", "batch", "splits", "us"]), ""]

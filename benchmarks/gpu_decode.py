@@ -9,10 +9,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from gpu_shapes import Sizes
+from timing import back_to_back, graph_replay
 from tqdm.auto import tqdm
 
 import kvpipe
-from kvpipe.kernels.triton_decode import fused_decode_attention
+from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
 from kvpipe.quantized_store import QuantizedStore, Workspace
 
 
@@ -52,8 +53,10 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                             dtype=torch.bfloat16)
         empty = keys[:, :, :0]
         io = 2 * query.nbytes                                                # the query read, the output written
-        timings = {"SDPA, full bf16 cache": (time_it(lambda: F.scaled_dot_product_attention(
-            query, keys, values, scale=scale, enable_gqa=True)), keys.nbytes + values.nbytes + io, None)}
+        def sdpa():
+            return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+        timings = {"SDPA, full bf16 cache": (time_it(sdpa), keys.nbytes + values.nbytes + io, None)}
+        launch_costs = {"SDPA, full bf16 cache": sdpa}
         positions = torch.arange(context, device=device).expand(batch, sizes.kv_heads, context)
         everything = torch.ones(shape[:3], dtype=torch.bool, device=device)
         for name, quant in formats.items():
@@ -65,7 +68,10 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                 return fused_decode_attention(query, store.pages, store.page_counts, fmt, res.keys, res.values,
                                               res.lengths, empty, empty, scale, page_starts=store.page_starts,
                                               residual_starts=res.starts)
-            timings[f"kvpipe fused {name}"] = (time_it(fused), store.nbytes + io, None)
+            seconds = time_it(fused)
+            best = getattr(_decode_split_kernel, "best_config", None)      # the autotuner's choice, if it ran
+            timings[f"kvpipe fused {name}"] = (seconds, store.nbytes + io, f"tuned: {best}" if best else None)
+            launch_costs[f"kvpipe fused {name}"] = fused
             if name == "int4":               # how the split count (default_splits) trades parallelism for merging
                 for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
                     sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
@@ -87,8 +93,14 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
             timings["transformers QuantizedCache (HQQ int4)"] = (None, None, why)
         sdpa = timings["SDPA, full bf16 cache"][0]
         for contender, (seconds, read, note) in timings.items():
+            loop = graph = None
+            if contender in launch_costs:              # the cost of a call in a decode loop, and without launches
+                fn = launch_costs[contender]
+                loop, graph = back_to_back(device, fn, 100 if device.type == "cuda" else 1), graph_replay(device, fn)
             rows.append({"context": context, "batch": batch, "contender": contender,
                          "us": seconds * 1e6 if seconds else None, "MB": read / 1e6 if read else None,
+                         "us back to back": loop * 1e6 if loop else None,
+                         "us graph": graph * 1e6 if graph else None,
                          "GB/s": read / seconds / 1e9 if seconds and read else None,
                          "% copy BW": 100 * read / seconds / copy_bw if seconds and read else None,
                          "x vs SDPA": sdpa / seconds if seconds else None, "note": note})

@@ -30,3 +30,42 @@ def copy_bandwidth(device: torch.device, time_it, numel: int = 2 ** 28) -> float
     src = torch.randn(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     return 2 * src.nbytes / time_it(lambda: dst.copy_(src))
+
+
+def back_to_back(device: torch.device, fn, calls: int = 100) -> float:
+    """Seconds per call of ``calls`` calls issued back to back, as a decode loop issues them: the larger of the
+    host's cost to launch a call and the device's cost to run it (no L2 flush between calls)."""
+    fn()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize()
+    return (time.perf_counter() - started) / calls
+
+
+def graph_replay(device: torch.device, fn, calls: int = 20, replays: int = 10) -> float | None:
+    """Device seconds per call, host launch costs removed: ``calls`` calls captured in one CUDA graph, replayed
+    (median of ``replays``). ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):                  # warm up off the capture (compiles, autotuning, allocator)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
