@@ -1,10 +1,12 @@
-"""One launch of the fused decode kernel between ``cudaProfilerStart``/``Stop``, for Nsight Compute.
+"""One launch of the fused decode kernel between ``cudaProfilerStart``/``Stop``, for Nsight Compute; or, with
+``--host-profile N``, where the host time of N back-to-back calls goes (cProfile, by own time).
 
 Llama-3.1-8B's attention shape, a 4-bit cache as the shipped ``int4`` stores it. Tuning and compiling happen
 before the profiled launch, so ``ncu --profile-from-start off`` sees exactly one kernel of interest:
 
     ncu --clock-control none --profile-from-start off --set detailed \\
         python benchmarks/decode_kernel_once.py --context 32768 --batch 8
+    python benchmarks/decode_kernel_once.py --context 4096 --batch 1 --host-profile 300
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pipeline", default="int4", help="a shipped pipeline with a quantize stage")
+    parser.add_argument("--host-profile", type=int, metavar="N", help="profile N calls on the host instead")
     args = parser.parse_args()
     q_heads, kv_heads, dim = 32, 8, 128
     quant = dataclasses.replace(kvpipe.build(args.pipeline).quantizer.quantization(dim), backend="triton")
@@ -42,6 +45,18 @@ def main() -> None:
     for _ in range(3):                                     # compile, tune, warm
         launch()
     torch.cuda.synchronize()
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.host_profile):
+            launch()
+        profile.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        return
     torch.cuda.cudart().cudaProfilerStart()
     launch()
     torch.cuda.synchronize()

@@ -24,6 +24,8 @@ shared memory per program cap occupancy at 19 %.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ import triton.language as tl
 from kvpipe.kernels.interpreter import interpreting
 from kvpipe.kernels.pages import PackedPages, PageFormat
 from kvpipe.kernels.ragged import run_starts
-from kvpipe.kernels.tuning import autotuned, fixed
+from kvpipe.kernels.tuning import autotuned, launcher
 
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16        # tl.dot's smallest M: a GQA group of fewer query heads is padded with masked rows
@@ -101,8 +103,11 @@ def _dense_rows(q, keys, values, start, n, m_i, l_i, acc, D: tl.constexpr, BLOCK
     return m_i, l_i, acc
 
 
-_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-            for n in (64, 128, 32) for w in (4, 8) for s in (2, 3)]
+# Register caps let two 8-warp or three 4-warp programs share a multiprocessor (compiled for sm_90 without
+# spills: 125 and 168 registers); the kernel is bound by latency at two programs of 4 warps (Nsight Compute).
+_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
+            for n, w, s, r in [(64, 4, 2, 168), (128, 8, 2, 128), (128, 8, 3, 128), (128, 8, 2, None),
+                               (128, 4, 3, None), (64, 4, 3, 168), (64, 8, 2, None), (32, 4, 3, None)]]
 
 
 @triton.jit
@@ -152,11 +157,12 @@ def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, valu
 
 # tail_len grows by one every decode step: specialising on it (==1, %16) would recompile and re-tune the kernel
 # mid-generation (seen on an H200: seconds at the 16th token).
-@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS"])
+# work_class (pages per program, a power of two) is only a tuning key: short and long caches tune apart.
+@autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "work_class"])
 @triton.jit(do_not_specialize=["tail_len"])
 def _decode_split_kernel(q, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos,
                          page_start, page_count, res_keys, res_values, res_start, res_len,
-                         tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale,
+                         tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale, work_class,
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                          GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
                          DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
@@ -212,11 +218,19 @@ def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constex
     tl.store(out + row * D + ch, merged.to(out.dtype.element_ty))
 
 
+_launch_split = launcher(_decode_split_kernel)
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_splits(pages: int, heads: int, device: torch.device) -> int:
     """Page splits per head: about 8 programs per multiprocessor, at most 128 and at most one split per page.
     On an H200 (docs/results.md) counts from 16 to 128 were within run-to-run noise of each other at 32k-128k
     tokens; fewer programs than multiprocessors leave the GPU idle. From shapes only: no host synchronisation."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    units = multiprocessors(device) if device.type == "cuda" else 4
     wanted = triton.cdiv(8 * units, max(heads, 1))
     return max(1, min(128, wanted, pages // max(heads, 1)))
 
@@ -276,17 +290,18 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
     mid_o = q.new_empty(batch * q_heads, splits + 2, dim, dtype=torch.float32)
     mid_lse = q.new_empty(batch * q_heads, splits + 2, dtype=torch.float32)
     dot, precision = dot_dtype(query.dtype)
-    _decode_split_kernel[(heads, splits + 2)](
+    work = triton.next_power_of_2(max(1, pages.count // (heads * splits)))
+    _launch_split((heads, splits + 2), (group, dim, fmt, query.dtype, work),
         q, pages.key_codes.view(torch.uint8), pages.key_scale, pages.key_min, pages.value_codes.view(torch.uint8),
-        pages.value_scale, pages.value_min,
-        pages.positions, page_starts if page_starts is not None else run_starts(page_counts),
+        pages.value_scale, pages.value_min, pages.positions,
+        page_starts if page_starts is not None else run_starts(page_counts),
         page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(), residual_values.contiguous(),
         residual_starts if residual_starts is not None else run_starts(residual_lengths),
         residual_lengths.flatten().to(torch.int32).contiguous(), tail_keys.contiguous(), tail_values.contiguous(),
-        tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E,
+        tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E, work,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
-        SPLIT_Q=dot == tl.bfloat16, **code_offsets(dot, fmt), **fixed(_decode_split_kernel))
+        SPLIT_Q=dot == tl.bfloat16, **code_offsets(dot, fmt))
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
     _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,
