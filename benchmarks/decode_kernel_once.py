@@ -61,8 +61,8 @@ def main() -> None:
     launch()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, {args.context} tokens; "
-          f"tuned: {getattr(_decode_split_kernel, 'best_config', None)}")
+    print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, "
+          f"{args.context} tokens; tuned: {getattr(_decode_split_kernel, 'best_config', None)}")
 
 
 if __name__ == "__main__":

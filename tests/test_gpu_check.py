@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,18 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     for heading in ("## Correctness", "## Decode attention", "## End to end"):
         assert heading in text
     assert (tmp_path / "profile.txt").stat().st_size > 0
+
+
+def test_decode_kernel_compiles_for_hopper_without_a_gpu():
+    """``benchmarks/compile_sm90.py``: the kernel compiled for sm_90 on this machine, at most a few spilled words at
+    the first configuration, and a page loop found in the machine code (what the script reports between GPU
+    sessions)."""
+    done = subprocess.run([sys.executable, "benchmarks/compile_sm90.py", "--configs", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("BLOCK_N"))
+    registers, stack, per_token = (float(re.search(pattern, line).group(1)) for pattern in
+                                   (r"registers\s+(\d+)", r"stack\s+(\d+)", r"loop\s+([\d.]+)"))
+    assert 0 < registers <= 255 and per_token > 0
+    assert stack <= 16, line                    # a spill of a few words at most (maxnreg caps the first config)
