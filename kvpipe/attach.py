@@ -15,12 +15,12 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvpipe import compressor
 from kvpipe.attention import BASES, register_attention
 from kvpipe.backend import resolve_backend
-from kvpipe.cache import KVPipeCache, cache_bytes
+from kvpipe.cache import Binding, KVPipeCache, Storage, cache_bytes
 from kvpipe.context import Observation
 from kvpipe.errors import UnsupportedModelError
-from kvpipe.quantized_store import Workspace
 
 if TYPE_CHECKING:
     from kvpipe.pipeline import Pipeline
@@ -43,21 +43,19 @@ class Session:
         self.pipeline, self.model = pipeline, model
         self.decoder = find_decoder(model)
         self.base = model.config._attn_implementation
-        self.attached = False
         self.active: ForwardState | None = None
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
-        self.workspace = Workspace()      # dequantized keys/values of the layer attending now (quantized stores)
+        self.binding = Binding(type(model).__name__, attached=False)        # the caches' view of this attach
         # transformers 5.24 renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name is
         # accepted until 5.40); callers may use either, the decoder is given the one it declares.
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
             else "past_key_values"
 
-    def ensure_attached(self) -> None:
-        if not self.attached:
-            raise UnsupportedModelError("this cache belongs to a kvpipe handle that was detached; "
-                                        "create a new cache (or attach again) to keep generating")
+    @property
+    def attached(self) -> bool:
+        return self.binding.attached
 
     # --- hooks ----------------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
@@ -77,12 +75,16 @@ class Session:
                                         f"got a {padding.dim()}D mask")
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         tokens = tokens if tokens is not None else args[0]
-        self.active = ForwardState(cache, padding, compressing=self.pipeline.fires(cache, tokens.shape[1]))
+        compressing = self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, tokens.shape[1])
+        self.active = ForwardState(cache, padding, compressing)
+        self.binding.forward_running = True
+        self.binding.fused_decode = self.backend == "triton" and not compressing   # observers need padded keys
         self.last_cache = cache
         return args, kwargs
 
     def after_forward(self, module, args, kwargs, output):
         forward, self.active = self.active, None
+        self.binding.forward_running = self.binding.fused_decode = False
         if forward is not None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
             forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
@@ -90,7 +92,7 @@ class Session:
             # its cache, and no graph reaches into it.
             with torch.no_grad():
                 if forward.compressing:
-                    self.pipeline.compress(forward)
+                    compressor.compress(self.pipeline, forward.cache, forward.padding, forward.observed)
                 for layer in forward.cache.layers:
                     layer.settle()
         return output
@@ -107,23 +109,19 @@ class Session:
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
-        previewed = None
-        for stage in self.pipeline.observers:
-            if stage.id in self.pipeline.after_quantizer:      # it sees the cache as quantized storage returns it
-                previewed = previewed or self.pipeline.quantized_preview(obs)
-            forward.observed.setdefault(stage.id, {})[layer_idx] = stage.observe(
-                previewed if stage.id in self.pipeline.after_quantizer else obs)
+        for stage_id, recorded in compressor.observe(self.pipeline, obs).items():
+            forward.observed.setdefault(stage_id, {})[layer_idx] = recorded
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
-        return KVPipeCache(self, len(self.decoder.layers))
+        return KVPipeCache(len(self.decoder.layers), Storage(self.backend), self.binding)
 
     def adopt(self, cache) -> KVPipeCache:
         """Our own cache as is; an empty plain ``DynamicCache`` (what ``generate()`` makes) converted."""
         if cache is None:
             return self.new_cache()
         if isinstance(cache, KVPipeCache):
-            if cache.kvpipe_session is not self:
+            if cache.binding is not self.binding:
                 raise UnsupportedModelError("this cache was made by another kvpipe handle; use handle.cache()")
             return cache
         plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -135,7 +133,7 @@ class Session:
             raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
                                         "filled without the pipeline. Start from an empty cache or handle.cache()")
         cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
-        cache.bind(self, len(self.decoder.layers))
+        cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding)
         return cache
 
 
@@ -218,7 +216,7 @@ class Handle:
         except BaseException:
             self.detach()
             raise
-        session.attached = True
+        session.binding.attached = True
 
     def detach(self) -> None:
         """Remove hooks and attention function; the model computes exactly as before ``attach``."""
@@ -231,7 +229,7 @@ class Handle:
         session.model.__dict__.pop("_kvpipe_session", None)
         if session.model.config._attn_implementation != self.original_attention:
             session.model.set_attn_implementation(self.original_attention)
-        session.attached, session.active, session.last_cache = False, None, None
+        session.binding.attached, session.active, session.last_cache = False, None, None
 
     def __enter__(self) -> Handle:
         return self

@@ -39,7 +39,7 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     forward = session.active
     if forward is not None:
         layer = forward.cache.layers[module.layer_idx]
-        if layer.decodes_fused(query.shape[2]):
+        if layer.reads_store_itself(query.shape[2]):
             return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
         # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
         if layer.store is not None and not (attention_mask is None and layer.store.all_valid):

@@ -10,10 +10,15 @@ Each ``KVPipeLayer`` holds two parts:
 Before the first compression the layer behaves exactly like ``DynamicLayer`` (so an attached model
 with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the **logical** number of
 tokens fed, never the number kept: transformers derives RoPE positions and resume offsets from it.
+
+A cache stands alone: it holds its stores and the ``Storage`` they are built with (kernel backend, dequantization
+workspace), and nothing of a model. ``kvpipe.compressor.compress`` compresses it, attached or not. An attach drives
+it through a ``Binding``: a few flags that its hooks set, which let the cache refuse forwards that are not the
+attached model's and tell attention to read quantized stores itself.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -21,19 +26,43 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from kvpipe.backend import packer
 from kvpipe.context import LayerView
 from kvpipe.errors import UnsupportedModelError
-from kvpipe.quantized_store import Quantization, QuantizedStore
+from kvpipe.quantized_store import Quantization, QuantizedStore, Workspace
 from kvpipe.store import RaggedStore, storage_bytes
 
-if TYPE_CHECKING:
-    from kvpipe.attach import Session
+
+@dataclass
+class Storage:
+    """What a cache's layers store with: the kernels of ``backend`` and one dequantization workspace."""
+
+    backend: str = "torch"                                   # "torch" or "triton" (kvpipe.backend)
+    workspace: Workspace = field(default_factory=Workspace)
+
+
+@dataclass
+class Binding:
+    """How an attach drives the caches it made, as flags its hooks set (no model, no session)."""
+
+    model_name: str                  # for messages
+    attached: bool = True
+    forward_running: bool = False    # the attached decoder's forward is running
+    fused_decode: bool = False       # this forward's one-token attention reads quantized stores itself
+
+    def check(self) -> None:
+        if not self.attached:
+            raise UnsupportedModelError("this cache belongs to a kvpipe handle that was detached; "
+                                        "create a new cache (or attach again) to keep generating")
+        if not self.forward_running:       # the attached decoder's pre-hook did not run: another model's forward
+            raise UnsupportedModelError(
+                f"this cache belongs to the pipeline attached to a {self.model_name}, but a forward that is not "
+                "that model's is filling it; use handle.cache() only with the model it came from")
 
 
 class KVPipeLayer(DynamicLayer):
     is_croppable = False
 
-    def __init__(self, session: Session):
+    def __init__(self, storage: Storage, binding: Binding | None = None):
         super().__init__()
-        self.session = session
+        self.storage, self.binding = storage, binding
         self.seen = 0
         self.since_compression = 0     # tokens fed since the last compression (what decode triggers count)
         self.store: RaggedStore | QuantizedStore | None = None
@@ -41,15 +70,12 @@ class KVPipeLayer(DynamicLayer):
     # --- the transformers layer contract -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]``."""
-        self.session.ensure_attached()
-        if self.session.active is None:     # the attached decoder's pre-hook did not run: another model's forward
-            raise UnsupportedModelError(
-                f"this cache belongs to the pipeline attached to a {type(self.session.model).__name__}, but a forward "
-                "that is not that model's is filling it; use handle.cache() only with the model it came from")
+        if self.binding is not None:
+            self.binding.check()
         keys, values = super().update(key_states, value_states)
         self.seen += key_states.shape[-2]
         self.since_compression += key_states.shape[-2]
-        if self.store is None or self.decodes_fused(key_states.shape[-2]):
+        if self.store is None or self.reads_store_itself(key_states.shape[-2]):
             return keys, values                     # fused decode reads the packed store itself
         if isinstance(self.store, QuantizedStore):
             if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
@@ -58,7 +84,7 @@ class KVPipeLayer(DynamicLayer):
                 with torch.no_grad():
                     stored = self.store.attend(keys[..., :0, :], values[..., :0, :])
                 return torch.cat([stored[0], keys], -2), torch.cat([stored[1], values], -2)
-            return self.store.attend(keys, values, self.session.workspace)
+            return self.store.attend(keys, values, self.storage.workspace)
         return self.store.attend(keys, values)
 
     def get_seq_length(self) -> int:
@@ -135,16 +161,15 @@ class KVPipeLayer(DynamicLayer):
         keep = keep & view.valid
         self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, quant)
                       if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
-                                                                        packer(self.session.backend)))
+                                                                        packer(self.storage.backend)))
         self._clear_tail()
         self.since_compression = 0
 
-    def decodes_fused(self, query_length: int) -> bool:
-        """Whether this step's attention runs the fused Triton kernel over the packed store (one new token,
-        quantized store, triton backend, and no stage observing this forward: observers need padded keys)."""
-        forward = self.session.active
-        return (query_length == 1 and isinstance(self.store, QuantizedStore) and self.session.backend == "triton"
-                and forward is not None and not forward.compressing)
+    def reads_store_itself(self, query_length: int) -> bool:
+        """Whether this step's attention runs the fused Triton kernel over the packed store (one new token, a
+        quantized store, and a binding that says so: triton backend, no stage observing this forward)."""
+        return (query_length == 1 and isinstance(self.store, QuantizedStore) and self.binding is not None
+                and self.binding.fused_decode)
 
     def settle(self) -> None:
         """After a forward: a quantized store takes in the tail once it holds a whole page (KIVI's flush)."""
@@ -188,18 +213,21 @@ def cache_bytes(cache: Cache) -> int:
 
 
 class KVPipeCache(DynamicCache):
-    """A ``DynamicCache`` made of ``KVPipeLayer``s, bound to the handle that created it."""
+    """A ``DynamicCache`` made of ``KVPipeLayer``s: ``KVPipeCache(layers)`` stands alone (torch kernels, no
+    binding); ``handle.cache()`` makes one bound to an attached model."""
 
+    storage: Storage
+    binding: Binding | None       # set by the attach that made or adopted this cache
     compress_seconds: float       # time spent compressing (observation excluded)
     peak_bytes: int               # most bytes held after any forward, before that forward's compression
     budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
 
-    def __init__(self, session: Session, num_layers: int):
+    def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None):
         Cache.__init__(self, layers=[])
-        self.bind(session, num_layers)
+        self.bind(num_layers, storage or Storage(), binding)
 
-    def bind(self, session: Session, num_layers: int) -> None:
-        """Fresh layers and counters for ``session`` (also for a plain ``DynamicCache`` adopted in place)."""
-        self.layers = [KVPipeLayer(session) for _ in range(num_layers)]
-        self.kvpipe_session = session
+    def bind(self, num_layers: int, storage: Storage, binding: Binding | None) -> None:
+        """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place)."""
+        self.storage, self.binding = storage, binding
+        self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0

@@ -1,19 +1,18 @@
-"""``kvpipe.build(spec)`` → ``Pipeline``; ``Pipeline.attach(model)`` → ``Handle``."""
+"""``kvpipe.build(spec)`` → ``Pipeline``, the validated plan (spec, stage graph, budget, triggers; no runtime
+state). ``kvpipe.compressor`` runs it over a cache; ``Pipeline.attach(model)`` → ``Handle`` runs it on a model."""
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvpipe.attach import ForwardState, Handle
-from kvpipe.context import CompressionContext, Observation
 from kvpipe.graph import build_graph, describe, execution_order
-from kvpipe.quantized_store import roundtrip
 from kvpipe.spec import PipelineSpec, parse_spec
-from kvpipe.store import RaggedStore
 from kvpipe.yaml_source import read_source
+
+if TYPE_CHECKING:
+    from kvpipe.attach import Handle
 
 
 def build(spec: str | Path | dict) -> Pipeline:
@@ -58,17 +57,19 @@ class Pipeline:
         """Whether this pipeline changes the cache at all (a pipeline with no stages is a no-op)."""
         return bool(self.stages)
 
-    def fires(self, cache, new_tokens: int) -> bool:
-        """Whether the forward about to add ``new_tokens`` to ``cache`` ends with a compression."""
+    def fires(self, seen: int, since_compression: int, new_tokens: int) -> bool:
+        """Whether a forward adding ``new_tokens`` to a cache that has seen ``seen`` tokens, ``since_compression``
+        of them since its last compression, ends with a compression."""
         if not self.compresses:
             return False
         trigger = self.spec.trigger
-        pending = cache.layers[0].since_compression + new_tokens
-        fresh = cache.get_seq_length() == 0
-        return (fresh and trigger.prefill) or (trigger.every is not None and pending >= trigger.every)
+        pending = since_compression + new_tokens
+        return (seen == 0 and trigger.prefill) or (trigger.every is not None and pending >= trigger.every)
 
     def attach(self, model: torch.nn.Module) -> Handle:
         """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
+        from kvpipe.attach import Handle          # the runtime builds on the plan, not the other way round
+
         return Handle(self, model)
 
     def with_budget(self, **budget) -> Pipeline:
@@ -79,48 +80,6 @@ class Pipeline:
 
     def describe(self) -> str:
         return describe(self.graph)
-
-    def quantized_preview(self, obs: Observation) -> Observation:
-        """``obs`` with keys and values as the quantized cache will return them (for observers after ``quantize``)."""
-        batch, heads, kv, dim = obs.key.shape
-        positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
-        keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, self.quantizer.quantization(dim))
-        return dataclasses.replace(obs, key=keys, value=values)
-
-    def compress(self, forward: ForwardState) -> None:
-        """Run every stage over all layers, then compact each layer to the kept set."""
-        cache = forward.cache
-        layers = cache.layers
-        views = [layer.view(forward.padding) for layer in layers]
-        head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
-        seen = cache.get_seq_length()
-        padding = forward.padding
-        valid = views[0].valid
-        seen_real = padding.sum(-1) if padding is not None else torch.full(valid.shape[:1], seen, device=valid.device)
-        quant = self.quantizer.quantization(head_dim) if self.quantizer is not None else None
-        if quant is not None:
-            quant = dataclasses.replace(quant, backend=cache.kvpipe_session.backend)
-        ctx = CompressionContext(
-            layers=list(views), budget=self.spec.budget, seen_real=seen_real.long(),
-            slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
-            full_slot_bytes=2 * head_dim * dtype.itemsize,
-            overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0, strict=self.spec.strict,
-            observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in forward.observed.items()})
-        started = time.perf_counter()
-        for stage in self.stages:
-            stage(ctx)
-            written = ctx.by_stage.get(stage.id, {})
-            missing = [slot for slot in stage.writes if len(written.get(slot, ())) != len(views)]
-            if missing:
-                raise RuntimeError(f"stage {stage.id!r} did not write {missing} for every layer")
-        # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
-        # only a preview of the quantized cache, and quantizing twice would add error for nothing.
-        keeps = ctx.slots.get("keep", [view.valid for view in views])
-        values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
-        for layer, view, keep, value in zip(layers, views, keeps, values):
-            layer.compact(dataclasses.replace(view, values=value), keep, quant)
-        cache.compress_seconds += time.perf_counter() - started
-        cache.budget_shortfall = ctx.shortfall
 
     def __repr__(self) -> str:
         return f"Pipeline({self.source}: {' -> '.join(s.id for s in self.stages) or 'no stages'}, budget {self.spec.budget})"
