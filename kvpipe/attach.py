@@ -6,17 +6,16 @@
 """
 from __future__ import annotations
 
-import inspect
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpipe import compressor
-from kvpipe.attention import BASES, register_attention
+from kvpipe.adapters import (base_attention_function, cache_keyword, check_model, find_decoder, output_projection,
+                             rotary_embedding)
+from kvpipe.attention import register_attention
 from kvpipe.backend import resolve_backend
 from kvpipe.cache import Binding, KVPipeCache, Storage, cache_bytes
 from kvpipe.context import Observation
@@ -48,10 +47,7 @@ class Session:
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
         self.binding = Binding(type(model).__name__, attached=False)        # the caches' view of this attach
-        # transformers 5.24 renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name is
-        # accepted until 5.40); callers may use either, the decoder is given the one it declares.
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
-            else "past_key_values"
+        self.cache_kwarg = cache_keyword(self.decoder)
 
     @property
     def attached(self) -> bool:
@@ -104,8 +100,8 @@ class Session:
         padding = forward.padding
         query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
         key_valid = forward.cache.layers[layer_idx].slot_valid(padding)
-        out_proj = getattr(getattr(module, "o_proj", None), "weight", None)
-        rotary = getattr(self.decoder, "rotary_emb", None)
+        out_proj = output_projection(module)
+        rotary = rotary_embedding(self.decoder)
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
@@ -135,62 +131,6 @@ class Session:
         cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
         cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding)
         return cache
-
-
-def base_attention_function(base: str, decoder: torch.nn.Module):
-    """The function the wrapper delegates to: HF's sdpa, or the model module's own eager attention."""
-    if base == "sdpa":
-        return sdpa_attention_forward
-    # Eager is not in HF's registry: each modeling file defines its own eager function.
-    return sys.modules[type(decoder.layers[0].self_attn).__module__].eager_attention_forward
-
-
-def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (``model.model`` for HF causal LMs), checked for what kvpipe needs."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a decoder-only model with `model.layers[i].self_attn`; "
-            "kvpipe supports Llama-style Hugging Face causal LMs (Llama, Qwen2/3, Mistral, SmolLM...)")
-    return decoder
-
-
-def check_model(model: torch.nn.Module) -> None:
-    config = model.config
-    if getattr(model, "_kvpipe_session", None) is not None:
-        raise UnsupportedModelError("a kvpipe pipeline is already attached to this model; detach it first")
-    base = config._attn_implementation
-    if base not in BASES:
-        raise UnsupportedModelError(
-            f"attention implementation {base!r} is not supported: per-head eviction needs an arbitrary mask. "
-            "Load the model with attn_implementation='sdpa' (or 'eager')")
-    if getattr(config, "kv_lora_rank", None):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses multi-head latent attention (MLA, kv_lora_rank={config.kv_lora_rank}): its "
-            "cache holds one compressed latent per token shared by all heads, not per-head keys and values, so "
-            "kvpipe's per-head eviction and quantization do not apply. kvpipe supports models whose every layer is "
-            "full attention with per-head keys and values (Llama, Qwen2/3, Mistral, SmolLM...)")
-    kinds = list(getattr(config, "layer_types", None) or
-                 ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
-    other = sorted(set(kinds) - {"full_attention"})
-    if other:
-        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in other)
-        why = "; ".join(LAYER_KINDS.get(kind, f"{kind} layers are not full attention") for kind in other)
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has {counts} layers out of {len(kinds)}: {why}. kvpipe compresses full-attention "
-            "layers only; models whose every layer is full attention work (Llama, Qwen2/3, Mistral without a "
-            "sliding window, SmolLM...)")
-
-
-# What each layer kind that kvpipe refuses holds instead of per-token keys and values.
-LAYER_KINDS = {
-    "sliding_attention": "sliding-window layers keep a rolling window of their own, which needs its own cache layer",
-    "chunked_attention": "chunked-attention layers attend within fixed chunks, which needs its own cache layer",
-    "linear_attention": "linear-attention and state-space layers (Mamba, Gated DeltaNet) keep a fixed-size recurrent "
-                        "state, not per-token keys and values: there is nothing to evict",
-    "conv": "short-convolution layers keep a convolution state, not per-token keys and values",
-}
 
 
 class Handle:

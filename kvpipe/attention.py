@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
+from kvpipe.adapters import ATTENTION_BASES
 from kvpipe.errors import UnsupportedModelError
-
-BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
 
 
 def wrapped_name(base: str) -> str:
@@ -23,7 +22,7 @@ def register_attention(base: str) -> str:
     """Register (idempotently) the kvpipe attention wrapping ``base``; returns its name."""
     name = wrapped_name(base)
     AttentionInterface.register(name, kvpipe_attention)
-    AttentionMaskInterface.register(name, BASES[base])
+    AttentionMaskInterface.register(name, ATTENTION_BASES[base])
     return name
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from kvpipe import adapters
 from kvpipe.backend import packer
 from kvpipe.context import LayerView
 from kvpipe.errors import UnsupportedModelError
@@ -92,11 +93,8 @@ class KVPipeLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # Width = what update() will return; the offset makes HF's last q mask columns the new tokens.
-        # transformers < 5.3 passes cache_position (one entry per new token), later versions its length.
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
         physical = self.physical_length
-        return physical + query_length, self.seen - physical
+        return physical + adapters.query_length(query_length), self.seen - physical
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a kvpipe cache cannot be cropped: evicted tokens cannot be put back")

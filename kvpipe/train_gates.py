@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from kvpipe.attach import find_decoder
+from kvpipe.adapters import find_decoder
 from kvpipe.gates import RetentionGates
 from kvpipe.tasks import make_cases, paragraphs
 

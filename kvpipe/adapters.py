@@ -1,0 +1,101 @@
+"""Everything kvpipe knows about a model family and a transformers release, in one place.
+
+Adding a model family or supporting a new transformers release touches this module and its tests:
+where the decoder and its layers are, which attention implementations kvpipe can wrap (and the mask function
+each needs), what a layer exposes to observers (the output projection, the rotary embedding), the name of the
+decoder's cache argument, the argument of ``get_mask_sizes``, and the models refused, with the reason worded
+for what their layers really hold.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import eager_mask, sdpa_mask
+
+from kvpipe.errors import UnsupportedModelError
+
+# attention implementations kvpipe wraps, with the mask function transformers must build for each
+ATTENTION_BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
+
+
+def base_attention_function(base: str, decoder: torch.nn.Module):
+    """The function the wrapper delegates to: HF's sdpa, or the model module's own eager attention."""
+    if base == "sdpa":
+        return sdpa_attention_forward
+    # Eager is not in HF's registry: each modeling file defines its own eager function.
+    return sys.modules[type(decoder.layers[0].self_attn).__module__].eager_attention_forward
+
+
+def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``model.model`` for HF causal LMs), checked for what kvpipe needs."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a decoder-only model with `model.layers[i].self_attn`; "
+            "kvpipe supports Llama-style Hugging Face causal LMs (Llama, Qwen2/3, Mistral, SmolLM...)")
+    return decoder
+
+
+def check_model(model: torch.nn.Module) -> None:
+    config = model.config
+    if getattr(model, "_kvpipe_session", None) is not None:
+        raise UnsupportedModelError("a kvpipe pipeline is already attached to this model; detach it first")
+    base = config._attn_implementation
+    if base not in ATTENTION_BASES:
+        raise UnsupportedModelError(
+            f"attention implementation {base!r} is not supported: per-head eviction needs an arbitrary mask. "
+            "Load the model with attn_implementation='sdpa' (or 'eager')")
+    if getattr(config, "kv_lora_rank", None):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses multi-head latent attention (MLA, kv_lora_rank={config.kv_lora_rank}): its "
+            "cache holds one compressed latent per token shared by all heads, not per-head keys and values, so "
+            "kvpipe's per-head eviction and quantization do not apply. kvpipe supports models whose every layer is "
+            "full attention with per-head keys and values (Llama, Qwen2/3, Mistral, SmolLM...)")
+    kinds = list(getattr(config, "layer_types", None) or
+                 ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
+    other = sorted(set(kinds) - {"full_attention"})
+    if other:
+        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in other)
+        why = "; ".join(LAYER_KINDS.get(kind, f"{kind} layers are not full attention") for kind in other)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {counts} layers out of {len(kinds)}: {why}. kvpipe compresses full-attention "
+            "layers only; models whose every layer is full attention work (Llama, Qwen2/3, Mistral without a "
+            "sliding window, SmolLM...)")
+
+
+# What each layer kind that kvpipe refuses holds instead of per-token keys and values.
+LAYER_KINDS = {
+    "sliding_attention": "sliding-window layers keep a rolling window of their own, which needs its own cache layer",
+    "chunked_attention": "chunked-attention layers attend within fixed chunks, which needs its own cache layer",
+    "linear_attention": "linear-attention and state-space layers (Mamba, Gated DeltaNet) keep a fixed-size recurrent "
+                        "state, not per-token keys and values: there is nothing to evict",
+    "conv": "short-convolution layers keep a convolution state, not per-token keys and values",
+}
+
+
+
+
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    """The decoder's cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
+    accepted until 5.40); callers may use either, the decoder is given the one it declares."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def query_length(argument: int | torch.Tensor) -> int:
+    """``get_mask_sizes``' argument as a length: transformers < 5.3 passes ``cache_position`` (one entry per new
+    token), later versions the length itself."""
+    return argument.shape[0] if isinstance(argument, torch.Tensor) else argument
+
+
+def output_projection(attention: torch.nn.Module) -> torch.Tensor | None:
+    """``W_O [hidden, Hq·D]`` of an attention module, or ``None`` when it has no ``o_proj``."""
+    return getattr(getattr(attention, "o_proj", None), "weight", None)
+
+
+def rotary_embedding(decoder: torch.nn.Module):
+    """The decoder's rotary embedding module (``rotary_emb``), or ``None``."""
+    return getattr(decoder, "rotary_emb", None)
