@@ -7,7 +7,7 @@ A page holds ``G`` token slots (fewer may be used: empty slots have position -1 
 
 Each side is packed along the axis its attention product sums over (``q·k`` over channels, ``p·v`` over tokens):
 the neighbours of a byte are then neighbours in a tensor-core operand, so the fused decode kernel unpacks bytes
-straight into the operand's registers instead of routing unpacked tiles through shared memory (kernels.md §3).
+straight into the operand's registers instead of routing unpacked tiles through shared memory.
 The quantization groups (KIVI's) are unchanged by the packing. The Triton kernels read exactly these tensors;
 ``PackedPages`` is also what the cache stores.
 """

@@ -1,6 +1,6 @@
 """Fused decode attention over packed KIVI pages, the full-precision residual and the uncompressed tail.
 
-One query token per sequence. Flash-decoding shape (kernels.md §3.1):
+One query token per sequence, in the flash-decoding shape (splits of the cache, then a merge):
 
 * stage 1, grid ``(B·Hkv, NS + 2)``: program ``(bh, s)`` holds **all query heads of KV head bh**, padded to
   ``BLOCK_H >= 16`` rows so that both products are ``tl.dot`` (tensor cores; GQA: each packed tile is read and
@@ -18,14 +18,11 @@ One query token per sequence. Flash-decoding shape (kernels.md §3.1):
 
 Dot operands are the query's dtype (fp16, or bf16 with the query split into two bf16 terms for the scores;
 fp32 with IEEE products for fp32 queries), and always fp32 under the interpreter, whose bf16 arithmetic is wrong
-(kernels.md §4.3). Nothing dequantized is ever written to memory. The torch reference is
+(it truncates instead of rounding). Nothing dequantized is ever written to memory. The torch reference is
 ``kernels.attention_reference.decode_attention_reference``.
 
-Speed, measured on an H200 (docs/results.md): 0.72x SDPA over the full bf16 cache at 32k tokens, batch 8
-(358 µs, 19 % of copy bandwidth). Nsight Compute: 152 M warp instructions for 294 MB (72 per token and KV head:
-byte permutes, address arithmetic and logic of the unpack dominate), 8 cycles between issues per warp at 25 %
-occupancy (126 registers, two 8-warp programs per SM). Both the instruction count and the latency must halve
-to reach the bandwidth; a call also costs ~200 µs of host time (two launches of 24 arguments).
+Its speed on an H200, and what bounds it (instructions per token and latency, from Nsight Compute, not the
+memory bandwidth yet): docs/results.md, GPU check.
 """
 from __future__ import annotations
 
@@ -124,9 +121,10 @@ def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, valu
     ch = tl.arange(0, D)
     tok = t0 + tl.arange(0, TILE)
     # keys: bytes [D·bk/8, TILE] (packed along channels) → codes [D, TILE], exact small integers (+ OFFSET)
-    KB: tl.constexpr = D * KBITS // 8
-    kb = tl.arange(0, KB)
-    codes = _unpack_rows(tl.load(key_bytes + pid * (G * KB) + tok[None, :] * KB + kb[:, None]), KBITS, DOT, KMAGIC)
+    KEY_BYTES: tl.constexpr = D * KBITS // 8                    # bytes of one token's key codes
+    kb = tl.arange(0, KEY_BYTES)
+    packed = tl.load(key_bytes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None])    # [bytes, TILE]
+    codes = _unpack_rows(packed, KBITS, DOT, KMAGIC)
     # the page's per-channel scale is folded into the query: q·k = Σ (q·s)·c + Σ q·m, minus the offset's share
     qs = qv * tl.load(key_scale + pid * D + ch).to(tl.float32)[None, :]
     hi = qs.to(DOT)
@@ -143,15 +141,16 @@ def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, valu
     acc = acc * alpha[:, None]
     # values: bytes [TILE·bv/8, D] (packed along tokens) → codes [TILE, D]; a token's scale is folded into its
     # weight, p·v = Σ (p·s)·c + Σ p·m; groups of GV < D channels get one masked product each
-    VB: tl.constexpr = G * VBITS // 8
+    VALUE_BYTES: tl.constexpr = G * VBITS // 8                  # bytes of one channel's value codes in a page
     vb = t0 * VBITS // 8 + tl.arange(0, TILE * VBITS // 8)
-    codes = _unpack_rows(tl.load(value_bytes + pid * (D * VB) + ch[None, :] * VB + vb[:, None]), VBITS, DOT, VMAGIC)
-    NG: tl.constexpr = D // GV
-    for g in tl.static_range(NG):
-        meta = (pid * G + tok) * NG + g
+    packed = tl.load(value_bytes + pid * (D * VALUE_BYTES) + ch[None, :] * VALUE_BYTES + vb[:, None])  # [bytes, D]
+    codes = _unpack_rows(packed, VBITS, DOT, VMAGIC)
+    VALUE_GROUPS: tl.constexpr = D // GV                        # scale/minimum pairs per token
+    for g in tl.static_range(VALUE_GROUPS):
+        meta = (pid * G + tok) * VALUE_GROUPS + g
         pv = (p * tl.load(value_scale + meta).to(tl.float32)[None, :]).to(DOT)
         shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
-        if NG == 1:
+        if VALUE_GROUPS == 1:
             acc += tl.dot(pv, codes, input_precision=PRECISION) + shift[:, None]
         else:
             inside = (ch // GV == g)[None, :]

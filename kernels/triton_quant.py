@@ -49,9 +49,9 @@ def _quantize(x, lo, hi, BITS: tl.constexpr):
 @triton.jit
 def _pack_rows(codes, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
     """``[ROWS, N]`` codes → ``[ROWS, N·BITS/32]`` int32 words, LSB first. Fields are disjoint, so a sum is an OR."""
-    PER: tl.constexpr = 32 // BITS
-    fields = tl.reshape(codes, (ROWS, N // PER, PER))
-    shifts = (tl.arange(0, PER) * BITS)[None, None, :]
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    fields = tl.reshape(codes, (ROWS, N // CODES_PER_WORD, CODES_PER_WORD))
+    shifts = (tl.arange(0, CODES_PER_WORD) * BITS)[None, None, :]
     return tl.sum(fields << shifts, axis=2).to(tl.int32)
 
 
@@ -71,20 +71,22 @@ def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min
     k_codes = tl.where(used[:, None], k_codes, 0)
     tl.store(key_scale + page * D + ch, tl.reshape(k_scale, (D,)))
     tl.store(key_min + page * D + ch, tl.reshape(k_min, (D,)))
-    KW: tl.constexpr = D * KBITS // 32
+    KEY_WORDS: tl.constexpr = D * KBITS // 32                  # int32 words of one token's key codes
     k_words = _pack_rows(k_codes, G, D, KBITS)                                        # packed along channels
-    tl.store(key_codes + page * G * KW + tok[:, None] * KW + tl.arange(0, KW)[None, :], k_words)
+    words = tl.arange(0, KEY_WORDS)
+    tl.store(key_codes + page * G * KEY_WORDS + tok[:, None] * KEY_WORDS + words[None, :], k_words)
 
     v = tl.reshape(tl.load(values + offs).to(tl.float32), (G, D // GV, GV))
     v_codes, v_scale, v_min = _quantize(v, tl.min(v, axis=2)[:, :, None], tl.max(v, axis=2)[:, :, None], VBITS)
     v_codes = tl.where(used[:, None], tl.reshape(v_codes, (G, D)), 0)
-    NG: tl.constexpr = D // GV
-    meta = page * G * NG + tok[:, None] * NG + tl.arange(0, NG)[None, :]
-    tl.store(value_scale + meta, tl.reshape(v_scale, (G, NG)))
-    tl.store(value_min + meta, tl.reshape(v_min, (G, NG)))
-    VW: tl.constexpr = G * VBITS // 32
+    VALUE_GROUPS: tl.constexpr = D // GV                       # scale/minimum pairs per token
+    meta = page * G * VALUE_GROUPS + tok[:, None] * VALUE_GROUPS + tl.arange(0, VALUE_GROUPS)[None, :]
+    tl.store(value_scale + meta, tl.reshape(v_scale, (G, VALUE_GROUPS)))
+    tl.store(value_min + meta, tl.reshape(v_min, (G, VALUE_GROUPS)))
+    VALUE_WORDS: tl.constexpr = G * VBITS // 32                # int32 words of one channel's value codes
     v_words = _pack_rows(tl.trans(v_codes), D, G, VBITS)                              # packed along tokens
-    tl.store(value_codes + page * D * VW + ch[:, None] * VW + tl.arange(0, VW)[None, :], v_words)
+    words = tl.arange(0, VALUE_WORDS)
+    tl.store(value_codes + page * D * VALUE_WORDS + ch[:, None] * VALUE_WORDS + words[None, :], v_words)
 
 
 def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,

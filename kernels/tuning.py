@@ -1,6 +1,6 @@
 """Block sizes for the Triton kernels: ``triton.autotune`` on a GPU, one fixed configuration in the interpreter.
 
-Triton's CPU interpreter has no driver, so ``@triton.autotune`` cannot run there (kernels.md §4.3); the first
+Triton's CPU interpreter has no driver, so ``@triton.autotune`` cannot run there; the first
 configuration of the list is then the one used. ``launcher(kernel)`` launches either way: under the interpreter
 with the fixed configuration; compiled, it tunes on the first call of each key, then goes straight to the
 compiled kernel with the configuration chosen, skipping the autotuner's per-call bookkeeping (a decode step

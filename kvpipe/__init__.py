@@ -6,9 +6,27 @@
 >>> handle.stats()["compression_ratio"]
 >>> handle.detach()                                      # model is exactly as before
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from kvpipe.errors import BudgetError, KVPipeError, SpecError, UnsupportedModelError
-from kvpipe.pipeline import Pipeline, build
-from kvpipe.registry import Params, Stage, register
+
+if TYPE_CHECKING:
+    from kvpipe.pipeline import Pipeline, build
+    from kvpipe.registry import Params, Stage, register
+
+# torch, transformers and the stages load on first use, so that `kvpipe --help` starts at once
+_LAZY = {"Pipeline": "kvpipe.pipeline", "build": "kvpipe.pipeline", "Params": "kvpipe.registry",
+         "Stage": "kvpipe.registry", "register": "kvpipe.registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvpipe' has no attribute {name!r}")
+
 
 __all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError",
            "build", "register"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpipe.diagnose import PROBES
+from kvpipe.choices import PROBES
+from kvpipe.choices import TASK_KINDS as KINDS
 from kvpipe.errors import KVPipeError
-from kvpipe.tasks import KINDS
 
 EPILOG = """\
 examples:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpipe.choices import PROBES
 from kvpipe.models import cache_arg
 from kvpipe.pipeline import Pipeline, build
 from kvpipe.registry import get_stage
@@ -33,7 +34,6 @@ from kvpipe.table import render
 from kvpipe.tasks import TaskCase, make_cases
 
 MODES = ("evidence missing", "irrelevant ranked in", "coupled evidence split")
-PROBES = ("recovery", "value ranking", "coupled projection")
 
 
 @dataclass

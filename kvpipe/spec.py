@@ -20,8 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvpipe.yaml_source import YamlSource
 
-SPEC_VERSION = 1
-
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -31,7 +29,7 @@ MAX_TOKENS = 1 << 24      # 16M: beyond any model's context; larger numbers are 
 
 
 class Budget(StrictModel):
-    """Exactly one of three ways to say how much cache to keep (DESIGN §3)."""
+    """Exactly one of three ways to say how much cache to keep."""
 
     keep: float | None = Field(None, gt=0, le=1, description="fraction of each row's real tokens kept per layer×KV head")
     tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,

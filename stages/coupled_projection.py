@@ -1,5 +1,5 @@
-"""Coupled projection (the third step the fixed-contract diagnostic prescribes, arXiv 2605.08234; algorithms.md
-§7.2b): fit the budget without splitting evidence that only works together."""
+"""Coupled projection (the third step the fixed-contract diagnostic prescribes, arXiv 2605.08234):
+fit the budget without splitting evidence that only works together."""
 from __future__ import annotations
 
 import torch

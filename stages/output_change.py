@@ -1,4 +1,4 @@
-"""Exact removal effect (algorithms.md §1.1): how much the layer's output moves if one token is evicted."""
+"""Exact removal effect: how much the layer's output moves if one token is evicted."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
-"""Evidence recovery (the first step the fixed-contract diagnostic prescribes, arXiv 2605.08234; algorithms.md
-§7.2a): make sure the tokens decoding will read are kept, before any ranking decides."""
+"""Evidence recovery (the first step the fixed-contract diagnostic prescribes, arXiv 2605.08234):
+make sure the tokens decoding will read are kept, before any ranking decides."""
 from __future__ import annotations
 
 from typing import Literal

@@ -1,4 +1,4 @@
-"""Value refit (algorithms.md §7.2c, after GRKV / Attention Matching): least-squares correction of the kept
+"""Value refit (after GRKV / Attention Matching): least-squares correction of the kept
 values so the compressed cache reproduces the full cache's attention output on observation queries."""
 from __future__ import annotations
 

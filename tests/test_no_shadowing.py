@@ -69,3 +69,13 @@ def test_hugging_face_kernels_wins_from_the_root():
     done = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == hf.__file__
+
+
+def test_help_loads_no_torch():
+    """``kvpipe --help`` answers at once: neither torch nor transformers is imported for it."""
+    code = ("import sys, contextlib, io\nimport kvpipe.cli\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        kvpipe.cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

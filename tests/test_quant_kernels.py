@@ -195,7 +195,7 @@ def test_quantized_attention_error_against_unquantized_is_bounded():
     everything = torch.ones(batch, kv_heads, n, dtype=torch.bool)
     exact = decode_attention_reference(query, keys, values, everything, dim ** -0.5)
     # Measured on this seed: 0.0071 / 0.131 / 0.666 (values averaged over 256 tokens shrink the output, so the
-    # relative error is larger than kernels.md's D=128 numbers). An attention that ignores the keys (uniform
+    # relative error is larger than at head dim 128). An attention that ignores the keys (uniform
     # weights) is 0.865 off: every bound must reject it.
     bound = {8: 0.011, 4: 0.2, 2: 0.75}
     uniform = decode_attention_reference(query, torch.zeros_like(keys), values, everything, dim ** -0.5)
@@ -246,7 +246,7 @@ def test_unpacked_codes_are_exact_in_the_dot_dtype(bits, dtype):
     """The decode kernel's unpack, bytes to operand rows, with the 16-bit ``OFFSET + code`` trick where it is used:
     every code (and the offset) exact, in the layout of ``unpack_codes`` along the rows."""
     if DEVICE == "cpu" and dtype == torch.bfloat16 and bits == 8:
-        pytest.skip("the interpreter converts integers to bf16 wrongly (kernels.md §4.3); compiled only")
+        pytest.skip("the interpreter converts integers to bf16 wrongly (bit patterns, not values); compiled only")
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
     offsets = code_offsets(dot, PageFormat(bits, bits, 32, 16, torch.float16))
     assert offsets["OFFSET"] == (0 if dtype == torch.float32 or (dtype == torch.bfloat16 and bits == 8)

@@ -38,7 +38,7 @@ def test_tova_is_the_last_query_attention_averaged_over_all_heads():
 
 
 def test_output_change_equals_removing_the_token_and_recomputing():
-    """§1.1: for one query the score of token i is ||W_O (o - o_without_i)||, computed here by brute force."""
+    """For one query the score of token i is ||W_O (o - o_without_i)||, computed here by brute force."""
     obs = observation(q_heads=1, kv_heads=1, q=1, kv=9)
     got = OutputChange(OutputChange.Params(window=1)).observe(obs)[0, 0].double()
     weights = softmax_row(obs, 0, 0)

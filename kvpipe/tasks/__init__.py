@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+from kvpipe.choices import TASK_KINDS
 from kvpipe.tasks.case import TaskCase
 from kvpipe.tasks.haystack import HAYSTACKS, paragraphs
 from kvpipe.tasks.needle import needle_case
@@ -14,8 +15,8 @@ from kvpipe.tasks.words import common_words_case
 
 TASKS = {"single": needle_case, "multikey": needle_case, "multivalue": needle_case, "multiquery": needle_case,
          "vartrack": needle_case, "common_words": common_words_case, "prose_qa": prose_qa_case}
-KINDS = tuple(TASKS)
-NEEDLE_KINDS = ("single", "multikey", "multivalue", "multiquery", "vartrack")
+KINDS = TASK_KINDS
+assert tuple(TASKS) == KINDS, "kvpipe.choices.TASK_KINDS names the tasks the command line offers"
 
 
 def make_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0, kind: str = "single", needles: int = 3,
@@ -31,4 +32,4 @@ def make_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0, kind: 
     return [TASKS[kind](tokenizer, rng, context_tokens, haystack, kind, needles) for _ in range(cases)]
 
 
-__all__ = ["HAYSTACKS", "KINDS", "NEEDLE_KINDS", "TASKS", "TaskCase", "make_cases", "paragraphs"]
+__all__ = ["HAYSTACKS", "KINDS", "TASKS", "TaskCase", "make_cases", "paragraphs"]

@@ -29,10 +29,6 @@ class TaskCase:
     def ids(self) -> torch.Tensor:
         return torch.cat([self.prefix_ids, self.suffix_ids], dim=-1)
 
-    @property
-    def answer(self) -> str:
-        return self.answers[0]
-
     def is_correct(self, generated: str) -> bool:
         text = normalize(generated)
         return all(normalize(answer) in text for answer in self.answers)
