@@ -13,11 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 import kvpipe
-from kvpipe.fidelity import fidelity
+from kvpipe.core.table import human_bytes, render
+from kvpipe.eval.fidelity import fidelity
+from kvpipe.eval.run import full_cache_correct, needle_accuracy
+from kvpipe.eval.tasks import KINDS, make_cases, paragraphs
 from kvpipe.models import load
-from kvpipe.run import full_cache_correct, needle_accuracy
-from kvpipe.table import human_bytes, render
-from kvpipe.tasks import KINDS, make_cases, paragraphs
 
 NEEDLE_PIPELINES = ["default", "snapkv-adaptive", "value-aware", "global-critical", "expected-attention",
                     "streaming", "random"]

@@ -18,12 +18,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from timing import copy_bandwidth, timer
 from tqdm.auto import tqdm
 
+from kvpipe.core.table import render
 from kvpipe.kernels.pages import PageFormat
-from kvpipe.quantized_store import Quantization, QuantizedStore
-from kvpipe.table import render
-from timing import copy_bandwidth, timer
+from kvpipe.runtime.quantized_store import Quantization, QuantizedStore
 
 
 def make_store(batch, kv_heads, context, dim, fmt, residual, skewed, dtype, device) -> QuantizedStore:

@@ -6,16 +6,17 @@ parameters decoding is dominated by the MLP and the LM head, so expect memory, n
 from __future__ import annotations
 
 import argparse
+
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 import kvpipe
-from kvpipe.cache import cache_bytes
+from kvpipe.core.table import human_bytes, render
+from kvpipe.eval.run import prefill_then_decode as measure
+from kvpipe.eval.tasks import make_cases
 from kvpipe.models import load
-from kvpipe.run import prefill_then_decode as measure
-from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_cases
+from kvpipe.runtime.cache import cache_bytes
 
 
 def main() -> None:

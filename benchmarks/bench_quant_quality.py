@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, QuantizedCache
 
 import kvpipe
-from kvpipe.contenders import held_bytes
-from kvpipe.fidelity import continuation_logits
+from kvpipe.core.table import human_bytes, render
+from kvpipe.eval.contenders import held_bytes
+from kvpipe.eval.fidelity import continuation_logits
+from kvpipe.eval.run import answer, prefill_then_decode
+from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.models import load
-from kvpipe.run import answer, prefill_then_decode
-from kvpipe.table import human_bytes, render
-from kvpipe.tasks import make_cases, paragraphs
 
 
 @dataclass(frozen=True)

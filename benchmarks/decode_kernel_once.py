@@ -17,7 +17,7 @@ import torch
 
 import kvpipe
 from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
-from kvpipe.quantized_store import QuantizedStore
+from kvpipe.runtime.quantized_store import QuantizedStore
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ from gpu_end_to_end import end_to_end  # noqa: E402
 from gpu_shapes import GPU, TINY  # noqa: E402
 from timing import copy_bandwidth, timer  # noqa: E402
 
-from kvpipe.table import render  # noqa: E402
+from kvpipe.core.table import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 import kvpipe
 from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
-from kvpipe.quantized_store import QuantizedStore, Workspace
+from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 
 
 def quantization_of(name: str, head_dim: int):

@@ -12,14 +12,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 from kvpipe.errors import BudgetError, KVPipeError, SpecError, UnsupportedModelError
+from kvpipe.version import __version__
 
 if TYPE_CHECKING:
-    from kvpipe.pipeline import Pipeline, build
-    from kvpipe.registry import Params, Stage, register
+    from kvpipe.core.registry import Params, Stage, register
+    from kvpipe.runtime.pipeline import Pipeline, build
 
 # torch, transformers and the stages load on first use, so that `kvpipe --help` starts at once
-_LAZY = {"Pipeline": "kvpipe.pipeline", "build": "kvpipe.pipeline", "Params": "kvpipe.registry",
-         "Stage": "kvpipe.registry", "register": "kvpipe.registry"}
+_LAZY = {"Pipeline": "kvpipe.runtime.pipeline", "build": "kvpipe.runtime.pipeline", "Params": "kvpipe.core.registry",
+         "Stage": "kvpipe.core.registry", "register": "kvpipe.core.registry"}
 
 
 def __getattr__(name: str):
@@ -28,6 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kvpipe' has no attribute {name!r}")
 
 
-__all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError",
+__all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError", "__version__",
            "build", "register"]
-__version__ = "0.1.0"

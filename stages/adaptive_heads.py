@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.allocation import pooled_counts
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Params, Stage, register
+from kvpipe.core.allocation import pooled_counts
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 
 
 class AdaptiveHeadsParams(Params):

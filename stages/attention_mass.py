@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import AfterValidator, Field
 
-from kvpipe.context import Observation
-from kvpipe.registry import ObservingScorer, Params, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import ObservingScorer, Params, register
 
 QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
 

@@ -6,9 +6,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.allocation import calibrate
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Params, Stage, register
+from kvpipe.core.allocation import calibrate
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 
 
 class CombineParams(Params):

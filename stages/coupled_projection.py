@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 from kvpipe.kernels.topk import select_topk
-from kvpipe.registry import Params, Stage, register
 from kvpipe.stages.topk import within_budget
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import Observation
-from kvpipe.registry import ObservingScorer, Params, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import PoolKernel, attention_mass, pool_neighbours
-
 
 CHUNK = 4096          # tokens projected through W_O at once
 

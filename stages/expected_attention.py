@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import Observation
-from kvpipe.registry import ObservingScorer, Params, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
 
 

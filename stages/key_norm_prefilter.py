@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import Candidates, CompressionContext
+from kvpipe.core.context import Candidates, CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 from kvpipe.kernels.topk import ranks
-from kvpipe.registry import Params, Stage, register
 
 
 class KeyNormPrefilterParams(Params):

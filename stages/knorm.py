@@ -1,8 +1,8 @@
 """KNorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression")."""
 from __future__ import annotations
 
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Stage, register
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Stage, register
 
 
 @register("knorm", family="scoring")

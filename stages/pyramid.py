@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Params, Stage, register
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 
 
 class PyramidParams(Params):

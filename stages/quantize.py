@@ -6,12 +6,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.context import CompressionContext, LayerView
+from kvpipe.core.context import CompressionContext, LayerView
+from kvpipe.core.registry import Params, Stage, register
 from kvpipe.errors import KVPipeError
 from kvpipe.kernels.pages import PageFormat, minmax_range
 from kvpipe.kernels.quant import affine_params
-from kvpipe.quantized_store import Quantization, roundtrip
-from kvpipe.registry import Params, Stage, register
+from kvpipe.runtime.quantized_store import Quantization, roundtrip
 
 Bits = Literal[2, 4, 8]
 

@@ -2,8 +2,8 @@
 ICLR 2024, "Efficient Streaming Language Models with Attention Sinks")."""
 from __future__ import annotations
 
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Stage, register
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Stage, register
 
 
 @register("recency", family="scoring")

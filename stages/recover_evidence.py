@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.context import Candidates, CompressionContext, Observation
+from kvpipe.core.context import Candidates, CompressionContext, Observation
+from kvpipe.core.registry import Params, Stage, register
 from kvpipe.kernels.topk import select_topk
-from kvpipe.registry import Params, Stage, register
 
 
 class RecoverEvidenceParams(Params):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.context import Candidates, CompressionContext
-from kvpipe.registry import Params, Stage, register
+from kvpipe.core.context import Candidates, CompressionContext
+from kvpipe.core.registry import Params, Stage, register
 
 
 class SinksWindowParams(Params):

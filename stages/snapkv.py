@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kvpipe.registry import register
+from kvpipe.core.registry import register
 from kvpipe.stages.attention_mass import AttentionMass, AttentionMassParams, PoolKernel
 
 

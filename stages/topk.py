@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from kvpipe.context import CompressionContext
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Stage, register
 from kvpipe.kernels.topk import select_topk
-from kvpipe.registry import Stage, register
 
 
 @register("topk", family="eviction")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from kvpipe.context import Observation
-from kvpipe.registry import ObservingScorer, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import ObservingScorer, register
 
 
 @register("tova", family="scoring")

@@ -1,8 +1,8 @@
 """Uniform allocation: every (layer, KV head) of a row keeps the same number of slots."""
 from __future__ import annotations
 
-from kvpipe.context import CompressionContext
-from kvpipe.registry import Stage, register
+from kvpipe.core.context import CompressionContext
+from kvpipe.core.registry import Stage, register
 
 
 @register("uniform", family="budget allocation")

@@ -6,8 +6,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.context import Observation
-from kvpipe.registry import ObservingScorer, Params, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import ObservingScorer, Params, register
 from kvpipe.stages.attention_mass import attention_mass
 
 

@@ -1,12 +1,13 @@
-"""``kvpipe.adapters``: what kvpipe reads of a model and of a transformers release, on stand-in modules."""
+"""``kvpipe.runtime.adapters``: what kvpipe reads of a model and of a transformers release, on stand-in modules."""
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
-from kvpipe import adapters
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.runtime import adapters
+
+from conftest import tiny_model
 
 
 class OldDecoder(torch.nn.Module):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvpipe
 from kvpipe import UnsupportedModelError
-from kvpipe.shipped import path
+from kvpipe.core.shipped import path
+
+from conftest import tiny_model
 
 NOOP = {"version": 1, "stages": []}
 

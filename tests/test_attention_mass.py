@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fresh_seed
 
-from kvpipe.context import Observation
+from kvpipe.core.context import Observation
 from kvpipe.stages.attention_mass import AttentionMass
+
+from conftest import fresh_seed
 
 
 def reference_mass(query, key, scaling, query_valid, key_valid, window, normalize, group):

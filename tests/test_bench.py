@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
 
-from kvpipe.bench import run_suite
 from kvpipe.cli import main
-from kvpipe.contenders import kvpress_available, peer
 from kvpipe.errors import KVPipeError, SpecError
-from kvpipe.report import PLOTS, write_report
-from kvpipe.suite import load_suite
+from kvpipe.eval.bench import run_suite
+from kvpipe.eval.contenders import kvpress_available, peer
+from kvpipe.eval.report import PLOTS, write_report
+from kvpipe.eval.suite import load_suite
+
+from conftest import tiny_model
 
 SUITE = """\
 version: 1
@@ -127,7 +128,7 @@ def test_suite_lists_kvpress_peers_it_could_not_run(tmp_path, tiny_with_real_tok
 
 @pytest.mark.skipif(kvpress_available(), reason="kvpress is installed here")
 def test_kvpress_peer_without_kvpress_says_how_to_get_it():
-    from kvpipe.spec import Budget
+    from kvpipe.core.spec import Budget
 
     with pytest.raises(KVPipeError, match="make test-tf52"):
         peer("kvpress-snapkv", Budget(keep=0.5))
@@ -149,7 +150,7 @@ def test_kvpress_peers_run_through_kvpress_pipeline(tmp_path, smollm):
 
 
 def test_pipelines_that_evict_nothing_run_once_without_a_budget_label(tmp_path):
-    from kvpipe.bench import contenders
+    from kvpipe.eval.bench import contenders
 
     suite, _ = load_suite(write(tmp_path, SUITE.replace("  - {pipeline: noop, budgets: own, label: keep everything}",
                                                          "  - noop\n  - int4")))
@@ -159,7 +160,7 @@ def test_pipelines_that_evict_nothing_run_once_without_a_budget_label(tmp_path):
 
 @pytest.mark.real_model
 def test_a_fidelity_context_longer_than_the_prose_is_refused_before_any_task(tmp_path, smollm):
-    from kvpipe.bench import check_fidelity
+    from kvpipe.eval.bench import check_fidelity
 
     _, tokenizer = smollm
     check_fidelity(load_suite(write(tmp_path, SUITE))[0], tokenizer)

@@ -7,15 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpipe.budget import slots_per_head
-from kvpipe.context import Candidates, CompressionContext, LayerView
+from kvpipe.core.budget import slots_per_head
+from kvpipe.core.context import Candidates, CompressionContext, LayerView
+from kvpipe.core.spec import Budget
 from kvpipe.kernels.topk import select_topk
-from kvpipe.spec import Budget
+from kvpipe.runtime.store import RaggedStore
 from kvpipe.stages.coupled_projection import CoupledProjection
 from kvpipe.stages.sinks_window import protected_ends
 from kvpipe.stages.topk import TopK
 from kvpipe.stages.uniform import Uniform
-from kvpipe.store import RaggedStore
 
 
 @st.composite

@@ -5,13 +5,14 @@ import copy
 
 import pytest
 import torch
-from conftest import fresh_seed, tiny_model
 
 import kvpipe
-from kvpipe.cache import KVPipeCache
-from kvpipe.compressor import compress
-from kvpipe.quantized_store import QuantizedStore
-from kvpipe.store import RaggedStore
+from kvpipe.runtime.cache import KVPipeCache
+from kvpipe.runtime.compressor import compress
+from kvpipe.runtime.quantized_store import QuantizedStore
+from kvpipe.runtime.store import RaggedStore
+
+from conftest import fresh_seed, tiny_model
 
 
 def filled_cache(layers: int = 3, batch: int = 2, heads: int = 2, tokens: int = 40, dim: int = 16) -> KVPipeCache:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shipped_pipeline, tiny_model
 from torch.overrides import TorchFunctionMode
 
-from kvpipe.shipped import names
+from kvpipe.core.shipped import names
+
+from conftest import shipped_pipeline, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_CODE = tuple(str(ROOT / folder) + "/" for folder in ("kvpipe", "stages", "kernels"))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import tiny_model
-
 import kvpipe
-from kvpipe.diagnose import MODES, Reference, diagnose, diagnose_cases, full_reference, probe_specs, save, summary
+from kvpipe.eval.diagnose import MODES, Reference, diagnose, diagnose_cases, full_reference, probe_specs, save, summary
+
+from conftest import tiny_model
 
 
 def test_probes_change_exactly_one_slot():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import kvpipe
-from kvpipe.fidelity import fidelity
+from kvpipe.eval.fidelity import fidelity
 
 
 def test_noop_has_zero_kl_and_eviction_does_not(tiny, random_ids):

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gates_file, tiny_model
 
 import kvpipe
 from kvpipe.errors import KVPipeError
-from kvpipe.gates import RetentionGates, retention_scores
-from kvpipe.train_gates import TrainConfig, evaluate, train, training_sequence
+from kvpipe.learned.gates import RetentionGates, retention_scores
+from kvpipe.learned.train import TrainConfig, evaluate, train, training_sequence
+
+from conftest import tiny_gates_file, tiny_model
 
 
 def test_gate_shapes_log_retention_and_shared_readout():
@@ -111,7 +112,7 @@ def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
     from safetensors.torch import save_file
 
     from kvpipe.errors import KVPipeError
-    from kvpipe.gates import RetentionGates
+    from kvpipe.learned.gates import RetentionGates
 
     good = tiny_gates_file(tmp_path)
     path = tmp_path / f"{kind.replace(' ', '-')}.safetensors"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shipped_pipeline
 
 import kvpipe
-from kvpipe.shipped import names
+from kvpipe.core.shipped import names
+
+from conftest import shipped_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda]
 

@@ -9,13 +9,14 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import fresh_seed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpipe.kernels.pages import PageFormat, dequantize_pages, quantize_pages
 from kvpipe.kernels.quant import pack_codes, unpack_codes
-from kvpipe.quantized_store import Quantization, QuantizedStore
+from kvpipe.runtime.quantized_store import Quantization, QuantizedStore
+
+from conftest import fresh_seed
 
 BITS = [2, 4, 8]
 

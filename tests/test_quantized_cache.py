@@ -5,14 +5,15 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import kvpipe
-from kvpipe.backend import resolve_backend
 from kvpipe.errors import KVPipeError, UnsupportedModelError
-from kvpipe.fidelity import fidelity
-from kvpipe.quantized_store import QuantizedStore, roundtrip
-from kvpipe.tasks import paragraphs
+from kvpipe.eval.fidelity import fidelity
+from kvpipe.eval.tasks import paragraphs
+from kvpipe.runtime.backend import resolve_backend
+from kvpipe.runtime.quantized_store import QuantizedStore, roundtrip
+
+from conftest import tiny_model
 
 
 def quantize_spec(backend: str = "torch", keep: float | None = None, first: bool = False, **params) -> dict:
@@ -213,7 +214,7 @@ def test_layout_skips_unused_page_slots_only_when_heads_align(counts):
     hole-free layout (no mask needed); ragged heads keep holes, marked invalid. Either way the valid slots,
     in order, are exactly the stored tokens, dequantized."""
     from kvpipe.kernels.pages import PageFormat
-    from kvpipe.quantized_store import Quantization
+    from kvpipe.runtime.quantized_store import Quantization
     torch.manual_seed(3)
     batch, heads, n, dim, group = 2, 3, 50, 16, 8
     quant = Quantization(PageFormat(key_bits=8, value_bits=8, group=group, value_group=dim,

@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 
 import kvpipe
-from kvpipe.shipped import names, path
-from kvpipe.tasks import make_cases
+from kvpipe.core.shipped import names, path
+from kvpipe.eval.tasks import make_cases
 
 pytestmark = pytest.mark.real_model
 

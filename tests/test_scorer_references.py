@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import torch
-from conftest import fresh_seed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpipe.allocation import calibrate, pooled_counts
-from kvpipe.context import Observation
+from kvpipe.core.allocation import calibrate, pooled_counts
+from kvpipe.core.context import Observation
 from kvpipe.stages.critical import Critical
 from kvpipe.stages.output_change import OutputChange
 from kvpipe.stages.tova import TOVA
+
+from conftest import fresh_seed
 
 
 def observation(batch=1, q_heads=4, kv_heads=2, q=6, kv=6, dim=8, model_dim=12, seed=None) -> Observation:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import kvpipe
-from kvpipe.shipped import DIR as PIPELINES
+from kvpipe.core.shipped import DIR as PIPELINES
 
 BAD = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
 

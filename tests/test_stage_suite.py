@@ -7,10 +7,11 @@ import tempfile
 import pytest
 import torch
 import yaml
-from conftest import tiny_gates_file, tiny_model
 
 import kvpipe
-from kvpipe.registry import all_stages
+from kvpipe.core.registry import all_stages
+
+from conftest import tiny_gates_file, tiny_model
 
 STAGES = sorted(all_stages())
 KEEP = 0.4

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvpipe.cli import main
-from kvpipe.shipped import path
-from kvpipe.tasks import HAYSTACKS, KINDS, make_cases
+from kvpipe.core.shipped import path
+from kvpipe.eval.tasks import HAYSTACKS, KINDS, make_cases
 
 
 @pytest.mark.real_model
@@ -69,7 +69,7 @@ def test_common_words_are_the_most_common(smollm):
 
 
 def test_answers_are_matched_without_case_quote_or_spacing_noise():
-    from kvpipe.tasks.case import TaskCase
+    from kvpipe.eval.tasks.case import TaskCase
 
     case = TaskCase(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), "k",
                     ("comma doesn\u2019t create  a",), 0.5)
@@ -158,7 +158,7 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 def test_stage_catalogue_in_docs_is_current():
     from pathlib import Path
 
-    from kvpipe.catalogue import catalogue
+    from kvpipe.cli.catalogue import catalogue
 
     docs = Path(__file__).parent.parent / "docs" / "stages.md"
     assert docs.read_text() == catalogue(markdown=True), "regenerate: kvpipe stages --markdown > docs/stages.md"
@@ -167,7 +167,7 @@ def test_stage_catalogue_in_docs_is_current():
 def test_yaml_reference_in_docs_is_current(capsys):
     from pathlib import Path
 
-    from kvpipe.reference import yaml_reference
+    from kvpipe.cli.reference import yaml_reference
 
     docs = Path(__file__).parent.parent / "docs" / "yaml-reference.md"
     assert docs.read_text() == yaml_reference(), "regenerate: kvpipe reference > docs/yaml-reference.md"

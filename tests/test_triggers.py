@@ -4,12 +4,13 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from conftest import tiny_gates_file, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpipe
-from kvpipe.store import RaggedStore
+from kvpipe.runtime.store import RaggedStore
+
+from conftest import tiny_gates_file, tiny_model
 
 TOKENS, EVERY = 24, 8
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kvpipe.registry import all_stages
+from kvpipe.core.registry import all_stages
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "write-a-stage.md"
 

@@ -1,0 +1,265 @@
+"""``kvpipe`` command line: validate, graph, stages, reference, run, bench, diagnose, train-gates."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvpipe.errors import KVPipeError
+from kvpipe.eval.choices import PROBES
+from kvpipe.eval.choices import TASK_KINDS as KINDS
+
+EPILOG = """\
+examples:
+  kvpipe validate pipelines/default.yaml      check a pipeline; prints FILE:LINE:COL on any mistake
+  kvpipe graph pipelines/default.yaml --png g.png
+  kvpipe stages                               every stage with its parameters and defaults
+  kvpipe run pipelines/default.yaml --context 2048 --cases 12
+  kvpipe run pipelines/default.yaml --question-aware
+  kvpipe bench benchmarks/suites/smoke.yaml   every pipeline and peer of a suite side by side: report + plots
+  kvpipe diagnose pipelines/value-aware.yaml pipelines/h2o.yaml --budget 0.25 0.1 --kinds single vartrack
+  kvpipe train-gates --steps 300 --context 512 --budget 64 --out gates/
+
+A pipeline is YAML:  version: 1 / budget: {keep: 0.5} / stages: [sinks_window, attention_mass, uniform, topk]
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvpipe", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress the KV cache of Hugging Face language models with a declarative pipeline of stages.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a pipeline file; exit 1 with a one-line error if it is wrong")
+    p.add_argument("pipeline", help="path of a pipeline YAML file")
+    p = sub.add_parser("graph", help="print the stage DAG of a pipeline (or draw it to a PNG)")
+    p.add_argument("pipeline", help="path of a pipeline YAML file")
+    p.add_argument("--png", metavar="FILE", help="also draw the DAG to this PNG (needs matplotlib)")
+    p = sub.add_parser("stages", help="list every registered stage with its parameters and defaults")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown catalogue (docs/stages.md)")
+    sub.add_parser("reference", help="print the YAML reference of pipeline and suite files (docs/yaml-reference.md)")
+    p = sub.add_parser("run", help="needle-in-a-haystack: full cache and the pipeline side by side, one table",
+                       description="Hide a fact (random key, 7-digit number) in real Python documentation, ask for "
+                                   "it after the context, and compare the full cache with the pipeline: accuracy, "
+                                   "KV bytes held, compression ratio, prefill time and decode speed.")
+    p.add_argument("pipeline", help="path of a pipeline YAML file (e.g. pipelines/default.yaml)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (embedded, default) or a Hugging Face model id / local path")
+    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
+    p.add_argument("--cases", type=positive, default=12, metavar="N", help="number of cases (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
+    p.add_argument("--question-aware", action="store_true",
+                   help="compress the prompt with the question in it (easier). Default: the context is "
+                        "compressed before the question is seen, as in kvpress's protocol")
+    p = sub.add_parser("bench", help="run a benchmark suite: pipelines and peers side by side, report and plots",
+                       description="Run every pipeline (at every budget) and every peer of a suite file on the same "
+                                   "generated cases, one process, greedy decoding; the full cache answers each case "
+                                   "first as the reference. Writes results.jsonl (one line per answer, as it goes), "
+                                   "report.md (accuracy per task, bytes held, speed, best per task, fidelity) and "
+                                   "plots of accuracy vs bytes and vs context length. Ready suites: "
+                                   "benchmarks/suites/{smoke,main,orderings}.yaml.")
+    p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
+    p.add_argument("--out", metavar="DIR", help="output folder, new or without a run in it (default "
+                                                "bench-results/<suite name>-<date-time>/): a run is never overwritten")
+    p.add_argument("--cases", type=positive, metavar="N", help="override the suite's cases per task and context")
+    p.add_argument("--contexts", type=positive, nargs="+", metavar="TOKENS",
+                   help="override the suite's context lengths")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
+    p.add_argument("--model", help="override the suite's model")
+    p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
+    p = sub.add_parser("diagnose", help="why a pipeline fails: failure modes per case and one-slot-at-a-time probes",
+                       description="The fixed-contract diagnostic: per needle case, the answer log-likelihood margin "
+                                   "to the full cache, how much of the answer-bearing fact each layer and head kept, "
+                                   "the failure mode (evidence missing / irrelevant ranked in / coupled evidence "
+                                   "split) and the effect of changing one decision (add recovery, value-aware "
+                                   "ranking, coupled projection). Writes a table, a JSONL file and a plot.")
+    p.add_argument("pipeline", nargs="+", help="pipeline YAML files (each diagnosed on the same cases)")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
+    p.add_argument("--budget", type=float, nargs="+", metavar="KEEP",
+                   help="override the budget with keep: KEEP (several: one run per budget)")
+    p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS,
+                   help="needle task kinds (default: single multikey multivalue; vartrack = multi-hop chains)")
+    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
+    p.add_argument("--cases", type=positive, default=6, metavar="N", help="cases per kind (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
+    p.add_argument("--agnostic", action="store_true", help="compress the context before the question is seen "
+                                                           "(default: question-aware, where selection decides)")
+    p.add_argument("--probes", nargs="*", default=list(PROBES), choices=PROBES, metavar="PROBE",
+                   help="one-slot probes to run, each reruns every case (default: all of "
+                        f"{', '.join(PROBES)}; `--probes` alone: none, failure modes only, 4x faster)")
+    p.add_argument("--out", default="diagnose", metavar="DIR", help="where the JSONL and PNG go (default diagnose/)")
+    p = sub.add_parser("train-gates", help="train retention gates for a model (frozen) on local text and tasks",
+                       description="Train the retention gates of `retention_gates` (TrimKV / DBTrimKV) with the "
+                                   "model frozen: KL to the full model under soft retention plus a global "
+                                   "capacity hinge at --budget tokens per head. Data: Python-docs prose and "
+                                   "generated needle / multi-key / multi-value / variable-tracking tasks. "
+                                   "Checkpoints every --checkpoint-every steps; --resume continues a run.")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
+    p.add_argument("--out", default="gates", metavar="DIR", help="checkpoint directory (default gates/); the "
+                                                                 "gate file is DIR/gates.safetensors")
+    for name, default, helptext in (("steps", 300, "optimiser steps"), ("context", 512, "tokens per sequence"),
+                                    ("budget", 64, "capacity: tokens per KV head on average"),
+                                    ("hidden", 64, "gate MLP width"), ("seed", 0, "seed of data and init"),
+                                    ("checkpoint-every", 50, "steps between checkpoints")):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{helptext} (default {default})")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
+    p.add_argument("--bias-init", type=float, default=5.0,
+                   help="initial readout bias: β = sigmoid(bias) for every token at the start (default 5: "
+                        "β ≈ 0.993, a ~150-token memory; the papers' 10 needs far more steps than a CPU run)")
+    p.add_argument("--unshared", action="store_true", help="one readout per layer instead of one shared readout "
+                                                           "(the ablation of DBTrimKV's tied projection)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KVPipeError as err:                 # SpecError too: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _validate(args) -> int:
+    from kvpipe.runtime.pipeline import build
+
+    pipeline = build(args.pipeline)
+    print(f"ok: {pipeline}")
+    return 0
+
+
+def _graph(args) -> int:
+    from kvpipe.runtime.pipeline import build
+
+    pipeline = build(args.pipeline)
+    print(pipeline.describe())
+    if args.png:
+        from kvpipe.cli.draw import draw_graph
+
+        draw_graph(pipeline, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _stages(args) -> int:
+    from kvpipe.cli.catalogue import catalogue
+
+    print(catalogue(markdown=args.markdown), end="")
+    return 0
+
+
+def _reference(args) -> int:
+    from kvpipe.cli.reference import yaml_reference
+
+    print(yaml_reference(), end="")
+    return 0
+
+
+QUESTION_ROOM = 64     # positions a task needs past its context: the question and the answer
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (``--cases 0`` has nothing to measure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _run(args) -> int:
+    from kvpipe.eval.run import report, run_needle
+    from kvpipe.models import check_context, load
+    from kvpipe.runtime.pipeline import build
+
+    pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
+    model, tokenizer = load(args.model)
+    check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
+    full, piped = run_needle(model, tokenizer, pipeline, args.context, args.cases, args.question_aware, args.seed)
+    print(report(full, piped, args.question_aware, args.context, pipeline.spec.budget))
+    return 0
+
+
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from kvpipe.eval.bench import check_fidelity, contenders, run_suite
+    from kvpipe.eval.report import write_report
+    from kvpipe.eval.suite import load_suite, with_overrides
+    from kvpipe.models import check_context, load
+
+    suite, _ = load_suite(args.suite)
+    overrides = {k: v for k in ("cases", "contexts", "tasks", "model") if (v := getattr(args, k)) is not None}
+    suite = with_overrides(suite, overrides)
+    suite_dir = Path(args.suite).parent
+    contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
+    out = output_folder(args.out, suite.name)      # so does an output folder that would overwrite a run
+    model, tokenizer = load(suite.model)
+    for context in suite.contexts:               # before any task runs
+        check_context(model, context + QUESTION_ROOM, f"suite context {context} (plus the question and answer)")
+    check_fidelity(suite, tokenizer)
+    records = run_suite(suite, suite_dir, model, tokenizer, out)
+    for path in write_report(records, out, plots=not args.no_plots):
+        print(f"wrote {path}")
+    print((out / "report.md").read_text())
+    return 0
+
+
+def output_folder(given: str | None, suite_name: str):
+    """``--out`` as given, or ``bench-results/<suite>-<date-time>``: never a folder that already holds a run's
+    results (they would be overwritten) and never a file."""
+    import time
+    from pathlib import Path
+
+    out = Path(given) if given else Path("bench-results") / f"{suite_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise KVPipeError(f"--out {out} is a file; give a folder")
+    if (out / "results.jsonl").exists():
+        raise KVPipeError(f"{out} already holds a run (results.jsonl); give another --out, or remove it first")
+    return out
+
+
+def _diagnose(args) -> int:
+    from pathlib import Path
+
+    from kvpipe.eval.diagnose import diagnose, diagnose_cases, full_reference, save, summary
+    from kvpipe.models import load
+    from kvpipe.runtime.pipeline import build
+
+    runs = []                                       # built before the model loads: a bad file fails fast
+    for source in args.pipeline:
+        pipeline = build(source)
+        for keep in args.budget or [None]:
+            name = Path(source).stem + (f"-keep{keep}" if keep is not None else "")
+            runs.append((name, pipeline.with_budget(keep=keep) if keep is not None else pipeline))
+    model, tokenizer = load(args.model)
+    work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
+    reference = full_reference(model, tokenizer, work, not args.agnostic)
+    for name, pipeline in runs:
+        records = diagnose(model, tokenizer, pipeline, work, reference, not args.agnostic, tuple(args.probes))
+        print(summary(records, name))
+        for path in save(records, Path(args.out), name):
+            print(f"wrote {path}")
+    return 0
+
+
+def _train_gates(args) -> int:
+    from pathlib import Path
+
+    from kvpipe.learned.train import TrainConfig, train
+    from kvpipe.models import load
+
+    config = TrainConfig(steps=args.steps, context=args.context, budget=args.budget, lr=args.lr, hidden=args.hidden,
+                         bias_init=args.bias_init, shared=not args.unshared, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    model, tokenizer = load(args.model)
+    _, history = train(model, tokenizer, config, Path(args.out), resume=args.resume)
+    last = history[-10:]
+    print(f"trained {len(history)} steps; last 10: KL {sum(h['kl'] for h in last) / len(last):.4f}, capacity "
+          f"{sum(h['capacity'] for h in last) / len(last):.4f}; wrote {Path(args.out) / 'gates.safetensors'}")
+    return 0
+
+
+COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference, "run": _run,
+            "bench": _bench, "diagnose": _diagnose, "train-gates": _train_gates}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""What stages see: the per-layer ``Observation`` inside attention, and the ``CompressionContext`` after it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvpipe.core.budget import slots_per_head
+from kvpipe.core.spec import Budget
+from kvpipe.errors import BudgetError
+
+
+class Stage(Protocol):
+    """What the context reads of a stage (``kvpipe.core.registry.Stage``): its node id in the graph and, per slot
+    it reads, the upstream stages that write it."""
+
+    id: str
+    sources: dict[str, list[str]]
+
+
+@dataclass
+class Observation:
+    """One layer's attention inputs during a compressing forward.
+
+    Shapes: ``query [B, Hq, q, D]`` (after RoPE), ``key``/``value [B, Hkv, kv, D]`` (everything attended,
+    the ``q`` new tokens last), ``query_valid [B, q]`` and ``key_valid [B, Hkv, kv]`` (False = padding),
+    ``out_proj [D_model, Hq * D]`` (the layer's output projection W_O, for value-aware scores).
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    query_valid: torch.Tensor
+    key_valid: torch.Tensor
+    out_proj: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # long [B, q]: RoPE positions of the queries
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # positions -> (cos, sin)
+
+    @property
+    def groups(self) -> int:
+        return self.query.shape[1] // self.key.shape[1]
+
+    def per_query_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, ...]`` -> ``[B, Hq, ...]``: each KV head repeated for the query heads that share it."""
+        return x.repeat_interleave(self.groups, dim=1)
+
+    def to_kv_heads(self, x: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        """``[B, Hq, ...]`` -> ``[B, Hkv, ...]``: combine the query heads of each KV head (``mean`` or ``max``)."""
+        grouped = x.view(x.shape[0], self.key.shape[1], self.groups, *x.shape[2:])
+        return grouped.mean(2) if how == "mean" else grouped.amax(2)
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``W_O^h x`` per query head h: ``[B, Hq, n, D]`` -> ``[B, Hq, n, D_model]`` (fp32)."""
+        if self.out_proj is None:
+            raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
+        heads, dim = self.query.shape[1], self.query.shape[-1]
+        weight = self.out_proj.float().view(-1, heads, dim)               # [D_model, Hq, D]
+        return torch.einsum("bhnd,mhd->bhnm", x.float(), weight)
+
+    def attention_probs(self, start: int, stop: int) -> torch.Tensor:
+        """Softmax attention of queries ``start:stop`` over all keys, fp32, ``[B, Hq, stop-start, kv]``.
+
+        Causal and padding masks applied; rows of padding queries are all zero.
+        """
+        q, kv = self.query.shape[2], self.key.shape[2]
+        keys = self.per_query_head(self.key.float())
+        logits = self.query[:, :, start:stop].float() @ keys.transpose(-1, -2) * self.scaling
+        q_pos = torch.arange(start, stop, device=keys.device) + (kv - q)
+        allowed = torch.arange(kv, device=keys.device)[None, :] <= q_pos[:, None]          # [w, kv]
+        allowed = allowed & self.per_query_head(self.key_valid)[:, :, None, :]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        live = self.query_valid[:, None, start:stop, None]
+        return torch.where(live, probs.nan_to_num(0.0), 0.0)
+
+
+@dataclass
+class LayerView:
+    """One layer's cache as stages see it: every stored slot, padded per (row, head) to ``n``.
+
+    ``keys``/``values [B, Hkv, n, D]``; ``positions [B, Hkv, n]`` (logical token index);
+    ``valid [B, Hkv, n]`` (False = padding or an empty slot of a shorter head).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class Candidates:
+    """One layer's `candidates` slot: ``protected`` slots are always kept; only ``eligible`` ones may be.
+    Both ``bool [B, Hkv, n]``, protected ⊆ eligible."""
+
+    protected: torch.Tensor
+    eligible: torch.Tensor
+
+
+@dataclass
+class CompressionContext:
+    """Everything one compression event works on; stages read and write ``slots[kind][layer]``."""
+
+    layers: list[LayerView]
+    budget: Budget | None
+    seen_real: torch.Tensor                                      # long [B]: real tokens fed so far, per row
+    slot_bytes: float                                              # bytes one kept token costs in the store
+    full_slot_bytes: int                                           # ... in an uncompressed cache
+    overhead_bytes: float = 0.0                                    # most a head holds beyond that (residual)
+    strict: bool = False                                           # a budget protected slots exceed: error
+    shortfall: int = 0                                             # slots kept beyond the budget (protected)
+    observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
+    by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
+
+    def over_budget(self, message: str, slots: int) -> None:
+        """Protected slots need ``slots`` more than the budget grants: an error under ``strict: true``; otherwise
+        they are kept (a short prompt is not refused) and the shortfall is reported by ``handle.stats()``."""
+        if self.strict:
+            raise BudgetError(message + " (the pipeline says strict: true; without it the protected slots are kept "
+                                        "and handle.stats() reports budget_met: false)")
+        self.shortfall += slots
+
+    def check_pooled(self, counts: torch.Tensor, total: torch.Tensor, where: str) -> None:
+        """After a pooled allocation (``counts [B, U]`` of ``total [B]`` slots): report protected slots and floors
+        that did not fit."""
+        over = (counts.sum(-1) - total).clamp_min(0)
+        if bool((over > 0).any()):
+            self.over_budget(f"{where}: the budget grants {int(total.min())} slots but protected slots and per-head "
+                             f"floors need {int(counts.sum(-1).max())}; raise the budget or lower the floor/window",
+                             int(over.sum()))
+
+    def write(self, stage: Stage, slot: str, per_layer: list) -> None:
+        self.slots[slot] = per_layer
+        self.by_stage.setdefault(stage.id, {})[slot] = per_layer
+
+    def read(self, stage: Stage, slot: str) -> list | None:
+        """``slot`` as written by the stage's nearest upstream writer (None for an optional read with none)."""
+        sources = stage.sources.get(slot, [])
+        return self.by_stage[sources[-1]][slot] if sources else None
+
+    def read_all(self, stage: Stage, slot: str) -> list[list]:
+        """``slot`` from every nearest upstream writer (for stages that merge, such as ``combine``)."""
+        return [self.by_stage[source][slot] for source in stage.sources.get(slot, [])]
+
+    def candidates(self, stage: Stage) -> list[Candidates]:
+        """The upstream `candidates` per layer; without a candidate stage nothing is protected, all is eligible."""
+        found = self.read(stage, "candidates")
+        if found is not None:
+            return found
+        return [Candidates(torch.zeros_like(view.valid), view.valid.clone()) for view in self.layers]
+
+    def observed(self, stage: Stage) -> list[torch.Tensor]:
+        """What ``stage.observe`` returned for each layer."""
+        got = self.observed_by.get(stage.id, [])
+        if len(got) != len(self.layers):
+            raise RuntimeError(f"stage {stage.id!r} observed {len(got)} of {len(self.layers)} layers; "
+                               "was the compressing forward run through the attached model?")
+        return got
+
+    def slots_per_head(self) -> torch.Tensor:
+        """``long [B]``: the budget read uniformly per head, relative to the real tokens seen by each row
+        (not to the slots still held, so repeated compressions do not shrink the cache geometrically)."""
+        if self.budget is None:
+            raise RuntimeError("this pipeline has no budget; add `budget:` to the spec")
+        return slots_per_head(self.budget, self.seen_real, self.slot_bytes, self.full_slot_bytes, self.overhead_bytes)

@@ -1,0 +1,159 @@
+"""``kvpipe bench SUITE.yaml``: every contender of a suite on the same cases, side by side in one process.
+
+For each context length, task and case, the full cache answers first (its answer and bytes are the reference
+for that case, computed once); then every pipeline at every budget and every peer answer the same prompt with
+greedy decoding. One JSON line per answer goes to ``results.jsonl`` as it is produced, so a long run that is
+stopped keeps what it did. ``report.md`` and the plots are written from those lines at the end.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+import warnings
+from itertools import chain, product
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvpipe.errors import BudgetError, KVPipeError
+from kvpipe.eval.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, kvpress_available, peer
+from kvpipe.eval.fidelity import compare
+from kvpipe.eval.suite import SuiteSpec
+from kvpipe.eval.tasks import make_cases, paragraphs
+from kvpipe.runtime.pipeline import build
+from kvpipe.version import __version__
+
+PROTOCOLS = {"agnostic": (False,), "aware": (True,), "both": (False, True)}
+FIDELITY_PARAGRAPHS = slice(600, 900)   # held out: far from where the haystacks usually start
+
+
+def contenders(suite: SuiteSpec, suite_dir: Path) -> tuple[list[Contender], list[dict]]:
+    """Pipelines × their budgets, then peers (kvpress ones at every suite budget), and the peers that cannot run
+    here with the reason (kvpress not installed: the report lists them). Built before any model loads, so a bad
+    pipeline file or an impossible budget fails fast."""
+    out: list[Contender] = []
+    skipped: list[dict] = []
+    for entry in suite.pipelines:
+        local = suite_dir / entry.pipeline
+        base = build(local if local.is_file() else entry.pipeline)
+        name = entry.label or base.spec.name or Path(entry.pipeline).stem
+        # a pipeline that evicts nothing (noop, quantize-only) has no budget to sweep: it runs once, as it is
+        if entry.budgets == "own" or not base.evicts:
+            out.append(PipelineContender(name, base, f"own {base.spec.budget}" if base.spec.budget else "own"))
+            continue
+        for budget in entry.budgets or suite.budgets:
+            out.append(PipelineContender(name, base.with_budget(**{budget.kind: getattr(budget, budget.kind)}),
+                                         str(budget)))
+    for name in suite.peers:
+        if name.startswith("kvpress-") and not kvpress_available():
+            skipped.append({"kind": "skipped", "contender": name, "reason": "kvpress is not installed (kvpress 0.5.5 "
+                            "needs transformers<5.3; `make test-tf52` builds such an environment)"})
+            continue
+        out += [peer(name, None)] if name in QUANTIZED_PEERS else [peer(name, b) for b in suite.budgets]
+    return out, skipped
+
+
+def environment(suite: SuiteSpec) -> dict:
+    """What a reader needs to reproduce the numbers."""
+    import transformers
+
+    versions = {"kvpipe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    try:
+        import kvpress
+
+        versions["kvpress"] = getattr(kvpress, "__version__", "installed")
+    except ImportError:
+        versions["kvpress"] = "not installed"
+    return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
+            "cases": suite.cases, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", **versions}
+
+
+def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    field, skipped = contenders(suite, suite_dir)
+    for record in skipped:
+        warnings.warn(f"{record['contender']} not run: {record['reason']}", stacklevel=2)
+    field = [FullCache(), *field]
+    answers = len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases * len(field)
+    records: list[dict] = []
+    with open(out_dir / "results.jsonl", "w") as sink, \
+            tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
+        fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity else []
+        for record in chain([environment(suite)], skipped, task_records(suite, field, model, tokenizer, bar), fidelity):
+            records.append(record)
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+    return records
+
+
+def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar):
+    """Every contender on every case. ``field[0]`` (the full cache) answers first: the reference of its case."""
+    full = field[0]
+    for context, task in product(suite.contexts, suite.tasks):
+        cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
+        for aware, (i, case) in product(PROTOCOLS[suite.questions], enumerate(cases)):
+            reference = full.answer(model, tokenizer, case, aware)
+            base = {"kind": "task", "context": context, "task": task, "case": i,
+                    "protocol": "aware" if aware else "agnostic", "expected": list(case.answers),
+                    "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes}
+            for contender in field:
+                bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
+                outcome = reference if contender is full else _try(contender, model, tokenizer, case, aware)
+                yield {**base, **_describe(contender), **_outcome(outcome, case, reference.kv_bytes)}
+                bar.update()
+
+
+def fidelity_ids(tokenizer) -> torch.Tensor:
+    """``long [1, n]``: the held-out prose fidelity is measured on."""
+    return tokenizer("\n".join(paragraphs()[FIDELITY_PARAGRAPHS]), return_tensors="pt").input_ids
+
+
+def check_fidelity(suite: SuiteSpec, tokenizer) -> None:
+    """Before any task runs: the held-out prose must be long enough for ``fidelity``'s context + continuation."""
+    if suite.fidelity is None:
+        return
+    need, have = suite.fidelity.context + suite.fidelity.continuation, fidelity_ids(tokenizer).shape[1]
+    if need > have:
+        raise KVPipeError(f"fidelity needs {need:,} tokens of held-out prose (context + continuation) but there "
+                          f"are {have:,} with this tokenizer; lower fidelity.context")
+
+
+def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, progress: bool):
+    """KL to the full cache and perplexity on held-out documentation prose, teacher-forced."""
+    spec = suite.fidelity
+    ids = fidelity_ids(tokenizer)
+    context, continuation = ids[:, :spec.context], ids[:, spec.context:spec.context + spec.continuation]
+    reference = field[0].logits(model, context, continuation)
+    for contender in tqdm(field[1:], desc="fidelity", disable=not progress):
+        try:
+            result = compare(reference, contender.logits(model, context, continuation), continuation[0])
+            numbers = {"kl": result.kl, "ppl_full": result.ppl_full, "ppl": result.ppl}
+        except BudgetError as err:
+            numbers = {"refused": str(err)}
+        yield {"kind": "fidelity", "context": spec.context, "continuation": spec.continuation,
+               **_describe(contender), **numbers}
+
+
+def _try(contender: Contender, model, tokenizer, case, aware):
+    try:
+        return contender.answer(model, tokenizer, case, aware)
+    except BudgetError as err:   # e.g. a keep fraction below the protected window on this context: say so
+        return err
+
+
+def _describe(contender: Contender) -> dict:
+    return {"contender": contender.label, "name": contender.name, "family": contender.family,
+            "budget": contender.budget}
+
+
+def _outcome(outcome, case, full_bytes: int) -> dict:
+    if isinstance(outcome, BudgetError):
+        return {"refused": str(outcome), "correct": False}
+    return {"correct": case.is_correct(outcome.text), "answer": outcome.text, "kv_bytes": outcome.kv_bytes,
+            "bytes_fraction": outcome.kv_bytes / full_bytes, "prefill_s": outcome.prefill_s,
+            "decode_tps": outcome.decode_tps, "compress_s": outcome.compress_s}

@@ -1,0 +1,210 @@
+"""What a benchmark compares: the full cache, kvpipe pipelines at a budget, and peers from other libraries.
+
+Every contender answers the same ``TaskCase`` with greedy decoding and reports the bytes its cache holds right
+after the context is compressed (before the question is read, in the question-agnostic protocol), so that
+bytes mean the same thing for every library.
+
+Peers: transformers' ``QuantizedCache`` (quanto and HQQ backends) and, when the ``kvpress`` package is
+installed, kvpress presses run through kvpress's own ``kv-press-text-generation`` pipeline, as its users run
+them. kvpress 0.5.5 needs ``transformers<5.3``: ``make test-tf52`` builds such an environment.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+from kvpipe.core.spec import Budget
+from kvpipe.errors import KVPipeError
+from kvpipe.eval.fidelity import continuation_logits
+from kvpipe.eval.run import answer
+from kvpipe.eval.tasks import TaskCase
+from kvpipe.runtime.cache import cache_bytes
+from kvpipe.runtime.pipeline import Pipeline
+
+QUANTIZED_PEERS = {f"{backend}-int{bits}": (backend, bits) for backend in ("quanto", "hqq") for bits in (2, 4)}
+KVPRESS_PEERS = {  # name -> (press class, wrap in AdaKVPress)
+    "kvpress-snapkv": ("SnapKVPress", False),
+    "kvpress-expected-attention": ("ExpectedAttentionPress", False),
+    "kvpress-knorm": ("KnormPress", False),
+    "kvpress-streaming": ("StreamingLLMPress", False),
+    "kvpress-tova": ("TOVAPress", False),
+    "kvpress-adakv-snapkv": ("SnapKVPress", True),
+    "kvpress-adakv-expected-attention": ("ExpectedAttentionPress", True),
+}
+PEERS = tuple(QUANTIZED_PEERS) + tuple(KVPRESS_PEERS)
+QUANT_GROUP, QUANT_RESIDUAL = 64, 128   # transformers' QuantizedCache defaults are 64 and 128 too
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    kv_bytes: int         # held after the context is compressed
+    prefill_s: float      # NaN where the peer does not expose it
+    decode_tps: float
+    compress_s: float = 0.0
+
+
+class Contender:
+    """``name`` = the method (one curve in plots), ``budget`` = what it was given, ``label`` = both."""
+
+    family = "?"
+
+    def __init__(self, name: str, budget: str):
+        self.name, self.budget = name, budget
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget == "-" else f"{self.name} @ {self.budget}"
+
+    def answer(self, model, tokenizer, case: TaskCase, question_aware: bool) -> Outcome:
+        raise NotImplementedError
+
+    def logits(self, model, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+        """``[n, vocab]`` logits predicting ``continuation [1, n]`` after ``context [1, m]`` was compressed."""
+        raise NotImplementedError
+
+
+class FullCache(Contender):
+    family = "full"
+
+    def __init__(self):
+        super().__init__("full cache", "-")
+
+    def answer(self, model, tokenizer, case, question_aware):
+        return _answer_into(model, tokenizer, case, question_aware, DynamicCache(config=model.config), cache_bytes)
+
+    def logits(self, model, context, continuation):
+        return continuation_logits(model, context, continuation, DynamicCache(config=model.config))
+
+
+class PipelineContender(Contender):
+    family = "kvpipe"
+
+    def __init__(self, name: str, pipeline: Pipeline, budget: str):
+        super().__init__(name, budget)
+        self.pipeline = pipeline
+
+    def answer(self, model, tokenizer, case, question_aware):
+        with self.pipeline.attach(model) as handle:
+            cache = handle.cache()
+            outcome = _answer_into(model, tokenizer, case, question_aware, cache,
+                                   lambda c: handle.stats(c)["kv_bytes"])
+            return Outcome(outcome.text, outcome.kv_bytes, outcome.prefill_s, outcome.decode_tps,
+                           handle.stats(cache)["compress_seconds"])
+
+    def logits(self, model, context, continuation):
+        with self.pipeline.attach(model) as handle:
+            return continuation_logits(model, context, continuation, handle.cache())
+
+
+class QuantizedPeer(Contender):
+    """transformers' ``QuantizedCache``: its own budget (the bit width); keeps the last 128 tokens unquantized."""
+
+    family = "transformers"
+
+    def __init__(self, name: str):
+        super().__init__(f"transformers {name}", "own")
+        self.backend, self.bits = QUANTIZED_PEERS[name]
+
+    def _cache(self, model):
+        return QuantizedCache(self.backend, model.config, nbits=self.bits, q_group_size=QUANT_GROUP,
+                              residual_length=QUANT_RESIDUAL)
+
+    def answer(self, model, tokenizer, case, question_aware):
+        return _answer_into(model, tokenizer, case, question_aware, self._cache(model), held_bytes)
+
+    def logits(self, model, context, continuation):
+        return continuation_logits(model, context, continuation, self._cache(model))
+
+
+class KVPressPeer(Contender):
+    """A kvpress press at the compression the budget implies, run through kvpress's own text pipeline: the
+    context is compressed once (with kvpress's chat-template split), then the question is answered greedily
+    with logical positions. Question-aware = the question appended to the context, as kvpress's
+    ``--query_aware`` does."""
+
+    family = "kvpress"
+
+    def __init__(self, name: str, budget: Budget):
+        super().__init__(name, str(budget))
+        self.press_class, self.adakv = KVPRESS_PEERS[name]
+        self.budget_spec = budget
+
+    def press(self, context_tokens: int):
+        import kvpress
+
+        keep = {"keep": self.budget_spec.keep, "bytes": self.budget_spec.bytes}.get(self.budget_spec.kind)
+        keep = keep if keep is not None else min(1.0, self.budget_spec.tokens / context_tokens)
+        # kvpress keeps tokens at the model's precision, so a bytes fraction is a token fraction
+        press = getattr(kvpress, self.press_class)(compression_ratio=1 - keep)
+        return kvpress.AdaKVPress(press) if self.adakv else press
+
+    def answer(self, model, tokenizer, case, question_aware):
+        from transformers import pipeline
+
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+        context = case.context + ("\n\n" + case.question if question_aware else "")
+        cache = DynamicCache(config=model.config)
+        out = pipe(context, question=case.question, answer_prefix=case.answer_prefix,
+                   press=self.press(case.prefix_ids.shape[1]), max_new_tokens=case.max_new_tokens, cache=cache)
+        # The pipeline cuts the cache back to the compressed context after answering, by slicing: count the
+        # tensors' own sizes, not their (larger) storage. Masking presses (AdaKV) keep every token: ratio 1.
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+        # prefill and decode are not timed apart inside kvpress's pipeline: no speed numbers rather than mixed ones
+        return Outcome(out["answer"], held, float("nan"), float("nan"))
+
+    def logits(self, model, context, continuation):
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            with self.press(context.shape[1])(model):
+                last = model(context, past_key_values=cache).logits[0, -1:]
+            # the cache is physically shorter now: positions must stay logical, as kvpress's pipeline does
+            start = context.shape[1]
+            positions = torch.arange(start, start + continuation.shape[1] - 1)[None]
+            rest = model(continuation[:, :-1], past_key_values=cache, position_ids=positions).logits[0]
+        return torch.cat([last, rest]).float()
+
+
+def kvpress_available() -> bool:
+    return importlib.util.find_spec("kvpress") is not None
+
+
+def peer(name: str, budget: Budget | None) -> Contender:
+    """A peer by name (see ``PEERS``); kvpress peers need a budget and the ``kvpress`` package."""
+    if name in QUANTIZED_PEERS:
+        return QuantizedPeer(name)
+    if name not in KVPRESS_PEERS:
+        raise KVPipeError(f"unknown peer {name!r}; one of {', '.join(PEERS)}")
+    if not kvpress_available():
+        raise KVPipeError(f"peer {name!r} needs kvpress, which is not installed (kvpress 0.5.5 needs "
+                          "transformers<5.3: `make test-tf52` builds that environment)")
+    return KVPressPeer(name, budget)
+
+
+def held_bytes(cache) -> int:
+    """Real storage of any cache: kvpipe's, a DynamicCache, or QuantizedCache (its packed tensors included)."""
+    if isinstance(cache, QuantizedCache):                 # its layers keep the packed tensors beside keys/values
+        return sum(_tensor_bytes(vars(layer)) for layer in cache.layers)
+    return cache_bytes(cache)
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__"):            # quanto's packed tensors are tensor subclasses
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, name)) for name in names)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _answer_into(model, tokenizer, case, question_aware, cache, measure) -> Outcome:
+    held = []
+    text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware, lambda c: held.append(measure(c)))
+    return Outcome(text, held[0], prefill_s, tps)

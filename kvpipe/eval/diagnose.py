@@ -1,0 +1,236 @@
+"""The fixed-contract diagnostic (arXiv 2605.08234): why a pipeline fails on a case, one decision at a time.
+
+Per needle case, with the pipeline as given (the *contract*) and the full cache as reference:
+
+* **margin** = log-likelihood of the answer with the full cache minus with the compressed one
+  (positive = compression hurt; near zero or negative = a boundary case);
+* **evidence kept**: of every (layer, KV head), the share of the answer-bearing tokens still stored, and
+  the share of heads holding only part of them (a split fact);
+* **failure mode** of a case the full cache answers and the pipeline does not:
+  ``coupled evidence split`` (most heads keep part of the fact), else ``evidence missing`` (most of it is
+  gone), else ``irrelevant ranked in`` (the fact is kept, yet the budget went to tokens that mislead);
+* **probes** — the contract with exactly one decision slot changed: ``recovery`` (``recover_evidence``
+  inserted before ranking), ``value ranking`` (the last scorer replaced by value-aware ``critical``),
+  ``coupled projection`` (``topk`` replaced by ``coupled_projection``): answer log-likelihood and
+  correctness for each.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvpipe.core.registry import get_stage
+from kvpipe.core.table import render
+from kvpipe.eval.choices import PROBES
+from kvpipe.eval.run import answer
+from kvpipe.eval.tasks import TaskCase, make_cases
+from kvpipe.models import cache_arg
+from kvpipe.runtime.pipeline import Pipeline, build
+
+MODES = ("evidence missing", "irrelevant ranked in", "coupled evidence split")
+
+
+@dataclass
+class CaseRecord:
+    kind: str
+    case: int
+    depth: float
+    full_correct: bool
+    correct: bool
+    loglik_full: float
+    loglik: float
+    evidence_kept: float          # mean over (layer, head) of the share of evidence tokens stored
+    evidence_split: float         # share of (layer, head) holding part, not all, of the evidence
+    mode: str | None              # failure mode when the full cache is right and the pipeline wrong
+    probes: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def margin(self) -> float:
+        return self.loglik_full - self.loglik
+
+
+def probe_specs(pipeline: Pipeline) -> dict[str, dict]:
+    """The contract with one decision slot changed, per probe that applies to this pipeline."""
+    stages = pipeline.spec.model_dump(mode="python", exclude_none=True)["stages"]
+    family = {s["stage"]: get_stage(s["stage"]).family for s in stages}
+    ids = [s.get("id") or s["stage"] for s in stages]
+    probes = {}
+    if "recover_evidence" not in family:
+        candidates = [i for i, s in enumerate(stages) if family[s["stage"]] == "candidate selection"]
+        at = candidates[-1] + 1 if candidates else 0
+        recovery = {"stage": "recover_evidence", "id": "probe_recovery"}
+        changed = copy.deepcopy(stages)
+        if candidates:
+            anchor = ids[candidates[-1]]
+            recovery["after"] = [anchor]
+            for stage in changed:       # what hung after the candidate stage now hangs after the recovery
+                if anchor in stage.get("after", []):
+                    stage["after"] = ["probe_recovery" if a == anchor else a for a in stage["after"]]
+        probes["recovery"] = _with_stages(pipeline, changed[:at] + [recovery] + changed[at:])
+    scorers = [i for i, s in enumerate(stages) if family[s["stage"]] == "scoring"]
+    if scorers and stages[scorers[-1]]["stage"] != "critical":
+        changed = copy.deepcopy(stages)
+        last = changed[scorers[-1]]         # same id and place: everything downstream reads it as before
+        changed[scorers[-1]] = {k: v for k, v in last.items() if k in ("id", "after")} | {
+            "stage": "critical", "params": {"window": 64, "pool": 15}, "id": ids[scorers[-1]]}
+        probes["value ranking"] = _with_stages(pipeline, changed)
+    evictors = [i for i, s in enumerate(stages) if s["stage"] == "topk"]
+    if evictors:
+        changed = copy.deepcopy(stages)
+        changed[evictors[0]] = {"stage": "coupled_projection", "id": ids[evictors[0]], "params": {"block": 16},
+                                **({"after": changed[evictors[0]]["after"]} if "after" in changed[evictors[0]] else {})}
+        probes["coupled projection"] = _with_stages(pipeline, changed)
+    return probes
+
+
+def _with_stages(pipeline: Pipeline, stages: list[dict]) -> dict:
+    data = pipeline.spec.model_dump(mode="python", exclude_none=True)
+    data["stages"] = stages
+    return data
+
+
+def answer_loglik(model, tokenizer, case: TaskCase, cache, question_aware: bool) -> float:
+    """Log-likelihood of the reference answer, the context cached (and compressed, if attached) first."""
+    target = " ".join(case.answers)
+    answer_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt").input_ids
+    ids = case.ids
+    with torch.inference_mode():
+        prefill = ids[:, :-1] if question_aware else case.prefix_ids
+        model(prefill, **cache_arg(model, cache))
+        rest = torch.cat([ids[:, prefill.shape[1]:], answer_ids], -1)
+        logits = model(rest, **cache_arg(model, cache)).logits[0, -answer_ids.shape[1] - 1:-1].float()
+    return float(logits.log_softmax(-1).gather(-1, answer_ids[0, :, None]).sum())
+
+
+def evidence_stats(cache, case: TaskCase) -> tuple[float, float]:
+    """(mean share of evidence tokens stored per (layer, head), share of heads holding part of it)."""
+    evidence = torch.tensor(case.evidence)
+    shares = []
+    for layer in cache.layers:
+        if layer.store is None:
+            shares.append(torch.ones(layer.keys.shape[1]))
+            continue
+        _, _, positions = layer.store.padded()
+        stored = (positions[0][..., None] == evidence).any(-2)                            # [Hkv, E]
+        shares.append(stored.float().mean(-1))
+    shares = torch.cat(shares)
+    return float(shares.mean()), float(((shares > 0) & (shares < 1)).float().mean())
+
+
+def classify(record: CaseRecord) -> str | None:
+    if not record.full_correct or record.correct:
+        return None
+    if record.evidence_split >= 0.5:
+        return "coupled evidence split"
+    return "evidence missing" if record.evidence_kept < 0.5 else "irrelevant ranked in"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The full cache on one case: whether it answers, and the answer's log-likelihood."""
+    correct: bool
+    loglik: float
+
+
+def diagnose_cases(tokenizer, kinds: list[str], context: int, cases: int, seed: int = 0):
+    """``[(kind, index, case)]``: the cases every pipeline of one diagnostic run is measured on."""
+    return [(kind, i, case) for kind in kinds
+            for i, case in enumerate(make_cases(tokenizer, context, cases, seed, kind=kind))]
+
+
+def full_reference(model, tokenizer, work, question_aware: bool = True) -> list[Reference]:
+    """The full cache on every case, computed once and shared by every pipeline and budget diagnosed."""
+    out = []
+    for _, _, case in tqdm(work, desc="full cache", unit="case"):
+        text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
+        out.append(Reference(case.is_correct(text),
+                             answer_loglik(model, tokenizer, case, DynamicCache(config=model.config), question_aware)))
+    return out
+
+
+def diagnose(model, tokenizer, pipeline: Pipeline, work, reference: list[Reference],
+             question_aware: bool = True, probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
+    """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``; each
+    probe named in ``probes`` that applies to the pipeline reruns the case with its one slot changed."""
+    probes = {name: build(spec) for name, spec in probe_specs(pipeline).items() if name in probes}
+    records = []
+    for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
+        with pipeline.attach(model) as handle:
+            text, *_ = answer(model, tokenizer, case, handle.cache(), question_aware)
+            cache = handle.cache()
+            loglik = answer_loglik(model, tokenizer, case, cache, question_aware)
+            kept, split = evidence_stats(cache, case)
+        record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(text), full.loglik,
+                            loglik, kept, split, None)
+        record.mode = classify(record)
+        for name, probe in probes.items():
+            with probe.attach(model) as handle:
+                probe_text, *_ = answer(model, tokenizer, case, handle.cache(), question_aware)
+                probe_loglik = answer_loglik(model, tokenizer, case, handle.cache(), question_aware)
+            record.probes[name] = {"correct": case.is_correct(probe_text), "loglik": probe_loglik,
+                                   "gain": probe_loglik - loglik}
+        records.append(record)
+    return records
+
+
+def summary(records: list[CaseRecord], name: str) -> str:
+    failures = [r for r in records if r.mode is not None]
+    kinds = list(dict.fromkeys(r.kind for r in records))
+    counts = [[mode, *(sum(r.mode == mode and r.kind == k for r in failures) for k in kinds),
+               sum(r.mode == mode for r in failures)] for mode in MODES]
+    counts.append(["correct / full cache correct",
+                   *(f"{sum(r.correct for r in records if r.kind == k)}/{sum(r.full_correct for r in records if r.kind == k)}"
+                     for k in kinds), f"{sum(r.correct for r in records)}/{sum(r.full_correct for r in records)}"])
+    lines = [f"{name}: {sum(r.correct for r in records)}/{len(records)} correct "
+             f"(full cache {sum(r.full_correct for r in records)}); {len(failures)} failures by mode",
+             render(["failure mode", *kinds, "all"], counts)]
+    probe_names = sorted({p for r in records for p in r.probes})
+    rows = []
+    for probe in probe_names:
+        for label, subset in (("positive margin", [r for r in records if r.margin > 0.5]),
+                              ("boundary", [r for r in records if r.margin <= 0.5])):
+            helped = [r.probes[probe]["gain"] > 0 for r in subset]
+            fixed = sum(r.probes[probe]["correct"] and not r.correct for r in subset)
+            broke = sum(r.correct and not r.probes[probe]["correct"] for r in subset)
+            share = f"{100 * sum(helped) / len(helped):.0f}%" if helped else "-"
+            rows.append([probe, label, len(subset), share, fixed, broke])
+    if rows:
+        lines.append("probes (one slot changed; margin = full − compressed answer log-likelihood, boundary ≤ 0.5 nats)")
+        lines.append(render(["probe", "cases", "n", "log-lik improves", "fixed", "broke"], rows))
+    return "\n".join(lines)
+
+
+def save(records: list[CaseRecord], out: Path, name: str) -> list[Path]:
+    """``out/<name>.jsonl`` (one record per case) and ``out/<name>.png`` (margin per case, coloured by mode)."""
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / f"{name}.jsonl"
+    jsonl.write_text("".join(json.dumps(asdict(r) | {"margin": r.margin}) + "\n" for r in records))
+    written = [jsonl]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    colours = {None: "tab:gray", **dict(zip(MODES, ("tab:red", "tab:orange", "tab:purple")))}
+    for mode, colour in colours.items():
+        chosen = [r for r in records if r.mode == mode]
+        ax.scatter([r.evidence_kept for r in chosen], [r.margin for r in chosen], c=colour,
+                   label=mode or "not a failure", s=24)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("share of evidence tokens kept (mean over layers and heads)")
+    ax.set_ylabel("margin: full − compressed log-lik (nats)")
+    ax.set_title(f"fixed-contract diagnostic: {name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = out / f"{name}.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return written + [png]

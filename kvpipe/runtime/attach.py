@@ -1,0 +1,215 @@
+"""``Pipeline.attach(model)``: hooks and attention function that put a pipeline on a model, and the ``Handle``.
+
+* a forward pre-hook on the decoder adopts (or creates) the cache and records the 2D padding mask;
+* the kvpipe attention function observes queries and masks compressed layers per head;
+* a forward hook on the decoder compresses every layer once all layers have been observed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from kvpipe.core.context import Observation
+from kvpipe.core.plan import Plan
+from kvpipe.errors import UnsupportedModelError
+from kvpipe.runtime import compressor
+from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, check_model, find_decoder,
+                                     output_projection, rotary_embedding)
+from kvpipe.runtime.attention import register_attention
+from kvpipe.runtime.backend import resolve_backend
+from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes
+
+
+@dataclass
+class ForwardState:
+    """What one forward call of the attached decoder works with."""
+
+    cache: KVPipeCache
+    padding: torch.Tensor | None          # 2D mask [B, seen] (1 = real token), None = no padding
+    compressing: bool                     # the trigger fires: observe now, compress after the forward
+    observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+class Session:
+    """The live link between one pipeline and one model (shared by the handle, hooks and caches)."""
+
+    def __init__(self, pipeline: Plan, model: torch.nn.Module):
+        self.pipeline, self.model = pipeline, model
+        self.decoder = find_decoder(model)
+        self.base = model.config._attn_implementation
+        self.active: ForwardState | None = None
+        self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
+        self.base_attention = base_attention_function(self.base, self.decoder)
+        self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
+        self.binding = Binding(type(model).__name__, attached=False)        # the caches' view of this attach
+        self.cache_kwarg = cache_keyword(self.decoder)
+
+    @property
+    def attached(self) -> bool:
+        return self.binding.attached
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def before_forward(self, module, args, kwargs):
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = self.model.config.use_cache
+        cache = kwargs.pop("past_key_values", None) if self.cache_kwarg == "cache" else None
+        cache = kwargs.get(self.cache_kwarg) if cache is None else cache
+        if not use_cache and cache is None:
+            self.active = None
+            return args, kwargs
+        cache = self.adopt(cache)
+        kwargs[self.cache_kwarg] = cache
+        padding = kwargs.get("attention_mask")
+        if padding is not None and padding.dim() != 2:
+            raise UnsupportedModelError("kvpipe needs the usual 2D attention mask (1 = token, 0 = padding); "
+                                        f"got a {padding.dim()}D mask")
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        tokens = tokens if tokens is not None else args[0]
+        compressing = self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, tokens.shape[1])
+        self.active = ForwardState(cache, padding, compressing)
+        self.binding.forward_running = True
+        self.binding.fused_decode = self.backend == "triton" and not compressing   # observers need padded keys
+        self.last_cache = cache
+        return args, kwargs
+
+    def after_forward(self, module, args, kwargs, output):
+        forward, self.active = self.active, None
+        self.binding.forward_running = self.binding.fused_decode = False
+        if forward is not None:
+            # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
+            forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
+            # Storage is not differentiable (codes, kept sets): a forward with gradients on still compresses
+            # its cache, and no graph reaches into it.
+            with torch.no_grad():
+                if forward.compressing:
+                    compressor.compress(self.pipeline, forward.cache, forward.padding, forward.observed)
+                for layer in forward.cache.layers:
+                    layer.settle()
+        return output
+
+    @torch.no_grad()
+    def observe(self, forward: ForwardState, module, query, key, value, scaling, position_ids) -> None:
+        layer_idx = module.layer_idx
+        batch, _, q, _ = query.shape
+        padding = forward.padding
+        query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
+        key_valid = forward.cache.layers[layer_idx].slot_valid(padding)
+        out_proj = output_projection(module)
+        rotary = rotary_embedding(self.decoder)
+        positions = position_ids.expand(batch, -1) if position_ids is not None else None
+        obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
+                          out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
+        for stage_id, recorded in compressor.observe(self.pipeline, obs).items():
+            forward.observed.setdefault(stage_id, {})[layer_idx] = recorded
+
+    # --- caches ---------------------------------------------------------------------------------
+    def new_cache(self) -> KVPipeCache:
+        return KVPipeCache(len(self.decoder.layers), Storage(self.backend), self.binding)
+
+    def adopt(self, cache) -> KVPipeCache:
+        """Our own cache as is; an empty plain ``DynamicCache`` (what ``generate()`` makes) converted."""
+        if cache is None:
+            return self.new_cache()
+        if isinstance(cache, KVPipeCache):
+            if cache.binding is not self.binding:
+                raise UnsupportedModelError("this cache was made by another kvpipe handle; use handle.cache()")
+            return cache
+        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        if not plain or getattr(cache, "offloading", False):
+            raise UnsupportedModelError(
+                f"kvpipe cannot adopt a {type(cache).__name__}: it manages its own storage and quantization. "
+                "Pass no cache (generate() makes one), an empty DynamicCache, or handle.cache()")
+        if cache.get_seq_length() > 0:
+            raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
+                                        "filled without the pipeline. Start from an empty cache or handle.cache()")
+        cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
+        cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding)
+        return cache
+
+
+class Handle:
+    """What ``attach()`` returns. Also a context manager: ``with pipeline.attach(model) as handle: ...``."""
+
+    def __init__(self, pipeline: Plan, model: torch.nn.Module):
+        check_model(model)
+        self.session = session = Session(pipeline, model)
+        self.original_attention = session.base
+        name = register_attention(session.base)
+        self._hooks = []
+        try:                    # all or nothing: whatever fails half-way, the model is left as it was
+            for layer in session.decoder.layers:
+                layer.self_attn._kvpipe_session = session
+            self._hooks = [
+                session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
+                session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
+            ]
+            model._kvpipe_session = session
+            model.set_attn_implementation(name)
+            if model.config._attn_implementation != name:
+                raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {name!r}")
+        except BaseException:
+            self.detach()
+            raise
+        session.binding.attached = True
+
+    def detach(self) -> None:
+        """Remove hooks and attention function; the model computes exactly as before ``attach``."""
+        session = self.session
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for layer in session.decoder.layers:
+            layer.self_attn.__dict__.pop("_kvpipe_session", None)
+        session.model.__dict__.pop("_kvpipe_session", None)
+        if session.model.config._attn_implementation != self.original_attention:
+            session.model.set_attn_implementation(self.original_attention)
+        session.binding.attached, session.active, session.last_cache = False, None, None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def cache(self) -> KVPipeCache:
+        """A fresh compressed cache for manual loops: ``model(ids, past_key_values=handle.cache())``."""
+        return self.session.new_cache()
+
+    def stats(self, cache: KVPipeCache | None = None) -> dict:
+        """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
+
+        Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
+        dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
+        (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
+        ``compress_seconds`` (time spent in the compression phase, observation excluded), ``kv_bytes_peak``
+        (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
+        and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
+        protected: a prompt shorter than the sinks and window; 0 when met).
+        """
+        if cache is None:
+            if not self.session.attached:
+                raise UnsupportedModelError("this handle was detached, and with it the cache it used; call stats() "
+                                            "before detach(), or pass the cache: stats(cache=...)")
+            cache = self.session.last_cache
+            if cache is None:
+                raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
+        layers = [layer for layer in cache.layers if layer.is_initialized]
+        kv_bytes = cache_bytes(cache)
+        elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1] for layer in layers]
+        full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
+        return {
+            "kv_bytes": kv_bytes,
+            "kv_bytes_full": full,
+            "kv_bytes_full_16bit": 2 * sum(elements),
+            "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
+            # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
+            "kept_tokens": torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0),
+            "seen_tokens": cache.get_seq_length(),
+            "compress_seconds": cache.compress_seconds,
+            "kv_bytes_peak": max(cache.peak_bytes, kv_bytes),
+            "budget_met": cache.budget_shortfall == 0,
+            "budget_shortfall": cache.budget_shortfall,
+        }

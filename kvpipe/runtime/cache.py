@@ -1,0 +1,231 @@
+"""The compressed cache: a transformers ``DynamicCache`` whose layers can hold fewer tokens than were fed.
+
+Each ``KVPipeLayer`` holds two parts:
+
+* ``store`` — the slots kept at the last compression (per-head lengths differ): a ``RaggedStore``, or a
+  ``QuantizedStore`` (packed low-bit pages + a full-precision residual) when the pipeline quantizes;
+* a *tail* — ``self.keys``/``self.values [B, Hkv, T, D]``, the tokens fed since then, uncompressed. A quantized
+  store takes the tail in after every forward that filled at least one page (``settle``), as KIVI flushes.
+
+Before the first compression the layer behaves exactly like ``DynamicLayer`` (so an attached model
+with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the **logical** number of
+tokens fed, never the number kept: transformers derives RoPE positions and resume offsets from it.
+
+A cache stands alone: it holds its stores and the ``Storage`` they are built with (kernel backend, dequantization
+workspace), and nothing of a model. ``kvpipe.runtime.compressor.compress`` compresses it, attached or not. An attach drives
+it through a ``Binding``: a few flags that its hooks set, which let the cache refuse forwards that are not the
+attached model's and tell attention to read quantized stores itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvpipe.core.context import LayerView
+from kvpipe.errors import UnsupportedModelError
+from kvpipe.runtime import adapters
+from kvpipe.runtime.backend import packer
+from kvpipe.runtime.quantized_store import Quantization, QuantizedStore, Workspace
+from kvpipe.runtime.store import RaggedStore, storage_bytes
+
+
+@dataclass
+class Storage:
+    """What a cache's layers store with: the kernels of ``backend`` and one dequantization workspace."""
+
+    backend: str = "torch"                                   # "torch" or "triton" (kvpipe.runtime.backend)
+    workspace: Workspace = field(default_factory=Workspace)
+
+
+@dataclass
+class Binding:
+    """How an attach drives the caches it made, as flags its hooks set (no model, no session)."""
+
+    model_name: str                  # for messages
+    attached: bool = True
+    forward_running: bool = False    # the attached decoder's forward is running
+    fused_decode: bool = False       # this forward's one-token attention reads quantized stores itself
+
+    def check(self) -> None:
+        if not self.attached:
+            raise UnsupportedModelError("this cache belongs to a kvpipe handle that was detached; "
+                                        "create a new cache (or attach again) to keep generating")
+        if not self.forward_running:       # the attached decoder's pre-hook did not run: another model's forward
+            raise UnsupportedModelError(
+                f"this cache belongs to the pipeline attached to a {self.model_name}, but a forward that is not "
+                "that model's is filling it; use handle.cache() only with the model it came from")
+
+
+class KVPipeLayer(DynamicLayer):
+    is_croppable = False
+
+    def __init__(self, storage: Storage, binding: Binding | None = None):
+        super().__init__()
+        self.storage, self.binding = storage, binding
+        self.seen = 0
+        self.since_compression = 0     # tokens fed since the last compression (what decode triggers count)
+        self.store: RaggedStore | QuantizedStore | None = None
+
+    # --- the transformers layer contract -------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]``."""
+        if self.binding is not None:
+            self.binding.check()
+        keys, values = super().update(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        self.since_compression += key_states.shape[-2]
+        if self.store is None or self.reads_store_itself(key_states.shape[-2]):
+            return keys, values                     # fused decode reads the packed store itself
+        if isinstance(self.store, QuantizedStore):
+            if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+                # a forward with gradients on: the stored part is constants (fresh buffers, not the shared
+                # workspace, which autograd would otherwise hold on to), the new tokens keep their graph
+                with torch.no_grad():
+                    stored = self.store.attend(keys[..., :0, :], values[..., :0, :])
+                return torch.cat([stored[0], keys], -2), torch.cat([stored[1], values], -2)
+            return self.store.attend(keys, values, self.storage.workspace)
+        return self.store.attend(keys, values)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # Width = what update() will return; the offset makes HF's last q mask columns the new tokens.
+        physical = self.physical_length
+        return physical + adapters.query_length(query_length), self.seen - physical
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a kvpipe cache cannot be cropped: evicted tokens cannot be put back")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = torch.arange(self.keys.shape[0], device=self.keys.device)
+            self._select_rows(rows.repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.since_compression, self.store = 0, 0, None
+
+    # --- what kvpipe adds -----------------------------------------------------------------------
+    @property
+    def tail_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+    @property
+    def physical_length(self) -> int:
+        """Padded width attention sees: longest kept head plus the tail."""
+        return (self.store.width if self.store is not None else 0) + self.tail_length
+
+    def past_valid(self, upto: int) -> torch.Tensor:
+        """``bool [B, Hkv, upto]``: validity of the first ``upto`` physical slots (store, then tail)."""
+        batch, heads = self.keys.shape[:2]
+        store = self.store.valid() if self.store is not None else self.keys.new_zeros((batch, heads, 0), dtype=torch.bool)
+        tail = torch.ones(batch, heads, upto - store.shape[-1], dtype=torch.bool, device=store.device)
+        return torch.cat([store, tail], dim=-1)
+
+    def tail_positions(self) -> torch.Tensor:
+        """``long [T]``: logical positions of the tail's tokens."""
+        return torch.arange(self.seen - self.tail_length, self.seen, device=self.keys.device)
+
+    def slot_valid(self, padding: torch.Tensor | None) -> torch.Tensor:
+        """``bool [B, Hkv, width + T]``: which physical slots hold a real token. ``padding``: 2D mask ``[B, seen]``."""
+        batch, heads, tail, _ = self.keys.shape
+        tail_valid = (padding[:, self.tail_positions()].bool()[:, None].expand(batch, heads, tail)
+                      if padding is not None else self.keys.new_ones((batch, heads, tail), dtype=torch.bool))
+        return tail_valid if self.store is None else torch.cat([self.store.valid(), tail_valid], -1)
+
+    def view(self, padding: torch.Tensor | None) -> LayerView:
+        """Everything stored, padded per head, for stages. ``padding``: the 2D mask ``[B, seen]`` or None."""
+        batch, heads, tail, _ = self.keys.shape
+        tail_pos = self.tail_positions().expand(batch, heads, tail)
+        valid = self.slot_valid(padding)
+        if self.store is None:
+            return LayerView(self.keys, self.values, tail_pos, valid)
+        keys, values, positions = self.store.padded()
+        return LayerView(torch.cat([keys, self.keys], -2), torch.cat([values, self.values], -2),
+                         torch.cat([positions, tail_pos], -1), valid)
+
+    def compact(self, view: LayerView, keep: torch.Tensor, quant: Quantization | None = None) -> None:
+        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``), quantized when ``quant`` says so; the rest
+        is freed, not masked."""
+        keep = keep & view.valid
+        self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, quant)
+                      if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
+                                                                        packer(self.storage.backend)))
+        self._clear_tail()
+        self.since_compression = 0
+
+    def reads_store_itself(self, query_length: int) -> bool:
+        """Whether this step's attention runs the fused Triton kernel over the packed store (one new token, a
+        quantized store, and a binding that says so: triton backend, no stage observing this forward)."""
+        return (query_length == 1 and isinstance(self.store, QuantizedStore) and self.binding is not None
+                and self.binding.fused_decode)
+
+    def settle(self) -> None:
+        """After a forward: a quantized store takes in the tail once it holds a whole page (KIVI's flush)."""
+        if isinstance(self.store, QuantizedStore) and self.tail_length >= self.store.quant.fmt.group:
+            batch, heads, tail, _ = self.keys.shape
+            positions = self.tail_positions().expand(batch, heads, tail)
+            self.store = self.store.append(self.keys, self.values, positions)
+            self._clear_tail()
+
+    def _clear_tail(self) -> None:
+        self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
+
+    def kept_slots(self) -> torch.Tensor:
+        """``long [B, Hkv]``: slots held per head (kept store slots plus the tail)."""
+        batch, heads = self.keys.shape[:2]
+        if self.store is None:
+            return torch.full((batch, heads), self.tail_length, dtype=torch.long, device=self.keys.device)
+        stored = self.store.lengths.long()
+        return stored + self.tail_length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage this layer really holds."""
+        if not self.is_initialized:
+            return 0
+        return storage_bytes(self.keys, self.values) + (self.store.nbytes if self.store is not None else 0)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys[index], self.values[index]
+        if self.store is not None:
+            self.store = self.store.select_rows(index)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache really holds: a kvpipe cache's stores and tails, or a plain cache's key/value tensors."""
+    return sum(layer.nbytes if isinstance(layer, KVPipeLayer) else storage_bytes(layer.keys, layer.values)
+               for layer in cache.layers if layer.is_initialized)
+
+
+class KVPipeCache(DynamicCache):
+    """A ``DynamicCache`` made of ``KVPipeLayer``s: ``KVPipeCache(layers)`` stands alone (torch kernels, no
+    binding); ``handle.cache()`` makes one bound to an attached model."""
+
+    storage: Storage
+    binding: Binding | None       # set by the attach that made or adopted this cache
+    compress_seconds: float       # time spent compressing (observation excluded)
+    peak_bytes: int               # most bytes held after any forward, before that forward's compression
+    budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
+
+    def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None):
+        Cache.__init__(self, layers=[])
+        self.bind(num_layers, storage or Storage(), binding)
+
+    def bind(self, num_layers: int, storage: Storage, binding: Binding | None) -> None:
+        """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place)."""
+        self.storage, self.binding = storage, binding
+        self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
+        self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0

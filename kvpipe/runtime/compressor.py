@@ -1,0 +1,94 @@
+"""One compression: a pipeline (the plan) run over a cache's layers. No model and no attach needed.
+
+``attach()`` calls these from its hooks: ``observe`` inside attention while the compressing forward runs,
+``compress`` after it. A cache captured earlier (``KVPipeCache`` filled through ``update``) can be compressed the
+same way, with the observations recorded when it was filled when the pipeline's stages observe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from kvpipe.core.context import CompressionContext, Observation
+from kvpipe.core.plan import Plan
+from kvpipe.runtime.cache import KVPipeCache
+from kvpipe.runtime.quantized_store import roundtrip
+from kvpipe.runtime.store import RaggedStore
+
+# what observing stages recorded in the forward that filled a cache: {stage id: {layer index: value}}
+Observed = dict[str, dict[int, Any]]
+
+
+def observe(pipeline: Plan, obs: Observation) -> dict[str, Any]:
+    """What each observing stage records of one layer's attention: ``{stage id: value}``. Stages after a
+    ``quantize`` stage see the keys and values as the quantized cache will return them."""
+    previewed = None
+    recorded = {}
+    for stage in pipeline.observers:
+        if stage.id in pipeline.after_quantizer:
+            previewed = previewed or quantized_preview(pipeline, obs)
+            recorded[stage.id] = stage.observe(previewed)
+        else:
+            recorded[stage.id] = stage.observe(obs)
+    return recorded
+
+
+def quantized_preview(pipeline: Plan, obs: Observation) -> Observation:
+    """``obs`` with keys and values as the quantized cache will return them."""
+    batch, heads, kv, dim = obs.key.shape
+    positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
+    keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, pipeline.quantizer.quantization(dim))
+    return dataclasses.replace(obs, key=keys, value=values)
+
+
+@torch.no_grad()
+def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = None,
+             observed: Observed | None = None) -> None:
+    """Run every stage of ``pipeline`` over all layers of ``cache``, then compact each layer to the kept set
+    (quantized when the pipeline stores so, with the cache's own backend). Adds to ``cache.compress_seconds`` and
+    sets ``cache.budget_shortfall``.
+
+    Args:
+        padding: the 2D mask ``[B, seen]`` (1 = real token) the cache was filled with; ``None``: no padding.
+        observed: what the pipeline's observing stages recorded while the cache was filled (``observe`` per
+            layer); required when a stage observes.
+    """
+    observed = observed or {}
+    missing = [stage.id for stage in pipeline.observers if len(observed.get(stage.id, ())) != len(cache.layers)]
+    if missing:
+        raise ValueError(f"stages {missing} observe the queries of the forward that filled the cache, and no "
+                         "observation of every layer was given; record them with kvpipe.runtime.compressor.observe "
+                         "(attach() does) or use a pipeline whose stages need none")
+    layers = cache.layers
+    views = [layer.view(padding) for layer in layers]
+    head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
+    valid = views[0].valid
+    seen_real = (padding.sum(-1) if padding is not None
+                 else torch.full(valid.shape[:1], cache.get_seq_length(), device=valid.device))
+    quant = pipeline.quantizer.quantization(head_dim) if pipeline.quantizer is not None else None
+    if quant is not None:
+        quant = dataclasses.replace(quant, backend=cache.storage.backend)
+    ctx = CompressionContext(
+        layers=list(views), budget=pipeline.spec.budget, seen_real=seen_real.long(),
+        slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
+        full_slot_bytes=2 * head_dim * dtype.itemsize,
+        overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0, strict=pipeline.spec.strict,
+        observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()})
+    started = time.perf_counter()
+    for stage in pipeline.stages:
+        stage(ctx)
+        written = ctx.by_stage.get(stage.id, {})
+        unwritten = [slot for slot in stage.writes if len(written.get(slot, ())) != len(views)]
+        if unwritten:
+            raise RuntimeError(f"stage {stage.id!r} did not write {unwritten} for every layer")
+    # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
+    # only a preview of the quantized cache, and quantizing twice would add error for nothing.
+    keeps = ctx.slots.get("keep", [view.valid for view in views])
+    values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
+    for layer, view, keep, value in zip(layers, views, keeps, values):
+        layer.compact(dataclasses.replace(view, values=value), keep, quant)
+    cache.compress_seconds += time.perf_counter() - started
+    cache.budget_shortfall = ctx.shortfall

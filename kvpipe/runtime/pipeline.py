@@ -1,0 +1,23 @@
+"""``kvpipe.build(spec)`` → ``Pipeline``: the plan (``kvpipe.core.plan``) that can run on a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvpipe.core.plan import Plan, validated
+from kvpipe.runtime.attach import Handle
+
+
+class Pipeline(Plan):
+    def attach(self, model: torch.nn.Module) -> Handle:
+        """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
+        return Handle(self, model)
+
+
+def build(spec: str | Path | dict) -> Pipeline:
+    """Validate a pipeline (a YAML path, a YAML string or a dict) and build its stage graph.
+
+    Raises ``SpecError`` with file, line and key path on any mistake, before any model is touched.
+    """
+    return validated(Pipeline, spec)
