@@ -7,7 +7,8 @@ import torch
 from pydantic import AfterValidator, Field
 
 from kvpipe.core.context import Observation
-from kvpipe.core.registry import ObservingScorer, Params, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import ObservingScorer
 
 QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
 

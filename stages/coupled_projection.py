@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import CompressionContext
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import EvictionStage
 from kvpipe.kernels.topk import select_topk
-from kvpipe.stages.topk import within_budget
 
 
 class CoupledProjectionParams(Params):
@@ -17,29 +16,20 @@ class CoupledProjectionParams(Params):
 
 
 @register("coupled_projection", family="eviction")
-class CoupledProjection(Stage):
+class CoupledProjection(EvictionStage):
     """Per head: protected slots first; then whole blocks by density (mean score of the block's eligible
     slots), the densest first, as long as each block fits in what is left of the allocation; the remainder
     is filled with single slots by score. A greedy block knapsack: a fact spanning a block is kept whole
     whenever it fits, where top-k would keep its best half. ``block: 1`` is exactly ``topk``."""
 
     Params = CoupledProjectionParams
-    reads = ("scores", "allocation")
-    optional_reads = ("candidates",)
-    writes = ("keep",)
 
-    def __call__(self, ctx: CompressionContext) -> None:
-        keep = []
-        for layer, (view, scores, k, candidates) in enumerate(
-                zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
-            protected = candidates.protected & view.valid
-            k = within_budget(ctx, layer, protected, k)
-            open_ = view.valid & candidates.eligible & ~protected
-            blocks = whole_blocks(scores.float(), open_, k - protected.sum(-1), self.params.block)
-            chosen = protected | blocks
-            rest = (k - chosen.sum(-1)).clamp_min(0)
-            keep.append(chosen | select_topk(scores, rest, open_ & ~blocks))
-        ctx.write(self, "keep", keep)
+    def select(self, scores, k, eligible, protected):
+        open_ = eligible & ~protected
+        blocks = whole_blocks(scores.float(), open_, k - protected.sum(-1), self.params.block)
+        chosen = protected | blocks
+        rest = (k - chosen.sum(-1)).clamp_min(0)
+        return chosen | select_topk(scores, rest, open_ & ~blocks)
 
 
 def whole_blocks(scores: torch.Tensor, open_: torch.Tensor, room: torch.Tensor, block: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch
 from pydantic import Field
 
 from kvpipe.core.context import Observation
-from kvpipe.core.registry import ObservingScorer, Params, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import ObservingScorer
 from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import Candidates, CompressionContext
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import CandidateStage
 from kvpipe.kernels.topk import ranks
 
 
@@ -15,19 +15,13 @@ class KeyNormPrefilterParams(Params):
 
 
 @register("key_norm_prefilter", family="candidate selection")
-class KeyNormPrefilter(Stage):
+class KeyNormPrefilter(CandidateStage):
     """Narrows what later stages may keep to the lowest-norm keys of each head; slots protected upstream stay
     protected and eligible. Cheap (no queries), so it prunes before an expensive scorer ranks the rest."""
 
     Params = KeyNormPrefilterParams
-    optional_reads = ("candidates",)
-    writes = ("candidates",)
 
-    def __call__(self, ctx: CompressionContext) -> None:
-        out = []
-        for view, upstream in zip(ctx.layers, ctx.candidates(self)):
-            norms = view.keys.float().norm(dim=-1).masked_fill(~view.valid, float("inf"))
-            allowed = torch.ceil(view.valid.sum(-1) * self.params.fraction).long()
-            low = ranks(norms, descending=False) < allowed[..., None]
-            out.append(Candidates(upstream.protected, (upstream.eligible & low) | upstream.protected))
-        ctx.write(self, "candidates", out)
+    def refine(self, ctx, view, upstream, observed):
+        norms = view.keys.float().norm(dim=-1).masked_fill(~view.valid, float("inf"))
+        allowed = torch.ceil(view.valid.sum(-1) * self.params.fraction).long()
+        return upstream.narrowed(ranks(norms, descending=False) < allowed[..., None])

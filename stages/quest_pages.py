@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import Candidates, CompressionContext, Observation
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import CandidateStage
 from kvpipe.kernels.topk import ranks
 
 
@@ -16,15 +17,13 @@ class QuestPagesParams(Params):
 
 
 @register("quest_pages", family="candidate selection")
-class QuestPages(Stage):
+class QuestPages(CandidateStage):
     """Pages of consecutive slots keep a per-channel min and max key; ``sum_d max(q_d·min_d, q_d·max_d)`` bounds
     any ``q·k`` in the page from above. Pages with the highest bound (max over the window's queries and the
     query heads of a KV head) stay eligible. Quest uses the bound to pick pages to *read*; here it decides
     which pages later stages may *keep*. Upstream protection is kept."""
 
     Params = QuestPagesParams
-    optional_reads = ("candidates",)
-    writes = ("candidates",)
     observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
@@ -48,13 +47,9 @@ class QuestPages(Stage):
         bound = bound.masked_fill(~live, float("-inf")).amax(2)
         return obs.to_kv_heads(bound, "max")
 
-    def __call__(self, ctx: CompressionContext) -> None:
-        out = []
-        for view, upstream, bound in zip(ctx.layers, ctx.candidates(self), ctx.observed(self)):
-            if bound.shape[-1] * self.params.page_size < view.valid.shape[-1]:
-                raise RuntimeError("quest_pages observed fewer slots than the cache holds")
-            chosen = torch.ceil((bound > float("-inf")).sum(-1) * self.params.pages).long()
-            page_ok = ranks(bound) < chosen[..., None]                                 # [B, Hkv, pages]
-            slot_ok = page_ok.repeat_interleave(self.params.page_size, dim=-1)[..., : view.valid.shape[-1]]
-            out.append(Candidates(upstream.protected, (upstream.eligible & slot_ok) | upstream.protected))
-        ctx.write(self, "candidates", out)
+    def refine(self, ctx, view, upstream, bound):
+        if bound.shape[-1] * self.params.page_size < view.valid.shape[-1]:
+            raise RuntimeError("quest_pages observed fewer slots than the cache holds")
+        chosen = torch.ceil((bound > float("-inf")).sum(-1) * self.params.pages).long()
+        page_ok = ranks(bound) < chosen[..., None]                                     # [B, Hkv, pages]
+        return upstream.narrowed(page_ok.repeat_interleave(self.params.page_size, dim=-1)[..., : view.valid.shape[-1]])

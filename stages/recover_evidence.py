@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import Candidates, CompressionContext, Observation
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import CandidateStage
 from kvpipe.kernels.topk import select_topk
 
 
@@ -24,7 +25,7 @@ class RecoverEvidenceParams(Params):
 
 
 @register("recover_evidence", family="evidence recovery")
-class RecoverEvidence(Stage):
+class RecoverEvidence(CandidateStage):
     """Support recovery: per query of the observation window, the nucleus of its attention (smallest set with
     ``coverage`` of the mass), united over queries and over the query heads of a KV head; optionally a second
     hop from the keys of the strongest recovered tokens. Recovered tokens become protected candidates, the
@@ -32,8 +33,6 @@ class RecoverEvidence(Stage):
     cannot drop them."""
 
     Params = RecoverEvidenceParams
-    optional_reads = ("candidates",)
-    writes = ("candidates",)
     observes = True
 
     def observe(self, obs: Observation) -> torch.Tensor:
@@ -56,16 +55,11 @@ class RecoverEvidence(Stage):
         live = torch.isfinite(top.values)[..., None]                                     # fewer recovered than r
         return (nucleus(logits.softmax(-1).nan_to_num(0.0), self.params.coverage) & live).any(2)
 
-    def __call__(self, ctx: CompressionContext) -> None:
+    def refine(self, ctx, view, upstream, observed):
         cap = torch.floor(ctx.slots_per_head().double() * self.params.max_share).long()  # [B]
-        out = []
-        for view, observed, upstream in zip(ctx.layers, ctx.observed(self), ctx.candidates(self)):
-            recovered = (observed[..., 0] > 0) & view.valid & upstream.eligible & ~upstream.protected
-            room = (cap[:, None] - upstream.protected.sum(-1)).clamp_min(0)
-            chosen = select_topk(observed[..., 1], room, recovered)
-            out.append(Candidates(upstream.protected | chosen, upstream.eligible))
-        ctx.write(self, "candidates", out)
-
+        recovered = (observed[..., 0] > 0) & view.valid & upstream.eligible & ~upstream.protected
+        room = (cap[:, None] - upstream.protected.sum(-1)).clamp_min(0)
+        return upstream.protecting(select_topk(observed[..., 1], room, recovered))  # chosen ⊆ eligible already
 
 def nucleus(probs: torch.Tensor, coverage: float) -> torch.Tensor:
     """``bool``, same shape: per row (last dim), the smallest set of entries whose sum reaches ``coverage``."""

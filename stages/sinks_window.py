@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import Candidates, CompressionContext
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import CandidateStage
 
 
 class SinksWindowParams(Params):
@@ -14,19 +14,13 @@ class SinksWindowParams(Params):
 
 
 @register("sinks_window", family="candidate selection")
-class SinksWindow(Stage):
+class SinksWindow(CandidateStage):
     """Marks sinks and the recent window as protected: every eviction after it keeps them."""
 
     Params = SinksWindowParams
-    optional_reads = ("candidates",)
-    writes = ("candidates",)
 
-    def __call__(self, ctx: CompressionContext) -> None:
-        out = []
-        for view, upstream in zip(ctx.layers, ctx.candidates(self)):
-            ends = protected_ends(view.valid, self.params.sinks, self.params.window)
-            out.append(Candidates(upstream.protected | ends, upstream.eligible | ends))
-        ctx.write(self, "candidates", out)
+    def refine(self, ctx, view, upstream, observed):
+        return upstream.protecting(protected_ends(view.valid, self.params.sinks, self.params.window))
 
     def check_budget(self, budget) -> str | None:
         protected = self.params.sinks + self.params.window

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from kvpipe.core.context import Observation
-from kvpipe.core.registry import ObservingScorer, register
+from kvpipe.core.registry import register
+from kvpipe.core.stage_bases import ObservingScorer
 
 
 @register("tova", family="scoring")

@@ -99,6 +99,14 @@ class Candidates:
     protected: torch.Tensor
     eligible: torch.Tensor
 
+    def narrowed(self, allowed: torch.Tensor) -> Candidates:
+        """Only ``allowed`` slots stay eligible; protected ones stay protected (and so eligible)."""
+        return Candidates(self.protected, (self.eligible & allowed) | self.protected)
+
+    def protecting(self, slots: torch.Tensor) -> Candidates:
+        """``slots`` protected (and so eligible) too."""
+        return Candidates(self.protected | slots, self.eligible | slots)
+
 
 @dataclass
 class CompressionContext:

@@ -74,4 +74,5 @@ class Plan:
         return describe(self.graph)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.source}: {' -> '.join(s.id for s in self.stages) or 'no stages'}, budget {self.spec.budget})"
+        stages = " -> ".join(s.id for s in self.stages) or "no stages"
+        return f"{type(self).__name__}({self.source}: {stages}, budget {self.spec.budget})"

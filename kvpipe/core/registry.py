@@ -74,16 +74,6 @@ class Stage:
         return f"{type(self).__name__}({self.params!r})"
 
 
-class ObservingScorer(Stage):
-    """A scorer whose scores are exactly what ``observe`` returned per layer (``float [B, Hkv, kv]``)."""
-
-    writes = ("scores",)
-    observes = True
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        ctx.write(self, "scores", ctx.observed(self))
-
-
 _REGISTRY: dict[str, type[Stage]] = {}
 
 

@@ -1,0 +1,75 @@
+"""Base classes for the stage shapes that repeat, so that a stage writes only its per-layer step.
+
+* ``ObservingScorer``: its scores are what it observed inside attention;
+* ``CandidateStage``: refines each layer's upstream ``candidates`` (``refine``);
+* ``EvictionStage``: keeps, per head, the protected slots and then its choice among the eligible ones, up to the
+  allocation (``select``); a prompt shorter than the protected set is handled once, here.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvpipe.core.context import Candidates, CompressionContext, LayerView
+from kvpipe.core.registry import Stage
+
+
+class ObservingScorer(Stage):
+    """A scorer whose scores are exactly what ``observe`` returned per layer (``float [B, Hkv, kv]``)."""
+
+    writes = ("scores",)
+    observes = True
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        ctx.write(self, "scores", ctx.observed(self))
+
+
+class CandidateStage(Stage):
+    """Refines the ``candidates`` of every layer (without an upstream candidate stage: nothing protected, every
+    valid slot eligible). Observing subclasses get what they observed of the layer."""
+
+    optional_reads = ("candidates",)
+    writes = ("candidates",)
+
+    def refine(self, ctx: CompressionContext, view: LayerView, upstream: Candidates, observed) -> Candidates:
+        """One layer's new candidates; ``observed`` is ``observe``'s result for the layer, or None."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        observed = ctx.observed(self) if self.observes else [None] * len(ctx.layers)
+        ctx.write(self, "candidates", [self.refine(ctx, view, upstream, seen) for view, upstream, seen
+                                       in zip(ctx.layers, ctx.candidates(self), observed)])
+
+
+class EvictionStage(Stage):
+    """Decides what every layer keeps from its ``scores``, its ``allocation`` and its candidates."""
+
+    reads = ("scores", "allocation")
+    optional_reads = ("candidates",)
+    writes = ("keep",)
+
+    def select(self, scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor,
+               protected: torch.Tensor) -> torch.Tensor:
+        """``keep bool [B, H, n]``: ``protected`` (``⊆ eligible``) and ``k [B, H]`` slots in all per head, chosen
+        among ``eligible`` by ``scores [B, H, n]``; ``k`` already covers the protected slots."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        keep = []
+        for layer, (view, scores, k, candidates) in enumerate(
+                zip(ctx.layers, ctx.read(self, "scores"), ctx.read(self, "allocation"), ctx.candidates(self))):
+            protected = candidates.protected & view.valid
+            keep.append(self.select(scores, within_budget(ctx, layer, protected, k), view.valid & candidates.eligible,
+                                    protected))
+        ctx.write(self, "keep", keep)
+
+
+def within_budget(ctx: CompressionContext, layer: int, protected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The allocation ``k [B, H]``, raised where a head's ``protected`` slots (``bool [B, H, n]``) exceed it: a
+    prompt shorter than the protected window keeps them all (``ctx.over_budget`` reports or, strict, refuses)."""
+    need = protected.sum(-1)
+    short = (need - k).clamp_min(0)
+    if bool((short > 0).any()):
+        ctx.over_budget(f"layer {layer}: the budget keeps {int(k.min())} slots per head but {int(need.max())} are "
+                        "protected (sinks + recent window, recovered evidence); the prompt is too short for this "
+                        "budget. Raise the budget or protect less", int(short.sum()))
+    return torch.maximum(k, need)
