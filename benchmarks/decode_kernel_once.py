@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--host-profile", type=int, metavar="N", help="profile N calls on the host instead")
     args = parser.parse_args()
     q_heads, kv_heads, dim = 32, 8, 128
-    quant = dataclasses.replace(kvpipe.build(args.pipeline).quantizer.quantization(dim), backend="triton")
+    quant = dataclasses.replace(kvpipe.build(args.pipeline).storage_stage.storage(dim), backend="triton")
     shape = (args.batch, kv_heads, args.context, dim)
     keys, values = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     positions = torch.arange(args.context, device="cuda").expand(shape[:3])

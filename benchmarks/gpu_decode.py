@@ -19,7 +19,7 @@ from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 
 def quantization_of(name: str, head_dim: int):
     """The storage a shipped pipeline asks for (so the benchmark measures exactly what ``int4`` ships)."""
-    return kvpipe.build(name).quantizer.quantization(head_dim)
+    return kvpipe.build(name).storage_stage.storage(head_dim)
 
 
 def hqq_quantized_cache(sizes: Sizes, batch: int, keys: torch.Tensor, values: torch.Tensor):

@@ -6,12 +6,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvpipe.core.context import CompressionContext, LayerView
-from kvpipe.core.registry import Params, Stage, register
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import StorageStage
 from kvpipe.errors import KVPipeError
 from kvpipe.kernels.pages import PageFormat, minmax_range
 from kvpipe.kernels.quant import affine_params
-from kvpipe.runtime.quantized_store import Quantization, roundtrip
+from kvpipe.runtime.quantized_store import Quantization
 
 Bits = Literal[2, 4, 8]
 
@@ -33,24 +33,24 @@ class QuantizeParams(Params):
 
 
 @register("quantize", family="quantization")
-class Quantize(Stage):
+class Quantize(StorageStage):
     """KIVI (Liu et al., ICML 2024): keys quantized per channel over groups of tokens, values per token over
     groups of channels, asymmetric (scale + minimum), codes bit-packed LSB-first into int32 words.
 
     The cache stores every kept token this way except the newest ``residual`` of each head, and keeps flushing
     whole pages as decoding adds tokens. Stages placed **after** this one see the keys and values as the
-    quantized cache will return them (dequantized); the cache itself quantizes the kept original tokens once.
+    quantized cache will return them (dequantized); the cache itself quantizes the kept original tokens once
+    (``StorageStage``).
     """
 
     Params = QuantizeParams
-    writes = ("store",)
 
     def __init__(self, params: QuantizeParams, node_id: str | None = None):
         super().__init__(params, node_id)
         self.group_range = GROUP_RANGES[params.method]()     # a missing backend fails at build time
 
-    def quantization(self, head_dim: int) -> Quantization:
-        """The storage this stage asks for, for heads of ``head_dim`` channels."""
+    def storage(self, head_dim: int) -> Quantization:
+        """The page format and residual window for heads of ``head_dim`` channels."""
         p = self.params
         value_group = min(p.group_size, head_dim)
         if head_dim % value_group:
@@ -59,12 +59,6 @@ class Quantize(Stage):
         fmt = PageFormat(p.key_bits or p.bits, p.value_bits or p.bits, p.group_size, value_group,
                          getattr(torch, p.scale_dtype))
         return Quantization(fmt, p.residual, p.method, self.group_range)
-
-    def __call__(self, ctx: CompressionContext) -> None:
-        quant = self.quantization(ctx.layers[0].keys.shape[-1])
-        ctx.write(self, "store", [quant] * len(ctx.layers))
-        ctx.layers = [LayerView(*roundtrip(view.keys, view.values, view.positions, view.valid, quant),
-                                view.positions, view.valid) for view in ctx.layers]
 
 
 def _hqq_range():

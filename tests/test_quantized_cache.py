@@ -67,7 +67,7 @@ def test_stages_after_quantize_see_what_the_cache_returns(random_ids):
     with pipeline.attach(model) as handle, torch.inference_mode():
         cache = handle.cache()
         model(random_ids(1, 80), past_key_values=cache)
-    quant = pipeline.quantizer.quantization(16)
+    quant = pipeline.storage_stage.storage(16)
     for layer in cache.layers:
         keys, values, positions = layer.store.padded()
         valid = layer.store.valid()
@@ -252,7 +252,7 @@ def quantize_case(seed: int, batch: int = 2, heads: int = 2, n: int = 100, dim: 
 def test_preview_roundtrip_is_what_the_cache_returns():
     """Stages after `quantize` see ``roundtrip``: exactly the stored values, which are not the inputs."""
     keys, values, positions, valid = quantize_case(3)
-    quant = kvpipe.build(quantize_spec(bits=4, residual=8)).quantizer.quantization(keys.shape[-1])
+    quant = kvpipe.build(quantize_spec(bits=4, residual=8)).storage_stage.storage(keys.shape[-1])
     k, v = roundtrip(keys, values, positions, valid, quant)
     store = QuantizedStore.from_padded(keys, values, positions, valid, quant)
     stored_k, stored_v, stored_pos = store.padded()
@@ -270,7 +270,7 @@ def test_stored_scale_is_the_group_range_over_the_code_count():
     keys, values, positions, valid = quantize_case(4, n=128)
     valid = torch.ones_like(valid)
     for bits in (2, 4, 8):
-        quant = kvpipe.build(quantize_spec(bits=bits, residual=0)).quantizer.quantization(keys.shape[-1])
+        quant = kvpipe.build(quantize_spec(bits=bits, residual=0)).storage_stage.storage(keys.shape[-1])
         store = QuantizedStore.from_padded(keys, values, positions, valid, quant)
         pages = keys.float().reshape(-1, 32, keys.shape[-1])                 # full pages of 32 tokens, per head
         want = (pages.amax(1) - pages.amin(1)) / (2 ** bits - 1)
@@ -285,7 +285,7 @@ def test_library_ranges_are_as_accurate_as_min_max(method):
     keys, values, positions, valid = quantize_case(5)
     errors = {}
     for name in ("kivi", method):
-        quant = kvpipe.build(quantize_spec(method=name, bits=4, residual=0)).quantizer.quantization(keys.shape[-1])
+        quant = kvpipe.build(quantize_spec(method=name, bits=4, residual=0)).storage_stage.storage(keys.shape[-1])
         k, v = roundtrip(keys, values, positions, valid, quant)
         errors[name] = float(torch.cat([(k - keys)[valid], (v - values)[valid]]).norm()
                              / torch.cat([keys[valid], values[valid]]).norm())

@@ -10,6 +10,7 @@ from typing import Self
 
 from kvpipe.core.graph import build_graph, describe, execution_order
 from kvpipe.core.spec import PipelineSpec, parse_spec
+from kvpipe.core.stage_bases import StorageStage
 from kvpipe.core.yaml_source import read_source
 
 
@@ -22,7 +23,7 @@ def validated(cls: type[Plan], spec: str | Path | dict) -> Plan:
     parsed = parse_spec(source)
     graph = build_graph(parsed, source)
     pipeline = cls(parsed, graph, source.name)
-    storing = [stage.id for stage in pipeline.stages if "store" in stage.writes]
+    storing = [stage.id for stage in pipeline.stages if isinstance(stage, StorageStage)]
     if len(storing) > 1:
         raise source.error(("stages",), f"stages {storing} all decide how the cache is stored; keep one")
     for stage in pipeline.stages:
@@ -41,9 +42,10 @@ class Plan:
         self.spec, self.graph, self.source = spec, graph, source
         self.stages = execution_order(graph)
         self.observers = [s for s in self.stages if s.observes]
-        self.quantizer = next((s for s in self.stages if "store" in s.writes), None)
+        self.storage_stage = next((s for s in self.stages if isinstance(s, StorageStage)), None)
         ids = [s.id for s in self.stages]
-        self.after_quantizer = set(ids[ids.index(self.quantizer.id) + 1:]) if self.quantizer else set()
+        # stages that see the cache as its storage returns it
+        self.after_storage = set(ids[ids.index(self.storage_stage.id) + 1:]) if self.storage_stage else set()
 
     @property
     def evicts(self) -> bool:

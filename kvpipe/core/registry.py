@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from kvpipe.core.context import CompressionContext, Observation
 
-SLOT_KINDS = ("candidates", "scores", "allocation", "keep", "values", "store")
+SLOT_KINDS = ("candidates", "scores", "allocation", "keep", "values")
 FAMILIES = ("candidate selection", "quantization", "scoring", "budget allocation", "eviction", "evidence recovery")
 
 

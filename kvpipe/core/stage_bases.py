@@ -3,9 +3,12 @@
 * ``ObservingScorer``: its scores are what it observed inside attention;
 * ``CandidateStage``: refines each layer's upstream ``candidates`` (``refine``);
 * ``EvictionStage``: keeps, per head, the protected slots and then its choice among the eligible ones, up to the
-  allocation (``select``); a prompt shorter than the protected set is handled once, here.
+  allocation (``select``); a prompt shorter than the protected set is handled once, here;
+* ``StorageStage``: decides how the kept tokens are stored (``storage``); at most one per pipeline.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -73,3 +76,33 @@ def within_budget(ctx: CompressionContext, layer: int, protected: torch.Tensor, 
                         "protected (sinks + recent window, recovered evidence); the prompt is too short for this "
                         "budget. Raise the budget or protect less", int(short.sum()))
     return torch.maximum(k, need)
+
+
+class StorageFormat(Protocol):
+    """How kept tokens are stored (``kvpipe.runtime.quantized_store.Quantization`` is one): what a token costs, and
+    the keys and values a store of this format gives back (``[B, Hkv, n, D]``, ``valid bool [B, Hkv, n]``)."""
+
+    def slot_bytes(self, head_dim: int) -> float: ...
+
+    def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float: ...
+
+    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class StorageStage(Stage):
+    """Decides how the kept tokens are stored. Without one, a cache keeps them as they are, in the model's dtype.
+
+    One path for both orders: the compressor stores the kept **original** tokens once, in this format, after
+    every stage has run; stages placed after this one see (and observe) the keys and values as the store will
+    return them, so "quantize first, evict on quantized values" and "evict, then quantize" differ only in the
+    YAML order."""
+
+    def storage(self, head_dim: int) -> StorageFormat:
+        """The format for heads of ``head_dim`` channels."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __call__(self, ctx: CompressionContext) -> None:
+        fmt = self.storage(ctx.layers[0].keys.shape[-1])
+        ctx.layers = [LayerView(*fmt.roundtrip(view.keys, view.values, view.positions, view.valid), view.positions,
+                                view.valid) for view in ctx.layers]

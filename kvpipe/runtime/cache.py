@@ -153,13 +153,13 @@ class KVPipeLayer(DynamicLayer):
         return LayerView(torch.cat([keys, self.keys], -2), torch.cat([values, self.values], -2),
                          torch.cat([positions, tail_pos], -1), valid)
 
-    def compact(self, view: LayerView, keep: torch.Tensor, quant: Quantization | None = None) -> None:
-        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``), quantized when ``quant`` says so; the rest
-        is freed, not masked."""
+    def compact(self, view: LayerView, keep: torch.Tensor, fmt: Quantization | None = None) -> None:
+        """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``), stored in ``fmt`` (a storage stage's format;
+        ``None``: as they are); the rest is freed, not masked."""
         keep = keep & view.valid
-        self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, quant)
-                      if quant is not None else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
-                                                                        packer(self.storage.backend)))
+        self.store = (fmt.store(view.keys, view.values, view.positions, keep) if fmt is not None
+                      else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
+                                                   packer(self.storage.backend)))
         self._clear_tail()
         self.since_compression = 0
 

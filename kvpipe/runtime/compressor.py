@@ -15,7 +15,6 @@ import torch
 from kvpipe.core.context import CompressionContext, Observation
 from kvpipe.core.plan import Plan
 from kvpipe.runtime.cache import KVPipeCache
-from kvpipe.runtime.quantized_store import roundtrip
 from kvpipe.runtime.store import RaggedStore
 
 # what observing stages recorded in the forward that filled a cache: {stage id: {layer index: value}}
@@ -23,24 +22,24 @@ Observed = dict[str, dict[int, Any]]
 
 
 def observe(pipeline: Plan, obs: Observation) -> dict[str, Any]:
-    """What each observing stage records of one layer's attention: ``{stage id: value}``. Stages after a
-    ``quantize`` stage see the keys and values as the quantized cache will return them."""
+    """What each observing stage records of one layer's attention: ``{stage id: value}``. Stages after the
+    storage stage see the keys and values as the store will return them."""
     previewed = None
     recorded = {}
     for stage in pipeline.observers:
-        if stage.id in pipeline.after_quantizer:
-            previewed = previewed or quantized_preview(pipeline, obs)
+        if stage.id in pipeline.after_storage:
+            previewed = previewed or stored_preview(pipeline, obs)
             recorded[stage.id] = stage.observe(previewed)
         else:
             recorded[stage.id] = stage.observe(obs)
     return recorded
 
 
-def quantized_preview(pipeline: Plan, obs: Observation) -> Observation:
-    """``obs`` with keys and values as the quantized cache will return them."""
+def stored_preview(pipeline: Plan, obs: Observation) -> Observation:
+    """``obs`` with keys and values as the pipeline's storage will return them."""
     batch, heads, kv, dim = obs.key.shape
     positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
-    keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, pipeline.quantizer.quantization(dim))
+    keys, values = pipeline.storage_stage.storage(dim).roundtrip(obs.key, obs.value, positions, obs.key_valid)
     return dataclasses.replace(obs, key=keys, value=values)
 
 
@@ -68,14 +67,14 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     valid = views[0].valid
     seen_real = (padding.sum(-1) if padding is not None
                  else torch.full(valid.shape[:1], cache.get_seq_length(), device=valid.device))
-    quant = pipeline.quantizer.quantization(head_dim) if pipeline.quantizer is not None else None
-    if quant is not None:
-        quant = dataclasses.replace(quant, backend=cache.storage.backend)
+    fmt = pipeline.storage_stage.storage(head_dim) if pipeline.storage_stage is not None else None
+    if fmt is not None:
+        fmt = dataclasses.replace(fmt, backend=cache.storage.backend)          # packed with the cache's kernels
     ctx = CompressionContext(
         layers=list(views), budget=pipeline.spec.budget, seen_real=seen_real.long(),
-        slot_bytes=quant.slot_bytes(head_dim) if quant else RaggedStore.slot_bytes(head_dim, dtype),
+        slot_bytes=fmt.slot_bytes(head_dim) if fmt else RaggedStore.slot_bytes(head_dim, dtype),
         full_slot_bytes=2 * head_dim * dtype.itemsize,
-        overhead_bytes=quant.overhead_bytes(head_dim, dtype) if quant else 0.0, strict=pipeline.spec.strict,
+        overhead_bytes=fmt.overhead_bytes(head_dim, dtype) if fmt else 0.0, strict=pipeline.spec.strict,
         observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()})
     started = time.perf_counter()
     for stage in pipeline.stages:
@@ -84,11 +83,11 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
         unwritten = [slot for slot in stage.writes if len(written.get(slot, ())) != len(views)]
         if unwritten:
             raise RuntimeError(f"stage {stage.id!r} did not write {unwritten} for every layer")
-    # Compaction stores the original keys and values: what stages after `quantize` saw (ctx.layers) was
-    # only a preview of the quantized cache, and quantizing twice would add error for nothing.
+    # Compaction stores the original keys and values: what stages after the storage stage saw (ctx.layers) was
+    # only a preview of the store, and quantizing twice would add error for nothing.
     keeps = ctx.slots.get("keep", [view.valid for view in views])
     values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
     for layer, view, keep, value in zip(layers, views, keeps, values):
-        layer.compact(dataclasses.replace(view, values=value), keep, quant)
+        layer.compact(dataclasses.replace(view, values=value), keep, fmt)
     cache.compress_seconds += time.perf_counter() - started
     cache.budget_shortfall = ctx.shortfall

@@ -73,6 +73,16 @@ class Quantization:
         """Bytes one quantized token costs, metadata included (amortised over its page)."""
         return self.fmt.page_bytes(head_dim) / self.fmt.group
 
+    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``valid`` slots of ``keys``/``values [B, Hkv, n, D]`` as a store of this format returns them."""
+        return roundtrip(keys, values, positions, valid, self)
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              keep: torch.Tensor) -> QuantizedStore:
+        """A store of the ``keep`` slots in this format."""
+        return QuantizedStore.from_padded(keys, values, positions, keep, self)
+
     def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
         """Most a head can hold beyond ``slot_bytes`` per token: the residual kept unquantized and one partly
         used page."""
