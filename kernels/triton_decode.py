@@ -116,7 +116,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
 def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos, pid, t0, m_i, l_i,
                acc, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                TILE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
-               KMAGIC: tl.constexpr, VMAGIC: tl.constexpr, OFFSET: tl.constexpr):
+               MAGIC: tl.constexpr, OFFSET: tl.constexpr):
     """Fold tokens ``t0 .. t0 + TILE`` of page ``pid`` (``t0`` relative to the page) into the online softmax."""
     ch = tl.arange(0, D)
     tok = t0 + tl.arange(0, TILE)
@@ -124,7 +124,7 @@ def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, valu
     KEY_BYTES: tl.constexpr = D * KBITS // 8                    # bytes of one token's key codes
     kb = tl.arange(0, KEY_BYTES)
     packed = tl.load(key_bytes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None])    # [bytes, TILE]
-    codes = _unpack_rows(packed, KBITS, DOT, KMAGIC)
+    codes = _unpack_rows(packed, KBITS, DOT, MAGIC)
     # the page's per-channel scale is folded into the query: q·k = Σ (q·s)·c + Σ q·m, minus the offset's share
     qs = qv * tl.load(key_scale + pid * D + ch).to(tl.float32)[None, :]
     hi = qs.to(DOT)
@@ -144,7 +144,7 @@ def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, valu
     VALUE_BYTES: tl.constexpr = G * VBITS // 8                  # bytes of one channel's value codes in a page
     vb = t0 * VBITS // 8 + tl.arange(0, TILE * VBITS // 8)
     packed = tl.load(value_bytes + pid * (D * VALUE_BYTES) + ch[None, :] * VALUE_BYTES + vb[:, None])  # [bytes, D]
-    codes = _unpack_rows(packed, VBITS, DOT, VMAGIC)
+    codes = _unpack_rows(packed, VBITS, DOT, MAGIC)
     VALUE_GROUPS: tl.constexpr = D // GV                        # scale/minimum pairs per token
     for g in tl.static_range(VALUE_GROUPS):
         meta = (pid * G + tok) * VALUE_GROUPS + g
@@ -170,7 +170,7 @@ def _decode_split_kernel(q, key_bytes, key_scale, key_min, value_bytes, value_sc
                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                          GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
                          DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
-                         KMAGIC: tl.constexpr, VMAGIC: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+                         MAGIC: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_H)
@@ -191,7 +191,7 @@ def _decode_split_kernel(q, key_bytes, key_scale, key_min, value_bytes, value_sc
         for t0 in range(lo * G, hi * G, TILE):
             m_i, l_i, acc = _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min,
                                        page_pos, first + t0 // G, t0 % G, m_i, l_i, acc, D, G, GV, KBITS, VBITS,
-                                       TILE, DOT, PRECISION, SPLIT_Q, KMAGIC, VMAGIC, OFFSET)
+                                       TILE, DOT, PRECISION, SPLIT_Q, MAGIC, OFFSET)
     # the exact rows (residual, tail) are short; a narrow tile keeps them from setting the kernel's register count
     # (with BLOCK_N-wide tiles the kernel spilled at 255 registers, compiled for sm_90)
     elif split == NS:
@@ -245,12 +245,13 @@ _MAGIC = {tl.bfloat16: (0x4300, 128.0), tl.float16: (0x6400, 1024.0)}
 
 
 def code_offsets(dot, fmt: PageFormat) -> dict:
-    """The kernel's ``KMAGIC``/``VMAGIC`` bit patterns and their ``OFFSET`` (0: plain integer conversion)."""
+    """The kernel's ``MAGIC`` bit pattern and its ``OFFSET``, shared by keys and values (0: plain integer
+    conversion)."""
     magic, offset = _MAGIC.get(dot, (0, 0.0))
     fits = [bits < 8 or offset > 255 for bits in (fmt.key_bits, fmt.value_bits)]
     if magic and not all(fits):
-        magic, offset = 0, 0.0        # 8-bit codes in bf16: plain conversion (keys and values share one OFFSET)
-    return {"KMAGIC": magic, "VMAGIC": magic, "OFFSET": offset}
+        magic, offset = 0, 0.0        # 8-bit codes in bf16: plain conversion for both sides
+    return {"MAGIC": magic, "OFFSET": offset}
 
 
 def dot_dtype(dtype: torch.dtype):

@@ -29,5 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kvpipe' has no attribute {name!r}")
 
 
-__all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError", "__version__",
-           "build", "register"]
+__all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError",
+           "__version__", "build", "register"]

@@ -12,8 +12,8 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kvpipe"
 # lower numbers are lower layers; a module may import its own layer and the ones below
-LAYERS = {"kvpipe.kernels": 0, "kvpipe.errors": 0, "kvpipe.version": 0, "kvpipe.core": 1, "kvpipe.runtime": 2, "kvpipe.models": 2,
-          "kvpipe.eval": 3, "kvpipe.learned": 4, "kvpipe.cli": 5, "kvpipe": 6}
+LAYERS = {"kvpipe.kernels": 0, "kvpipe.errors": 0, "kvpipe.version": 0, "kvpipe.core": 1, "kvpipe.runtime": 2,
+          "kvpipe.models": 2, "kvpipe.eval": 3, "kvpipe.learned": 4, "kvpipe.cli": 5, "kvpipe": 6}
 
 
 def layer(module: str) -> int:

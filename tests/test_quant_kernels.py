@@ -258,5 +258,5 @@ def test_unpacked_codes_are_exact_in_the_dot_dtype(bits, dtype):
     want = unpack_codes(words, bits).T.float() + offsets["OFFSET"]              # [codes along rows, cols]
     src = words.view(torch.uint8).T.contiguous().to(DEVICE)                     # bytes [rows, cols], rows packed
     got = torch.full((rows * 8 // bits, cols), float("nan"), device=DEVICE)
-    _unpack_kernel[(1,)](src, got, rows, cols, bits, dot, offsets["KMAGIC"])
+    _unpack_kernel[(1,)](src, got, rows, cols, bits, dot, offsets["MAGIC"])
     assert torch.equal(got.cpu(), want)

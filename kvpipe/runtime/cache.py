@@ -12,9 +12,9 @@ with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the *
 tokens fed, never the number kept: transformers derives RoPE positions and resume offsets from it.
 
 A cache stands alone: it holds its stores and the ``Storage`` they are built with (kernel backend, dequantization
-workspace), and nothing of a model. ``kvpipe.runtime.compressor.compress`` compresses it, attached or not. An attach drives
-it through a ``Binding``: a few flags that its hooks set, which let the cache refuse forwards that are not the
-attached model's and tell attention to read quantized stores itself.
+workspace), and nothing of a model. ``kvpipe.runtime.compressor.compress`` compresses it, attached or not. An
+attach drives it through a ``Binding``: a few flags that its hooks set, which let the cache refuse forwards that
+are not the attached model's and tell attention to read quantized stores itself.
 """
 from __future__ import annotations
 
