@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
     p.add_argument("--cases", type=positive, default=12, metavar="N", help="number of cases (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
-    p.add_argument("--question-aware", action="store_true",
-                   help="compress the prompt with the question in it (easier). Default: the context is "
-                        "compressed before the question is seen, as in kvpress's protocol")
+    question_aware_flag(p)
     p = sub.add_parser("bench", help="run a benchmark suite: pipelines and peers side by side, report and plots",
                        description="Run every pipeline (at every budget) and every peer of a suite file on the same "
                                    "generated cases, one process, greedy decoding; the full cache answers each case "
@@ -66,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
+    p.add_argument("--no-share", action="store_true",
+                   help="let every pipeline run its own prefill instead of compressing one shared prefill per "
+                        "case (same results, tested; only to measure what sharing saves)")
+    p.add_argument("--always-generate", action="store_true",
+                   help="generate every answer, also where the teacher-forced score already proves that greedy "
+                        "decoding returns the full cache's answer (same results; only to measure the saving)")
     p = sub.add_parser("diagnose", help="why a pipeline fails: failure modes per case and one-slot-at-a-time probes",
                        description="The fixed-contract diagnostic: per needle case, the answer log-likelihood margin "
                                    "to the full cache, how much of the answer-bearing fact each layer and head kept, "
@@ -81,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
     p.add_argument("--cases", type=positive, default=6, metavar="N", help="cases per kind (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
-    p.add_argument("--agnostic", action="store_true", help="compress the context before the question is seen "
-                                                           "(default: question-aware, where selection decides)")
+    question_aware_flag(p)
     p.add_argument("--probes", nargs="*", default=list(PROBES), choices=PROBES, metavar="PROBE",
                    help="one-slot probes to run, each reruns every case (default: all of "
                         f"{', '.join(PROBES)}; `--probes` alone: none, failure modes only, 4x faster)")
     p.add_argument("--out", default="diagnose", metavar="DIR", help="where the JSONL and PNG go (default diagnose/)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG (no matplotlib needed)")
     p = sub.add_parser("train-gates", help="train retention gates for a model (frozen) on local text and tasks",
                        description="Train the retention gates of `retention_gates` (TrimKV / DBTrimKV) with the "
                                    "model frozen: KL to the full model under soft retention plus a global "
@@ -117,17 +121,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args) -> int:
-    from kvpipe.runtime.pipeline import build
+    # the plan alone: no transformers and no runtime imported, so checking a file takes about a second
+    from kvpipe.core.plan import Plan, validated
 
-    pipeline = build(args.pipeline)
-    print(f"ok: {pipeline}")
+    plan = validated(Plan, args.pipeline)
+    print(f"ok: {plan}")
     return 0
 
 
 def _graph(args) -> int:
-    from kvpipe.runtime.pipeline import build
+    from kvpipe.core.plan import Plan, validated
 
-    pipeline = build(args.pipeline)
+    pipeline = validated(Plan, args.pipeline)
     print(pipeline.describe())
     if args.png:
         from kvpipe.cli.draw import draw_graph
@@ -151,6 +156,13 @@ def _reference(args) -> int:
     return 0
 
 
+def question_aware_flag(parser: argparse.ArgumentParser) -> None:
+    """The one flag that picks the protocol (``kvpipe.eval.protocol``), the same in every command."""
+    parser.add_argument("--question-aware", action="store_true",
+                        help="compress the prompt with the question in it (easier). Default: the context is "
+                             "compressed before the question is seen, as in kvpress's protocol")
+
+
 QUESTION_ROOM = 64     # positions a task needs past its context: the question and the answer
 
 
@@ -166,6 +178,7 @@ def positive(text: str) -> int:
 
 
 def _run(args) -> int:
+    from kvpipe.eval.protocol import Protocol
     from kvpipe.eval.run import report, run_needle
     from kvpipe.models import check_context, load
     from kvpipe.runtime.pipeline import build
@@ -173,8 +186,9 @@ def _run(args) -> int:
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
     model, tokenizer = load(args.model)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
-    full, piped = run_needle(model, tokenizer, pipeline, args.context, args.cases, args.question_aware, args.seed)
-    print(report(full, piped, args.question_aware, args.context, pipeline.spec.budget))
+    protocol = Protocol(model, tokenizer, args.question_aware)
+    full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
+    print(report(full, piped, protocol, args.context, pipeline.spec.budget))
     return 0
 
 
@@ -196,7 +210,8 @@ def _bench(args) -> int:
     for context in suite.contexts:               # before any task runs
         check_context(model, context + QUESTION_ROOM, f"suite context {context} (plus the question and answer)")
     check_fidelity(suite, tokenizer)
-    records = run_suite(suite, suite_dir, model, tokenizer, out)
+    records = run_suite(suite, suite_dir, model, tokenizer, out, share=not args.no_share,
+                        always_generate=args.always_generate)
     for path in write_report(records, out, plots=not args.no_plots):
         print(f"wrote {path}")
     print((out / "report.md").read_text())
@@ -221,6 +236,7 @@ def _diagnose(args) -> int:
     from pathlib import Path
 
     from kvpipe.eval.diagnose import diagnose, diagnose_cases, full_reference, save, summary
+    from kvpipe.eval.protocol import Protocol
     from kvpipe.models import load
     from kvpipe.runtime.pipeline import build
 
@@ -231,12 +247,13 @@ def _diagnose(args) -> int:
             name = Path(source).stem + (f"-keep{keep}" if keep is not None else "")
             runs.append((name, pipeline.with_budget(keep=keep) if keep is not None else pipeline))
     model, tokenizer = load(args.model)
+    protocol = Protocol(model, tokenizer, args.question_aware)
     work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
-    reference = full_reference(model, tokenizer, work, not args.agnostic)
+    reference = full_reference(protocol, work)
     for name, pipeline in runs:
-        records = diagnose(model, tokenizer, pipeline, work, reference, not args.agnostic, tuple(args.probes))
+        records = diagnose(protocol, pipeline, work, reference, tuple(args.probes))
         print(summary(records, name))
-        for path in save(records, Path(args.out), name):
+        for path in save(records, Path(args.out), name, plots=not args.no_plots):
             print(f"wrote {path}")
     return 0
 

@@ -3,17 +3,11 @@ from __future__ import annotations
 
 import networkx as nx
 
-from kvpipe.errors import KVPipeError
+from kvpipe.core.plotting import pyplot
 
 
 def draw_graph(pipeline, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise KVPipeError("drawing needs matplotlib: pip install 'kvpipe[plot]'") from None
+    plt = pyplot("drawing a graph")
     graph = pipeline.graph
     # Layered left-to-right layout: a node's layer is its longest distance from a source.
     for node in nx.topological_sort(graph):

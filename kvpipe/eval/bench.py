@@ -18,10 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpipe.errors import BudgetError, KVPipeError
-from kvpipe.eval.contenders import QUANTIZED_PEERS, Contender, FullCache, PipelineContender, kvpress_available, peer
+from kvpipe.eval.contenders import (QUANTIZED_PEERS, Contender, FullCache, PipelineContender, QuantizedPeer,
+                                    kvpress_available, peer)
+from kvpipe.eval.protocol import Answer, Protocol
 from kvpipe.eval.fidelity import compare
 from kvpipe.eval.suite import SuiteSpec
 from kvpipe.eval.tasks import make_cases, paragraphs
+from kvpipe.runtime.backend import resolve_backend
+from kvpipe.runtime.capture import Capture, capture
 from kvpipe.runtime.pipeline import build
 from kvpipe.version import __version__
 
@@ -55,7 +59,7 @@ def contenders(suite: SuiteSpec, suite_dir: Path) -> tuple[list[Contender], list
     return out, skipped
 
 
-def environment(suite: SuiteSpec) -> dict:
+def environment(suite: SuiteSpec, share: bool = True, always_generate: bool = False) -> dict:
     """What a reader needs to reproduce the numbers."""
     import transformers
 
@@ -69,11 +73,15 @@ def environment(suite: SuiteSpec) -> dict:
         versions["kvpress"] = "not installed"
     return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
             "cases": suite.cases, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", **versions}
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "shared_prefill": share,
+            "always_generate": always_generate, **versions}
 
 
-def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come)."""
+def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True,
+              share: bool = True, always_generate: bool = False) -> list[dict]:
+    """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come).
+    ``share=False``: every contender runs its own prefill; ``always_generate``: every contender generates
+    (both to check and to measure what the shortcuts save; the records are the same)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     field, skipped = contenders(suite, suite_dir)
     for record in skipped:
@@ -84,28 +92,62 @@ def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path
     with open(out_dir / "results.jsonl", "w") as sink, \
             tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
         fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity else []
-        for record in chain([environment(suite)], skipped, task_records(suite, field, model, tokenizer, bar), fidelity):
+        for record in chain([environment(suite, share, always_generate)], skipped, task_records(suite, field, model, tokenizer, bar, share,
+                                                                always_generate),
+                            fidelity):
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
     return records
 
 
-def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar):
-    """Every contender on every case. ``field[0]`` (the full cache) answers first: the reference of its case."""
+def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar, share: bool = True,
+                 always_generate: bool = False):
+    """Every contender on every case. ``field[0]`` (the full cache) answers first: its greedy answer is the
+    reference every other contender's likelihood is scored on.
+
+    ``share``: the compressed part of a case is prefilled once; the full cache and transformers' quantized
+    caches are filled from it and every pipeline compresses a fork of it (``kvpipe.runtime.capture``, tested
+    equal to running each alone); kvpress peers run their own pipeline. Unless ``always_generate``, a
+    contender whose score proves that greedy decoding returns the full cache's answer skips generation."""
     full = field[0]
     for context, task in product(suite.contexts, suite.tasks):
         cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
         for aware, (i, case) in product(PROTOCOLS[suite.questions], enumerate(cases)):
-            reference = full.answer(model, tokenizer, case, aware)
-            base = {"kind": "task", "context": context, "task": task, "case": i,
-                    "protocol": "aware" if aware else "agnostic", "expected": list(case.answers),
-                    "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes}
+            protocol = Protocol(model, tokenizer, aware, skip_proven=not always_generate)
+            captures = Captures(model, protocol.compressed_part(case)) if share else None
+            reference = full.answer(protocol, case, captured=_captured(full, captures))
+            base = {"kind": "task", "context": context, "task": task, "case": i, "protocol": protocol.name,
+                    "expected": list(case.answers), "full_correct": case.is_correct(reference.text),
+                    "kv_bytes_full": reference.kv_bytes, "loglik_full": reference.score.loglik, "shared": share}
             for contender in field:
                 bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
-                outcome = reference if contender is full else _try(contender, model, tokenizer, case, aware)
-                yield {**base, **_describe(contender), **_outcome(outcome, case, reference.kv_bytes)}
+                outcome = reference if contender is full else _try(contender, protocol, case, reference, captures)
+                yield {**base, **_describe(contender), **_outcome(outcome, case, reference)}
                 bar.update()
+
+
+class Captures:
+    """The compressed part of one case prefilled once per kernel backend asked for, on demand."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.ids, self.by_backend = model, ids, {}
+
+    def get(self, backend: str) -> Capture:
+        backend = resolve_backend(backend, self.ids.device)
+        if backend not in self.by_backend:
+            self.by_backend[backend] = capture(self.model, self.ids, backend=backend)
+        return self.by_backend[backend]
+
+
+def _captured(contender: Contender, captures: Captures | None) -> Capture | None:
+    """The shared prefill ``contender`` starts from: pipelines at their kernel backend, the full and the
+    quantized caches at any (their keys and values are the same); kvpress peers run their own pipeline."""
+    if captures is None:
+        return None
+    if isinstance(contender, PipelineContender):
+        return captures.get(contender.pipeline.spec.backend)
+    return captures.get("torch") if isinstance(contender, (FullCache, QuantizedPeer)) else None
 
 
 def fidelity_ids(tokenizer) -> torch.Tensor:
@@ -139,9 +181,9 @@ def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer,
                **_describe(contender), **numbers}
 
 
-def _try(contender: Contender, model, tokenizer, case, aware):
+def _try(contender: Contender, protocol: Protocol, case, reference: Answer, captures: Captures | None):
     try:
-        return contender.answer(model, tokenizer, case, aware)
+        return contender.answer(protocol, case, reference.tokens, _captured(contender, captures))
     except BudgetError as err:   # e.g. a keep fraction below the protected window on this context: say so
         return err
 
@@ -151,9 +193,12 @@ def _describe(contender: Contender) -> dict:
             "budget": contender.budget}
 
 
-def _outcome(outcome, case, full_bytes: int) -> dict:
+def _outcome(outcome: Answer | BudgetError, case, reference: Answer) -> dict:
     if isinstance(outcome, BudgetError):
         return {"refused": str(outcome), "correct": False}
+    score = outcome.score
     return {"correct": case.is_correct(outcome.text), "answer": outcome.text, "kv_bytes": outcome.kv_bytes,
-            "bytes_fraction": outcome.kv_bytes / full_bytes, "prefill_s": outcome.prefill_s,
-            "decode_tps": outcome.decode_tps, "compress_s": outcome.compress_s}
+            "bytes_fraction": outcome.kv_bytes / reference.kv_bytes, "prefill_s": outcome.prefill_s,
+            "decode_tps": outcome.decode_tps, "compress_s": outcome.compress_s, "loglik": score.loglik,
+            "margin": reference.score.loglik - score.loglik, "greedy_kept": score.greedy,
+            "generated": outcome.generated}

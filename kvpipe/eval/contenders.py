@@ -11,7 +11,6 @@ them. kvpress 0.5.5 needs ``transformers<5.3``: ``make test-tf52`` builds such a
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, QuantizedCache
@@ -19,9 +18,10 @@ from transformers import DynamicCache, QuantizedCache
 from kvpipe.core.spec import Budget
 from kvpipe.errors import KVPipeError
 from kvpipe.eval.fidelity import continuation_logits
-from kvpipe.eval.run import answer
+from kvpipe.eval.protocol import Answer, Protocol, Score
 from kvpipe.eval.tasks import TaskCase
 from kvpipe.runtime.cache import cache_bytes
+from kvpipe.runtime.capture import Capture
 from kvpipe.runtime.pipeline import Pipeline
 
 QUANTIZED_PEERS = {f"{backend}-int{bits}": (backend, bits) for backend in ("quanto", "hqq") for bits in (2, 4)}
@@ -38,15 +38,6 @@ PEERS = tuple(QUANTIZED_PEERS) + tuple(KVPRESS_PEERS)
 QUANT_GROUP, QUANT_RESIDUAL = 64, 128   # transformers' QuantizedCache defaults are 64 and 128 too
 
 
-@dataclass(frozen=True)
-class Outcome:
-    text: str
-    kv_bytes: int         # held after the context is compressed
-    prefill_s: float      # NaN where the peer does not expose it
-    decode_tps: float
-    compress_s: float = 0.0
-
-
 class Contender:
     """``name`` = the method (one curve in plots), ``budget`` = what it was given, ``label`` = both."""
 
@@ -59,7 +50,11 @@ class Contender:
     def label(self) -> str:
         return self.name if self.budget == "-" else f"{self.name} @ {self.budget}"
 
-    def answer(self, model, tokenizer, case: TaskCase, question_aware: bool) -> Outcome:
+    def answer(self, protocol: Protocol, case: TaskCase, reference: torch.Tensor | None = None,
+               captured: Capture | None = None) -> Answer:
+        """Answer ``case``; with ``reference`` (token ids), also score it teacher-forced. ``captured``: the
+        case's compressed part prefilled once (``kvpipe.runtime.capture``), for contenders that can start
+        from it."""
         raise NotImplementedError
 
     def logits(self, model, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
@@ -73,8 +68,11 @@ class FullCache(Contender):
     def __init__(self):
         super().__init__("full cache", "-")
 
-    def answer(self, model, tokenizer, case, question_aware):
-        return _answer_into(model, tokenizer, case, question_aware, DynamicCache(config=model.config), cache_bytes)
+    def answer(self, protocol, case, reference=None, captured=None):
+        cache = DynamicCache(config=protocol.model.config)
+        if captured is None:
+            return protocol.reference_answer(case, cache)
+        return protocol.reference_answer(case, captured.fill(cache), captured.prefill_seconds)
 
     def logits(self, model, context, continuation):
         return continuation_logits(model, context, continuation, DynamicCache(config=model.config))
@@ -87,13 +85,8 @@ class PipelineContender(Contender):
         super().__init__(name, budget)
         self.pipeline = pipeline
 
-    def answer(self, model, tokenizer, case, question_aware):
-        with self.pipeline.attach(model) as handle:
-            cache = handle.cache()
-            outcome = _answer_into(model, tokenizer, case, question_aware, cache,
-                                   lambda c: handle.stats(c)["kv_bytes"])
-            return Outcome(outcome.text, outcome.kv_bytes, outcome.prefill_s, outcome.decode_tps,
-                           handle.stats(cache)["compress_seconds"])
+    def answer(self, protocol, case, reference=None, captured=None):
+        return protocol.ask_pipeline(self.pipeline, case, reference, captured)
 
     def logits(self, model, context, continuation):
         with self.pipeline.attach(model) as handle:
@@ -113,8 +106,17 @@ class QuantizedPeer(Contender):
         return QuantizedCache(self.backend, model.config, nbits=self.bits, q_group_size=QUANT_GROUP,
                               residual_length=QUANT_RESIDUAL)
 
-    def answer(self, model, tokenizer, case, question_aware):
-        return _answer_into(model, tokenizer, case, question_aware, self._cache(model), held_bytes)
+    def answer(self, protocol, case, reference=None, captured=None):
+        # quanto's packed tensors refuse deepcopy: the likelihood is scored on a second cache filled the same way
+        def prefilled():
+            cache = self._cache(protocol.model)
+            if captured is not None:
+                return captured.fill(cache), captured.prefill_seconds
+            return cache, protocol.prefill(case, cache)
+
+        cache, prefill_s = prefilled()
+        scratch = prefilled()[0] if reference is not None else None
+        return protocol.ask(case, cache, held_bytes, reference, prefill_s, scratch=scratch)
 
     def logits(self, model, context, continuation):
         return continuation_logits(model, context, continuation, self._cache(model))
@@ -142,19 +144,34 @@ class KVPressPeer(Contender):
         press = getattr(kvpress, self.press_class)(compression_ratio=1 - keep)
         return kvpress.AdaKVPress(press) if self.adakv else press
 
-    def answer(self, model, tokenizer, case, question_aware):
+    def answer(self, protocol, case, reference=None, captured=None):
         from transformers import pipeline
 
-        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
-        context = case.context + ("\n\n" + case.question if question_aware else "")
+        model, aware = protocol.model, protocol.question_aware
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=protocol.tokenizer)
+        context = case.context + ("\n\n" + case.question if aware else "")
         cache = DynamicCache(config=model.config)
         out = pipe(context, question=case.question, answer_prefix=case.answer_prefix,
                    press=self.press(case.prefix_ids.shape[1]), max_new_tokens=case.max_new_tokens, cache=cache)
         # The pipeline cuts the cache back to the compressed context after answering, by slicing: count the
         # tensors' own sizes, not their (larger) storage. Masking presses (AdaKV) keep every token: ratio 1.
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+        score = self.score(pipe, cache, context, case, reference) if reference is not None else None
         # prefill and decode are not timed apart inside kvpress's pipeline: no speed numbers rather than mixed ones
-        return Outcome(out["answer"], held, float("nan"), float("nan"))
+        tokens = protocol.tokenizer(out["answer"], add_special_tokens=False, return_tensors="pt").input_ids[0]
+        return Answer(out["answer"], tokens, held, float("nan"), float("nan"), score=score)
+
+    @staticmethod
+    def score(pipe, cache, context: str, case: TaskCase, reference: torch.Tensor) -> Score:
+        """``reference`` teacher-forced on the compressed context the pipeline leaves in ``cache``, after the
+        question tokens the pipeline itself feeds, at the logical positions it uses."""
+        inputs = pipe.preprocess(context, [case.question], case.answer_prefix, max_context_length=10**10)
+        start, question = inputs["context_ids"].shape[1], inputs["questions_ids"][0]
+        ids = torch.cat([question, reference[None, :-1]], -1)
+        with torch.inference_mode():
+            logits = pipe.model(ids, past_key_values=cache,
+                                position_ids=torch.arange(start, start + ids.shape[1])[None]).logits[0]
+        return Score.of(logits[question.shape[1] - 1:], reference)
 
     def logits(self, model, context, continuation):
         cache = DynamicCache(config=model.config)
@@ -202,9 +219,3 @@ def _tensor_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
-
-
-def _answer_into(model, tokenizer, case, question_aware, cache, measure) -> Outcome:
-    held = []
-    text, prefill_s, tps = answer(model, tokenizer, case, cache, question_aware, lambda c: held.append(measure(c)))
-    return Outcome(text, held[0], prefill_s, tps)

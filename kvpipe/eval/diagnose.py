@@ -25,12 +25,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpipe.core.plotting import pyplot
 from kvpipe.core.registry import get_stage
 from kvpipe.core.table import render
 from kvpipe.eval.choices import PROBES
-from kvpipe.eval.run import answer
+from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.tasks import TaskCase, make_cases
-from kvpipe.models import cache_arg
 from kvpipe.runtime.pipeline import Pipeline, build
 
 MODES = ("evidence missing", "irrelevant ranked in", "coupled evidence split")
@@ -95,17 +95,9 @@ def _with_stages(pipeline: Pipeline, stages: list[dict]) -> dict:
     return data
 
 
-def answer_loglik(model, tokenizer, case: TaskCase, cache, question_aware: bool) -> float:
-    """Log-likelihood of the reference answer, the context cached (and compressed, if attached) first."""
-    target = " ".join(case.answers)
-    answer_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt").input_ids
-    ids = case.ids
-    with torch.inference_mode():
-        prefill = ids[:, :-1] if question_aware else case.prefix_ids
-        model(prefill, **cache_arg(model, cache))
-        rest = torch.cat([ids[:, prefill.shape[1]:], answer_ids], -1)
-        logits = model(rest, **cache_arg(model, cache)).logits[0, -answer_ids.shape[1] - 1:-1].float()
-    return float(logits.log_softmax(-1).gather(-1, answer_ids[0, :, None]).sum())
+def gold_ids(tokenizer, case: TaskCase) -> torch.Tensor:
+    """``long [k]``: the expected answers as tokens, the continuation whose log-likelihood is compared."""
+    return tokenizer(" ".join(case.answers), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
 
 def evidence_stats(cache, case: TaskCase) -> tuple[float, float]:
@@ -144,37 +136,33 @@ def diagnose_cases(tokenizer, kinds: list[str], context: int, cases: int, seed: 
             for i, case in enumerate(make_cases(tokenizer, context, cases, seed, kind=kind))]
 
 
-def full_reference(model, tokenizer, work, question_aware: bool = True) -> list[Reference]:
+def full_reference(protocol: Protocol, work) -> list[Reference]:
     """The full cache on every case, computed once and shared by every pipeline and budget diagnosed."""
     out = []
     for _, _, case in tqdm(work, desc="full cache", unit="case"):
-        text, *_ = answer(model, tokenizer, case, DynamicCache(config=model.config), question_aware)
-        out.append(Reference(case.is_correct(text),
-                             answer_loglik(model, tokenizer, case, DynamicCache(config=model.config), question_aware)))
+        full = protocol.ask(case, DynamicCache(config=protocol.model.config),
+                            reference=gold_ids(protocol.tokenizer, case))
+        out.append(Reference(case.is_correct(full.text), full.score.loglik))
     return out
 
 
-def diagnose(model, tokenizer, pipeline: Pipeline, work, reference: list[Reference],
-             question_aware: bool = True, probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
+def diagnose(protocol: Protocol, pipeline: Pipeline, work, reference: list[Reference],
+             probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
     """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``; each
     probe named in ``probes`` that applies to the pipeline reruns the case with its one slot changed."""
     probes = {name: build(spec) for name, spec in probe_specs(pipeline).items() if name in probes}
     records = []
     for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
-        with pipeline.attach(model) as handle:
-            text, *_ = answer(model, tokenizer, case, handle.cache(), question_aware)
-            cache = handle.cache()
-            loglik = answer_loglik(model, tokenizer, case, cache, question_aware)
-            kept, split = evidence_stats(cache, case)
-        record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(text), full.loglik,
-                            loglik, kept, split, None)
+        gold, evidence = gold_ids(protocol.tokenizer, case), []
+        mine = protocol.ask_pipeline(pipeline, case, gold, after_prefill=lambda c: evidence.extend(
+            evidence_stats(c, case)))
+        record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(mine.text), full.loglik,
+                            mine.score.loglik, *evidence, None)
         record.mode = classify(record)
         for name, probe in probes.items():
-            with probe.attach(model) as handle:
-                probe_text, *_ = answer(model, tokenizer, case, handle.cache(), question_aware)
-                probe_loglik = answer_loglik(model, tokenizer, case, handle.cache(), question_aware)
-            record.probes[name] = {"correct": case.is_correct(probe_text), "loglik": probe_loglik,
-                                   "gain": probe_loglik - loglik}
+            probed = protocol.ask_pipeline(probe, case, gold)
+            record.probes[name] = {"correct": case.is_correct(probed.text), "loglik": probed.score.loglik,
+                                   "gain": probed.score.loglik - mine.score.loglik}
         records.append(record)
     return records
 
@@ -206,18 +194,16 @@ def summary(records: list[CaseRecord], name: str) -> str:
     return "\n".join(lines)
 
 
-def save(records: list[CaseRecord], out: Path, name: str) -> list[Path]:
-    """``out/<name>.jsonl`` (one record per case) and ``out/<name>.png`` (margin per case, coloured by mode)."""
+def save(records: list[CaseRecord], out: Path, name: str, plots: bool = True) -> list[Path]:
+    """``out/<name>.jsonl`` (one record per case) and, with ``plots``, ``out/<name>.png`` (margin per case,
+    coloured by mode)."""
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"{name}.jsonl"
     jsonl.write_text("".join(json.dumps(asdict(r) | {"margin": r.margin}) + "\n" for r in records))
     written = [jsonl]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not plots:
         return written
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     colours = {None: "tab:gray", **dict(zip(MODES, ("tab:red", "tab:orange", "tab:purple")))}
     for mode, colour in colours.items():

@@ -5,7 +5,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from kvpipe.core.plotting import pyplot
 from kvpipe.core.table import render
+from kvpipe.eval.stats import paired, wilson
 
 PLOTS = ("accuracy_vs_bytes.png", "accuracy_vs_context.png")
 
@@ -28,12 +30,18 @@ def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
            f"Model `{env['model']}`, {env['cases']} cases per task and context, seed {env['seed']}, haystack "
            f"{env['haystack']}; {env['date']} on {env['machine']}.  ",
            "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("kvpipe", "torch", "transformers", "kvpress", "python")),
-           "", "Accuracy is cases answered correctly (every expected answer in the greedy output). *Bytes* = KV cache "
-           "held right after the context is compressed, as a fraction of the full cache on the same prompt "
-           "(metadata included). *Kept* = cases the full cache answers that the contender answers too.", ""]
+           "", "*Accuracy*: cases answered correctly (every expected answer in the greedy output), with its 95 % Wilson "
+           "interval. *Lost/won*: cases the full cache answers and the contender does not / the other way round; "
+           "`*` = the difference is significant at 5 % (exact McNemar test on these paired cases). *Margin*: mean "
+           "log-likelihood (nats) the full cache's own answer loses under the contender, teacher-forced after the "
+           "question; *same answer*: share of cases whose teacher-forced greedy tokens are the full cache's answer. "
+           "*Bytes*: KV cache held right after the context is compressed, as a fraction of the full cache "
+           "(metadata included).", ""]
     for (context, protocol), rows in _groups(tasks, ("context", "protocol")).items():
         out += [f"## {context} tokens, question-{protocol}", "", accuracy_table(rows), ""]
-        out += ["Best contender per task (ties listed; the full cache excluded):", "", winners_table(rows), ""]
+        out += ["Best contender per task: named only when it answers significantly more cases than the runner-up "
+                "(paired test at 5 %); otherwise a tie between all that are not significantly worse than the best:",
+                "", winners_table(rows), "", *paired_differences(rows), ""]
     not_run = [f"- {r['contender']}: not run, {r['reason']}" for r in records if r["kind"] == "skipped"]
     not_run += [f"- {c}: refused, {why}" for c, why in sorted({(r["contender"], r["refused"]) for r in tasks
                                                                  if "refused" in r})]
@@ -49,29 +57,66 @@ def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
 
 def accuracy_table(rows: list[dict]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    outcomes = _outcomes(rows)
+    full = next((o for label, o in outcomes.items() if _family(rows, label) == "full"), None)
     lines = []
     for label, mine in _groups(rows, ("contender",)).items():
         per_task = _groups(mine, ("task",))
         answered = [r for r in mine if "refused" not in r]
-        kept = sum(r["correct"] for r in mine if r["full_correct"])
+        right = sum(r["correct"] for r in mine)
+        low, high = wilson(right, len(mine))
+        versus = "-"
+        if full is not None and _family(rows, label) != "full":
+            test = paired(full, outcomes[label])
+            versus = f"{test.only_a}/{test.only_b}" + (" *" if test.significant else "")
         lines.append([label, *[f"{sum(r['correct'] for r in per_task[t])}/{len(per_task[t])}" for t in tasks],
-                      f"{100 * sum(r['correct'] for r in mine) / len(mine):.0f}%",
-                      f"{kept}/{sum(r['full_correct'] for r in mine)}",
+                      f"{100 * right / len(mine):.0f}% [{100 * low:.0f}–{100 * high:.0f}]", versus,
+                      _mean(r.get("margin") for r in answered),
+                      f"{100 * _mean(r.get('greedy_kept') for r in answered):.0f}%",
                       _mean(r["bytes_fraction"] for r in answered), _mean(r["prefill_s"] for r in answered),
                       _mean(r["decode_tps"] for r in answered)])
-    return render(["contender", *tasks, "all", "kept", "bytes", "prefill s", "decode tok/s"], lines,
-                  align="l" + "r" * (len(tasks) + 5))
+    return render(["contender", *tasks, "accuracy [95% CI]", "lost/won", "margin", "same answer", "bytes",
+                   "prefill s", "decode tok/s"], lines, align="l" + "r" * (len(tasks) + 7))
 
 
 def winners_table(rows: list[dict]) -> str:
     lines = []
     for task, mine in _groups(rows, ("task",)).items():
-        scores = {label: sum(r["correct"] for r in rs) for label, rs in _groups(mine, ("contender",)).items()
-                  if rs[0]["family"] != "full"}
-        best = max(scores.values(), default=0)
-        n = len(next(iter(_groups(mine, ("contender",)).values())))
-        lines.append([task, f"{best}/{n}", ", ".join(c for c, s in scores.items() if s == best) if best else "none"])
-    return render(["task", "best", "contenders"], lines, align="lrl")
+        outcomes = {label: o for label, o in _outcomes(mine).items() if _family(mine, label) != "full"}
+        ranked = sorted(outcomes, key=lambda label: -sum(outcomes[label]))
+        if not ranked:
+            continue
+        best, n = ranked[0], len(outcomes[ranked[0]])
+        if len(ranked) == 1:
+            lines.append([task, f"{sum(outcomes[best])}/{n}", best, "only contender"])
+            continue
+        runner_up = paired(outcomes[best], outcomes[ranked[1]])
+        if runner_up.significant:
+            lines.append([task, f"{sum(outcomes[best])}/{n}", best, f"beats {ranked[1]}: {runner_up.describe()}"])
+            continue
+        tied = [label for label in ranked if not paired(outcomes[best], outcomes[label]).significant]
+        lines.append([task, f"{sum(outcomes[best])}/{n}", "tie: " + ", ".join(tied),
+                      f"best vs runner-up: {runner_up.describe()}"])
+    return render(["task", "best", "winner", "evidence"], lines, align="lrll")
+
+
+def paired_differences(rows: list[dict]) -> list[str]:
+    """Contenders at the same budget compared pairwise over all tasks: the significant differences, listed."""
+    out = []
+    for budget, mine in _groups(rows, ("budget",)).items():
+        outcomes = _outcomes(mine)
+        labels = list(outcomes)
+        if budget in ("-", "own") or len(labels) < 2:
+            continue
+        tests = [(a, b, paired(outcomes[a], outcomes[b])) for i, a in enumerate(labels) for b in labels[i + 1:]]
+        significant = [(a, b, t) if t.only_a >= t.only_b else (b, a, paired(outcomes[b], outcomes[a]))
+                       for a, b, t in tests if t.significant]
+        out.append(f"At {budget}, {len(significant)} of {len(tests)} pairs differ significantly (all tasks pooled, "
+                   "exact McNemar at 5 %, no correction for the number of pairs); the others are ties" +
+                   (":" if significant else "."))
+        out += [f"- {a} > {b}: {t.describe()}" for a, b, t in sorted(significant, key=lambda x: x[2].p)]
+        out.append("")
+    return out
 
 
 def fidelity_table(rows: list[dict]) -> str:
@@ -81,22 +126,28 @@ def fidelity_table(rows: list[dict]) -> str:
 
 
 def plot_accuracy_vs_bytes(records: list[dict], path: Path) -> Path:
-    """One curve per method (its budgets), accuracy over all tasks and contexts against bytes held."""
-    plt = _pyplot()
+    """One curve per method (its budgets), accuracy over all tasks and contexts against bytes held, with 95 %
+    Wilson intervals as error bars."""
+    plt = pyplot()
     tasks = [r for r in records if r["kind"] == "task"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, mine in _groups(tasks, ("name",)).items():
-        points = sorted((_mean(r["bytes_fraction"] for r in rs if "refused" not in r),
-                         100 * sum(r["correct"] for r in rs) / len(rs)) for rs in _groups(mine, ("budget",)).values())
-        points = [p for p in points if not math.isnan(p[0])]
+        points = []
+        for rs in _groups(mine, ("budget",)).values():
+            right = sum(r["correct"] for r in rs)
+            low, high = wilson(right, len(rs))
+            points.append((_mean(r["bytes_fraction"] for r in rs if "refused" not in r), 100 * right / len(rs),
+                           100 * low, 100 * high))
+        points = sorted(p for p in points if not math.isnan(p[0]))
         style = {"marker": "*", "markersize": 12} if mine[0]["family"] == "full" else {"marker": "o"}
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], label=name, capsize=3,
+                    yerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]], **style)
     ax.set_xscale("log")
     plain = plt.FuncFormatter(lambda x, _: f"{x:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("KV bytes held / full cache (log scale)")
-    ax.set_ylabel("accuracy over all tasks, %")
+    ax.set_ylabel("accuracy over all tasks, % (95% Wilson interval)")
     ax.set_title("accuracy vs bytes held")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -107,7 +158,7 @@ def plot_accuracy_vs_bytes(records: list[dict], path: Path) -> Path:
 
 
 def plot_accuracy_vs_context(records: list[dict], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     tasks = [r for r in records if r["kind"] == "task"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, mine in _groups(tasks, ("contender",)).items():
@@ -134,17 +185,18 @@ def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict:
     return dict(out)
 
 
+def _outcomes(rows: list[dict]) -> dict[str, list[bool]]:
+    """Correctness per contender, in one case order shared by all (so that tests can pair them)."""
+    by_case = {label: {(r["task"], r["case"]): r["correct"] for r in rs}
+               for label, rs in _groups(rows, ("contender",)).items()}
+    cases = sorted({case for outcomes in by_case.values() for case in outcomes})
+    return {label: [outcomes.get(case, False) for case in cases] for label, outcomes in by_case.items()}
+
+
+def _family(rows: list[dict], label: str) -> str:
+    return next(r["family"] for r in rows if r["contender"] == label)
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return sum(values) / len(values) if values else float("nan")
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'kvpipe[plot]', or pass --no-plots") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -68,7 +68,7 @@ class Session:
                                         f"got a {padding.dim()}D mask")
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         tokens = tokens if tokens is not None else args[0]
-        compressing = self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, tokens.shape[1])
+        compressing = self.fires(cache, tokens.shape[1])
         self.active = ForwardState(cache, padding, compressing)
         self.binding.forward_running = True
         self.binding.fused_decode = self.backend == "triton" and not compressing   # observers need padded keys
@@ -85,7 +85,7 @@ class Session:
             # its cache, and no graph reaches into it.
             with torch.no_grad():
                 if forward.compressing:
-                    compressor.compress(self.pipeline, forward.cache, forward.padding, forward.observed)
+                    self.finish(forward)
                 for layer in forward.cache.layers:
                     layer.settle()
         return output
@@ -102,8 +102,21 @@ class Session:
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
+        self.record(forward, obs)
+
+    # --- what a compressing forward does; a recording session (kvpipe.runtime.capture) does otherwise ----
+    def fires(self, cache: KVPipeCache, new_tokens: int) -> bool:
+        """Whether this forward, adding ``new_tokens``, observes and then compresses."""
+        return self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, new_tokens)
+
+    def record(self, forward: ForwardState, obs: Observation) -> None:
+        """Keep what the pipeline's stages observe of one layer's attention."""
         for stage_id, recorded in compressor.observe(self.pipeline, obs).items():
-            forward.observed.setdefault(stage_id, {})[layer_idx] = recorded
+            forward.observed.setdefault(stage_id, {})[obs.layer_idx] = recorded
+
+    def finish(self, forward: ForwardState) -> None:
+        """After a compressing forward: run the pipeline over the cache."""
+        compressor.compress(self.pipeline, forward.cache, forward.padding, forward.observed)
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
@@ -133,9 +146,9 @@ class Session:
 class Handle:
     """What ``attach()`` returns. Also a context manager: ``with pipeline.attach(model) as handle: ...``."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module):
+    def __init__(self, pipeline: Plan, model: torch.nn.Module, session_type: type[Session] = Session):
         check_model(model)
-        self.session = session = Session(pipeline, model)
+        self.session = session = session_type(pipeline, model)
         self.original_attention = session.base
         name = register_attention(session.base)
         self._hooks = []
@@ -177,6 +190,20 @@ class Handle:
     def cache(self) -> KVPipeCache:
         """A fresh compressed cache for manual loops: ``model(ids, past_key_values=handle.cache())``."""
         return self.session.new_cache()
+
+    def take(self, cache: KVPipeCache) -> KVPipeCache:
+        """Drive a cache made elsewhere (``kvpipe.runtime.capture.compressed``, ``cache.fork()``) with this
+        attach from now on, as if ``handle.cache()`` had made it; returns it."""
+        session = self.session
+        if cache.storage.backend != session.backend:
+            raise UnsupportedModelError(f"this cache was stored with the {cache.storage.backend} kernels and the "
+                                        f"attached pipeline runs {session.backend}; compress it with the same backend")
+        if len(cache.layers) != len(session.decoder.layers):
+            raise UnsupportedModelError(f"this cache has {len(cache.layers)} layers and the attached model "
+                                        f"{len(session.decoder.layers)}; it was made for another model")
+        cache.rebind(session.binding)
+        session.last_cache = cache
+        return cache
 
     def stats(self, cache: KVPipeCache | None = None) -> dict:
         """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.

@@ -18,6 +18,7 @@ are not the attached model's and tell attention to read quantized stores itself.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -229,3 +230,18 @@ class KVPipeCache(DynamicCache):
         self.storage, self.binding = storage, binding
         self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0
+
+    def rebind(self, binding: Binding | None) -> None:
+        """Let another attach (or none) drive this cache."""
+        self.binding = binding
+        for layer in self.layers:
+            layer.binding = binding
+
+    def fork(self) -> KVPipeCache:
+        """A second cache holding the same tokens, driven by the same attach (if any), that can be extended,
+        compressed or decoded apart from this one. Tensors are shared, not copied: nothing in a kvpipe cache is
+        written in place (appends, compaction and flushes make new tensors), so a fork costs no memory until it
+        diverges."""
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        return twin

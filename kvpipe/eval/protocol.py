@@ -1,0 +1,173 @@
+"""How every contender is asked a case: one model, its tokenizer, and when the question arrives.
+
+* **question-agnostic** (default): the context alone is prefilled (and compressed), then the question is read;
+  the compression cannot know what will be asked (kvpress's protocol, and the use that pays: a context
+  compressed once and asked many questions);
+* **question-aware**: the whole prompt but its last token is prefilled, so the question is compressed with it.
+
+An answer is scored two ways from the same compressed cache: greedy generation (is every expected answer in
+the text?) and, when a reference continuation is given (the full cache's own greedy answer), its
+log-likelihood teacher-forced after the question in one forward, and whether greedy decoding would reproduce
+it token for token.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvpipe.eval.tasks import TaskCase
+from kvpipe.models import cache_arg
+from kvpipe.runtime.cache import KVPipeCache, cache_bytes
+from kvpipe.runtime.capture import Capture, compressed
+from kvpipe.runtime.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Score:
+    """A reference continuation teacher-forced after the question."""
+
+    loglik: float       # its log-likelihood, nats (sum over its tokens)
+    greedy: bool        # every one of its tokens is the argmax: greedy decoding reproduces it
+    decisive: bool      # greedy, and each argmax leads the runner-up by DECISIVE_GAP logits or more
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, reference: torch.Tensor) -> Score:
+        """From ``logits [k, vocab]`` predicting each token of ``reference [k]``."""
+        logits = logits.float()
+        top = logits.topk(2, dim=-1)
+        greedy = bool((top.indices[:, 0] == reference).all())
+        lead = (top.values[:, 0] - top.values[:, 1]).min()
+        return cls(float(logits.log_softmax(-1).gather(-1, reference[:, None]).sum()), greedy,
+                   greedy and bool(lead >= DECISIVE_GAP))
+
+
+# Logits of one teacher-forced forward and of step-by-step decoding differ only by floating-point summation
+# order (about 1e-5 in fp32, 1e-2 in bf16): an argmax that leads by this much cannot flip between the two.
+DECISIVE_GAP = 0.1
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: torch.Tensor        # long [k]: the generated token ids (the reference other caches are scored on)
+    kv_bytes: int               # held right after the compressed part was prefilled (and compressed)
+    prefill_s: float            # NaN where a peer does not expose it
+    decode_tps: float
+    compress_s: float = 0.0
+    score: Score | None = None
+    generated: bool = True      # False: the score proved greedy decoding gives the reference, so it did not run
+
+
+@dataclass(frozen=True)
+class Protocol:
+    model: torch.nn.Module
+    tokenizer: Any
+    question_aware: bool = False
+    # skip generation where the likelihood score proves what greedy decoding would return (see ``ask``)
+    skip_proven: bool = False
+
+    @property
+    def name(self) -> str:
+        return "aware" if self.question_aware else "agnostic"
+
+    def describe(self) -> str:
+        return ("question-aware: the question is compressed with the context" if self.question_aware
+                else "question-agnostic: the context is compressed before the question is seen")
+
+    def compressed_part(self, case: TaskCase) -> torch.Tensor:
+        """``long [1, n]``: what is prefilled, and so compressed, before the rest of the prompt is read."""
+        return case.ids[:, :-1] if self.question_aware else case.prefix_ids
+
+    def prefill(self, case: TaskCase, cache) -> float:
+        """Feed the compressed part into ``cache``; returns the seconds it took."""
+        with torch.inference_mode():
+            started = time.perf_counter()
+            self.model(self.compressed_part(case), **cache_arg(self.model, cache))
+            return time.perf_counter() - started
+
+    def score(self, case: TaskCase, cache, reference: torch.Tensor) -> Score:
+        """Teacher-force the rest of the prompt and ``reference [k]`` after the prefilled ``cache`` (which is
+        extended: pass a fork to keep it)."""
+        rest = case.ids[:, self.compressed_part(case).shape[1]:]
+        inputs = torch.cat([rest, reference[None, :-1]], -1)
+        with torch.inference_mode():
+            logits = self.model(inputs, **cache_arg(self.model, cache)).logits[0, rest.shape[1] - 1:]
+        return Score.of(logits, reference)
+
+    def generate(self, case: TaskCase, cache) -> tuple[str, torch.Tensor, float]:
+        """Greedy answer resumed from the prefilled ``cache``: ``(text, token ids [k], tokens/s)``."""
+        ids = case.ids
+        with torch.inference_mode():
+            started = time.perf_counter()
+            # An explicit mask: SmolLM2's pad token is its <|im_end|>, which the chat prompt contains, and
+            # transformers < 5.3 would otherwise infer a mask that hides those tokens and shifts positions.
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(self.model, cache),
+                                      max_new_tokens=case.max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            seconds = time.perf_counter() - started
+        new = out[0, ids.shape[1]:]
+        return self.decode(new), new, len(new) / seconds
+
+    def ask(self, case: TaskCase, cache, measure: Callable[[Any], int] = cache_bytes,
+            reference: torch.Tensor | None = None, prefill_s: float | None = None,
+            after_prefill: Callable[[Any], None] | None = None, scratch=None) -> Answer:
+        """Prefill ``cache`` (unless ``prefill_s`` says it already was), measure what it holds (and call
+        ``after_prefill(cache)``), score ``reference`` on a fork, then generate.
+
+        ``skip_proven``: when ``reference`` is a whole greedy answer (it ends with end-of-sequence or fills
+        ``max_new_tokens``) and the score is decisive, greedy decoding would give exactly ``reference``: it is
+        taken as the answer and generation is skipped (decode speed is then not measured: NaN).
+        ``scratch``: a second cache prefilled like ``cache`` to score on, for caches that cannot be copied."""
+        if prefill_s is None:
+            prefill_s = self.prefill(case, cache)
+        held = measure(cache)
+        if after_prefill is not None:
+            after_prefill(cache)
+        score = (self.score(case, scratch if scratch is not None else fork(cache), reference)
+                 if reference is not None else None)
+        if self.skip_proven and score is not None and score.decisive and self.whole_answer(case, reference):
+            text, tokens, tps, generated = self.decode(reference), reference, float("nan"), False
+        else:
+            (text, tokens, tps), generated = self.generate(case, cache), True
+        compress_s = cache.compress_seconds if isinstance(cache, KVPipeCache) else 0.0   # decode triggers too
+        return Answer(text, tokens, held, prefill_s, tps, compress_s, score, generated)
+
+    def whole_answer(self, case: TaskCase, tokens: torch.Tensor) -> bool:
+        """Whether greedy decoding stops after ``tokens [k]``: they end with end-of-sequence or fill the room."""
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
+        return len(tokens) == case.max_new_tokens or (len(tokens) > 0 and int(tokens[-1]) in eos)
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def reference_answer(self, case: TaskCase, cache, prefill_s: float | None = None) -> Answer:
+        """The reference of a case: greedy answer from ``cache`` (a full one; already prefilled when
+        ``prefill_s`` is given), scored on its own tokens."""
+        if prefill_s is None:
+            prefill_s = self.prefill(case, cache)
+        held, before = cache_bytes(cache), fork(cache)
+        text, tokens, tps = self.generate(case, cache)
+        return Answer(text, tokens, held, prefill_s, tps, 0.0, self.score(case, before, tokens))
+
+    def ask_pipeline(self, pipeline: Pipeline, case: TaskCase, reference: torch.Tensor | None = None,
+                     captured: Capture | None = None, after_prefill: Callable[[Any], None] | None = None) -> Answer:
+        """Attach ``pipeline``, answer, report what its cache holds, detach. With ``captured`` (the compressed
+        part recorded once by ``kvpipe.runtime.capture``) the prefill is not run again: the pipeline compresses
+        a fork of it, exactly as it would have at the end of the prefill."""
+        with pipeline.attach(self.model) as handle:
+            if captured is None:
+                cache, prefill_s = handle.cache(), None
+            else:
+                cache, prefill_s = handle.take(compressed(pipeline, captured)), captured.prefill_seconds
+            return self.ask(case, cache, lambda c: handle.stats(c)["kv_bytes"], reference, prefill_s, after_prefill)
+
+
+def fork(cache):
+    """A cache to extend without touching ``cache``: a kvpipe fork (shared tensors), a deep copy otherwise."""
+    return cache.fork() if isinstance(cache, KVPipeCache) else copy.deepcopy(cache)
