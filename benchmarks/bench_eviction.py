@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 import kvpipe
 from kvpipe.core.table import human_bytes, render
 from kvpipe.eval.fidelity import fidelity
+from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.run import full_cache_correct, needle_accuracy
 from kvpipe.eval.tasks import KINDS, make_cases, paragraphs
 from kvpipe.models import load
@@ -29,11 +30,12 @@ def needle_table(model, tokenizer, names, keeps, kinds, context, cases, question
     rows = []
     for kind in kinds:
         prompts = make_cases(tokenizer, context, cases, seed=0, kind=kind)
-        full = full_cache_correct(model, tokenizer, prompts, question_aware)
+        protocol = Protocol(model, tokenizer, question_aware)
+        full = full_cache_correct(protocol, prompts)
         rows.append([kind, "full cache", "-", f"{full}/{cases}", "-", "-"])
         for name, keep in tqdm([(n, k) for n in names for k in keeps], desc=f"{kind} needles"):
             pipeline = kvpipe.build(name).with_budget(keep=keep)
-            correct, held, overhead = needle_accuracy(model, tokenizer, pipeline, prompts, question_aware)
+            correct, held, overhead = needle_accuracy(protocol, pipeline, prompts)
             rows.append([kind, name, keep, f"{correct}/{cases}", human_bytes(held), overhead])
     protocol = "question-aware" if question_aware else "question-agnostic"
     return (f"needles, {context} tokens, {cases} cases per task, {protocol}\n"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import kvpipe
 from kvpipe.core.table import human_bytes, render
 from kvpipe.eval.fidelity import fidelity
+from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.run import full_cache_correct, needle_accuracy
 from kvpipe.eval.tasks import KINDS, make_cases, paragraphs
 from kvpipe.learned.gates import RetentionGates
@@ -71,7 +72,8 @@ def main() -> None:
     rows, header = [], ["context", "budget", "pipeline", *args.kinds, "KL nats/token", "KV bytes held"]
     for context in args.contexts:
         cases = {kind: make_cases(tokenizer, context, args.cases, seed=7, kind=kind) for kind in args.kinds}
-        full = [full_cache_correct(model, tokenizer, cases[kind], False) for kind in args.kinds]
+        protocol = Protocol(model, tokenizer)
+        full = [full_cache_correct(protocol, cases[kind]) for kind in args.kinds]
         rows.append([context, "-", "full cache", *(f"{n}/{args.cases}" for n in full), 0.0, "-"])
         held_out = prose[:, :context + args.kl_tokens]
         for budget, (name, stages) in tqdm([(b, p) for b in args.budgets for p in pipelines.items()],
@@ -80,7 +82,7 @@ def main() -> None:
                                      "stages": [PROTECT, *stages, "topk"]})
             accuracy, held = [], []
             for kind in args.kinds:
-                correct, bytes_held, _ = needle_accuracy(model, tokenizer, pipeline, cases[kind], False)
+                correct, bytes_held, _ = needle_accuracy(protocol, pipeline, cases[kind])
                 accuracy.append(f"{correct}/{args.cases}")
                 held.append(bytes_held)
             kl = fidelity(model, pipeline, held_out[:, :context], held_out[:, context:]).kl

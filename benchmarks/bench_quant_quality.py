@@ -27,7 +27,8 @@ import kvpipe
 from kvpipe.core.table import human_bytes, render
 from kvpipe.eval.contenders import held_bytes
 from kvpipe.eval.fidelity import continuation_logits
-from kvpipe.eval.run import answer, prefill_then_decode
+from kvpipe.eval.protocol import Protocol
+from kvpipe.eval.run import prefill_then_decode
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.models import load
 
@@ -94,7 +95,7 @@ def main() -> None:
             correct, held, held_16bit = 0, 0, 0
             for case in cases:
                 cache = new_cache()
-                text, _, _ = answer(model, tokenizer, case, cache, question_aware=False)
+                text = Protocol(model, tokenizer).ask(case, cache).text
                 correct += case.is_correct(text)
                 held += held_bytes(cache)
                 cfg = model.config

@@ -5,6 +5,7 @@ import json
 
 import kvpipe
 from kvpipe.eval.diagnose import MODES, Reference, diagnose, diagnose_cases, full_reference, probe_specs, save, summary
+from kvpipe.eval.protocol import Protocol
 
 from conftest import tiny_model
 
@@ -26,18 +27,19 @@ def test_diagnose_classifies_every_failure_and_writes_its_files(smollm, tmp_path
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
     pipeline = kvpipe.build("default").with_budget(keep=0.3)
     work = diagnose_cases(tokenizer, ["single", "vartrack"], context=230, cases=1)
-    measured = full_reference(model, tokenizer, work)
+    protocol = Protocol(model, tokenizer, question_aware=True)
+    measured = full_reference(protocol, work)
     assert len(measured) == 2 and all(r.loglik < 0 for r in measured)
     # A random model answers nothing, so the full cache is *declared* right here: every case the pipeline
     # gets wrong must then be a failure with exactly one mode.
-    records = diagnose(model, tokenizer, pipeline, work, [Reference(True, r.loglik) for r in measured])
+    records = diagnose(protocol, pipeline, work, [Reference(True, r.loglik) for r in measured])
     assert len(records) == 2
     failures = [r for r in records if not r.correct]
     assert failures and sum(r.mode in MODES for r in records) == len(failures)
     for record in records:
         assert 0 <= record.evidence_kept <= 1 and 0 <= record.evidence_split <= 1
         assert set(record.probes) == {"recovery", "value ranking", "coupled projection"}
-    bare = diagnose(model, tokenizer, pipeline, work[:1], measured[:1], probes=())
+    bare = diagnose(protocol, pipeline, work[:1], measured[:1], probes=())
     assert bare[0].probes == {} and bare[0].loglik == records[0].loglik      # same contract, no probe reruns
     text = summary(records, "default")
     assert "failure mode" in text and "probe" in text

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from kvpipe.errors import BudgetError, KVPipeError
 from kvpipe.eval.contenders import (QUANTIZED_PEERS, Contender, FullCache, PipelineContender, QuantizedPeer,
                                     kvpress_available, peer)
-from kvpipe.eval.protocol import Answer, Protocol
 from kvpipe.eval.fidelity import compare
+from kvpipe.eval.protocol import Answer, Protocol
 from kvpipe.eval.suite import SuiteSpec
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.runtime.backend import resolve_backend
