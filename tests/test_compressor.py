@@ -82,3 +82,31 @@ def test_compressing_a_captured_cache_equals_compressing_through_attach(name, ra
         a, b = (layer.store.padded(*(torch.float32,) if name == "int4" else ()) for layer in (mine, theirs))
         assert torch.equal(a[2], b[2])                                     # the same kept positions
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])         # holding the same keys and values
+
+
+def test_a_fork_shares_tensors_and_diverges_without_touching_the_original():
+    cache = filled_cache()
+    fork = cache.fork()
+    assert all(a.keys is b.keys for a, b in zip(cache.layers, fork.layers))      # no copy until it diverges
+    compress(kvpipe.build("streaming"), fork)
+    generator = torch.Generator().manual_seed(fresh_seed())
+    fork.update(*(torch.randn(2, 2, 1, 16, generator=generator) for _ in range(2)), 0)
+    assert all(layer.store is None and layer.tail_length == 40 for layer in cache.layers)
+    assert cache.get_seq_length() == 40 and fork.get_seq_length() == 41
+    assert fork.layers[0].kept_slots().eq(21).all() and fork.layers[1].kept_slots().eq(20).all()
+
+
+def test_a_handle_takes_a_cache_compressed_elsewhere_and_refuses_one_of_another_model(tiny):
+    from kvpipe.errors import UnsupportedModelError
+
+    pipeline = kvpipe.build("streaming")
+    with pipeline.attach(tiny) as handle:
+        cache = filled_cache(layers=2, batch=1, tokens=40)
+        compress(pipeline, cache)
+        taken = handle.take(cache)
+        assert taken is cache and cache.binding is handle.session.binding
+        out = tiny.generate(torch.randint(2, 200, (1, 41)), past_key_values=cache, max_new_tokens=3,
+                            min_new_tokens=3, do_sample=False)
+        assert out.shape[1] == 44 and cache.get_seq_length() == 43
+        with pytest.raises(UnsupportedModelError, match="3 layers and the attached model 2"):
+            handle.take(filled_cache(layers=3))

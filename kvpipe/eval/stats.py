@@ -21,7 +21,8 @@ def wilson(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     p = correct / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z / (1 + z * z / total) * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 % and 100 % the interval ends exactly at the observed value (rounding would put it a hair inside)
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == total else centre + half)
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from functools import cached_property
 import torch
 
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
-                                  minmax_range, quantize_pages)
+                                  minmax_range)
 from kvpipe.kernels.quant import check_finite
 from kvpipe.kernels.ragged import concat_ragged, pack_ragged, run_starts, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
+from kvpipe.runtime.page_packers import page_packer
 from kvpipe.runtime.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes
 
 
@@ -60,14 +61,12 @@ class Quantization:
     residual: int
     method: str = "kivi"
     group_range: GroupRange = minmax_range
-    backend: str = "torch"          # "triton": pack with the Triton kernel (min/max ranges, float16 scales)
+    backend: str = "torch"          # which kernels pack it: the cache's backend (``runtime.page_packers``)
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
-        """``quantize_pages`` on the chosen backend; both give the same bits (tested)."""
-        if self.backend == "triton" and self.group_range is minmax_range and self.fmt.scale_dtype == torch.float16:
-            from kvpipe.kernels.triton_quant import quantize_pages_triton
-            return quantize_pages_triton(keys, values, positions, self.fmt)
-        return quantize_pages(keys, values, positions, self.fmt, self.group_range)
+        """Pages of ``keys``/``values [P, G, D]`` by the handler registered for this method and backend
+        (``runtime.page_packers``); every handler gives the torch reference's bits (tested)."""
+        return page_packer(self.method, self.backend, self.fmt)(keys, values, positions, self.fmt, self.group_range)
 
     def slot_bytes(self, head_dim: int) -> float:
         """Bytes one quantized token costs, metadata included (amortised over its page)."""
