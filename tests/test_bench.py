@@ -57,6 +57,7 @@ def test_runner_writes_records_report_and_plots(tmp_path, tiny_with_real_tokeniz
     report = (out / "report.md").read_text()
     assert "## 256 tokens, question-agnostic" in report and "| default @ keep=0.5" in report
     assert "transformers" in report and "seed 0" in report          # versions and seed recorded
+    assert lines[-1]["kind"] == "finished" and lines[-1]["seconds"] > 0 and "; ran in " in report
     for name in PLOTS:
         assert (out / name) in written and (out / name).read_bytes()[:4] == b"\x89PNG"
     evicted = [r for r in answers if r["contender"] == "default @ keep=0.5"]

@@ -51,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="run a benchmark suite: pipelines and peers side by side, report and plots",
                        description="Run every pipeline (at every budget) and every peer of a suite file on the same "
                                    "generated cases, one process, greedy decoding; the full cache answers each case "
-                                   "first as the reference. Writes results.jsonl (one line per answer, as it goes), "
-                                   "report.md (accuracy per task, bytes held, speed, best per task, fidelity) and "
-                                   "plots of accuracy vs bytes and vs context length. Ready suites: "
+                                   "first as the reference. Pipelines that compress at the end of prefill share one "
+                                   "prefill per case, and every answer is also scored by the log-likelihood of the "
+                                   "full cache's answer. Writes results.jsonl (one line per answer, as it goes), "
+                                   "report.md (accuracy with 95% Wilson intervals, paired McNemar tests against the "
+                                   "full cache and between contenders, likelihood margins, bytes held, speed, "
+                                   "winners only where significant, fidelity) and plots of accuracy vs bytes "
+                                   "(with intervals) and vs context length. Ready suites: "
                                    "benchmarks/suites/{smoke,main,orderings}.yaml.")
     p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
     p.add_argument("--out", metavar="DIR", help="output folder, new or without a run in it (default "

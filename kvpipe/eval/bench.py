@@ -89,16 +89,22 @@ def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path
     field = [FullCache(), *field]
     answers = len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases * len(field)
     records: list[dict] = []
+    started = time.perf_counter()
     with open(out_dir / "results.jsonl", "w") as sink, \
             tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
         fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity else []
-        for record in chain([environment(suite, share, always_generate)], skipped, task_records(suite, field, model, tokenizer, bar, share,
-                                                                always_generate),
-                            fidelity):
+        answered = task_records(suite, field, model, tokenizer, bar, share, always_generate)
+        for record in chain([environment(suite, share, always_generate)], skipped, answered, fidelity,
+                            _finished(started)):
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
     return records
+
+
+def _finished(started: float):
+    """The last record: the run's wall time (model loading excluded), for the report's reader."""
+    yield {"kind": "finished", "seconds": round(time.perf_counter() - started, 1)}
 
 
 def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar, share: bool = True,

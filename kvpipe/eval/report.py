@@ -23,13 +23,19 @@ def write_report(records: list[dict], out_dir: Path, plots: bool = True) -> list
     return [path, *written]
 
 
+def _wall_time(records: list[dict]) -> str:
+    finished = [r["seconds"] for r in records if r["kind"] == "finished"]
+    return f"; ran in {finished[0] / 60:.1f} min" if finished else ""
+
+
 def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
     env = next(r for r in records if r["kind"] == "environment")
     tasks = [r for r in records if r["kind"] == "task"]
     out = [f"# Benchmark: {env['suite']}", "",
            f"Model `{env['model']}`, {env['cases']} cases per task and context, seed {env['seed']}, haystack "
            f"{env['haystack']}; {env['date']} on {env['machine']}.  ",
-           "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("kvpipe", "torch", "transformers", "kvpress", "python")),
+           "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("kvpipe", "torch", "transformers", "kvpress", "python"))
+           + _wall_time(records),
            "", "*Accuracy*: cases answered correctly (every expected answer in the greedy output), with its 95 % Wilson "
            "interval. *Lost/won*: cases the full cache answers and the contender does not / the other way round; "
            "`*` = the difference is significant at 5 % (exact McNemar test on these paired cases). *Margin*: mean "
