@@ -16,11 +16,13 @@ from kvpipe.version import __version__
 
 if TYPE_CHECKING:
     from kvpipe.core.registry import Params, Stage, register
+    from kvpipe.runtime.cache_file import load_cache, save_cache
     from kvpipe.runtime.pipeline import Pipeline, build
 
 # torch, transformers and the stages load on first use, so that `kvpipe --help` starts at once
 _LAZY = {"Pipeline": "kvpipe.runtime.pipeline", "build": "kvpipe.runtime.pipeline", "Params": "kvpipe.core.registry",
-         "Stage": "kvpipe.core.registry", "register": "kvpipe.core.registry"}
+         "Stage": "kvpipe.core.registry", "register": "kvpipe.core.registry",
+         "save_cache": "kvpipe.runtime.cache_file", "load_cache": "kvpipe.runtime.cache_file"}
 
 
 def __getattr__(name: str):
@@ -30,4 +32,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["BudgetError", "KVPipeError", "Params", "Pipeline", "SpecError", "Stage", "UnsupportedModelError",
-           "__version__", "build", "register"]
+           "__version__", "build", "load_cache", "register", "save_cache"]

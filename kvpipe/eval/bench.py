@@ -7,6 +7,7 @@ stopped keeps what it did. ``report.md`` and the plots are written from those li
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import time
@@ -66,10 +67,8 @@ def environment(suite: SuiteSpec, share: bool = True, always_generate: bool = Fa
     versions = {"kvpipe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version()}
     try:
-        import kvpress
-
-        versions["kvpress"] = getattr(kvpress, "__version__", "installed")
-    except ImportError:
+        versions["kvpress"] = importlib.metadata.version("kvpress")      # kvpress has no __version__
+    except importlib.metadata.PackageNotFoundError:
         versions["kvpress"] = "not installed"
     return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
             "cases": suite.cases, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -220,6 +220,7 @@ class KVPipeCache(DynamicCache):
     compress_seconds: float       # time spent compressing (observation excluded)
     peak_bytes: int               # most bytes held after any forward, before that forward's compression
     budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
+    compressed_by: str | None     # the spec (JSON) of the pipeline that compressed it; None: never compressed
 
     def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None):
         Cache.__init__(self, layers=[])
@@ -230,6 +231,7 @@ class KVPipeCache(DynamicCache):
         self.storage, self.binding = storage, binding
         self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0
+        self.compressed_by = None
 
     def rebind(self, binding: Binding | None) -> None:
         """Let another attach (or none) drive this cache."""

@@ -91,3 +91,4 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
         layer.compact(dataclasses.replace(view, values=value), keep, fmt)
     cache.compress_seconds += time.perf_counter() - started
     cache.budget_shortfall = ctx.shortfall
+    cache.compressed_by = pipeline.spec.model_dump_json()     # what a saved cache must be loaded under

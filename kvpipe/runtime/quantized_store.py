@@ -52,6 +52,9 @@ class Workspace:
     def nbytes(self) -> int:
         return self.buffer.untyped_storage().nbytes() if self.buffer is not None else 0
 
+    def __getstate__(self) -> dict:
+        return {"buffer": None}         # scratch memory: a pickled or copied cache grows its own when it needs it
+
 
 @dataclass(frozen=True)
 class Quantization:
