@@ -80,7 +80,8 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
     decoder_layers = session.decoder.layers
     for index, (layer, described) in enumerate(zip(cache.layers, json.loads(metadata["layers"]))):
         device = next(decoder_layers[index].parameters()).device
-        own = {name.split(".", 2)[2]: t.to(device) for name, t in tensors.items() if name.startswith(f"layers.{index}.")}
+        prefix = f"layers.{index}."
+        own = {name.removeprefix(prefix): t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
         _restore(layer, own, described, session.pipeline)
     cache.compressed_by = metadata["compressed_by"] or None
     session.last_cache = cache
