@@ -29,6 +29,8 @@ def pipeline_around(name: str) -> dict:
                   {"stage": "combine", "after": ["random", "knorm"]}, "uniform", "topk"]
     elif name == "retention_gates":
         stages = [protect, {"stage": name, "params": {"gates": TINY_GATES}}, "uniform", "topk"]
+    elif name == "reconstruction":              # tiny models have no tokenizer: read the context again bare
+        stages = [protect, {"stage": name, "params": {"prompt": "", "chunk": 16}}, "uniform", "topk"]
     elif family == "scoring":
         stages = [protect, name, "uniform", "topk"]
     elif family == "budget allocation":

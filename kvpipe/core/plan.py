@@ -41,7 +41,8 @@ class Plan:
     def __init__(self, spec: PipelineSpec, graph, source: str = "<dict>"):
         self.spec, self.graph, self.source = spec, graph, source
         self.stages = execution_order(graph)
-        self.observers = [s for s in self.stages if s.observes]
+        self.observers = [s for s in self.stages if s.observes and not s.probes]   # of the compressing forward
+        self.probers = [s for s in self.stages if s.probes]                        # of a probe forward after it
         self.storage_stage = next((s for s in self.stages if isinstance(s, StorageStage)), None)
         ids = [s.id for s in self.stages]
         # stages that see the cache as its storage returns it

@@ -54,6 +54,7 @@ class Stage:
     writes: ClassVar[tuple[str, ...]] = ()
     merges: ClassVar[tuple[str, ...]] = ()  # read slots that may come from several unordered writers
     observes: ClassVar[bool] = False
+    probes: ClassVar[bool] = False          # observes a probe forward instead (``stage_bases.ProbingScorer``)
 
     def __init__(self, params: Params, node_id: str | None = None):
         self.params = params

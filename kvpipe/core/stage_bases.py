@@ -1,6 +1,7 @@
 """Base classes for the stage shapes that repeat, so that a stage writes only its per-layer step.
 
 * ``ObservingScorer``: its scores are what it observed inside attention;
+* ``ProbingScorer``: its scores are what it observed while the model re-read its context (a probe forward);
 * ``CandidateStage``: refines each layer's upstream ``candidates`` (``refine``);
 * ``EvictionStage``: keeps, per head, the protected slots and then its choice among the eligible ones, up to the
   allocation (``select``); a prompt shorter than the protected set is handled once, here;
@@ -24,6 +25,30 @@ class ObservingScorer(Stage):
 
     def __call__(self, ctx: CompressionContext) -> None:
         ctx.write(self, "scores", ctx.observed(self))
+
+
+class ProbingScorer(ObservingScorer):
+    """A scorer that observes a **probe**: after the compressing forward, the runtime feeds ``prompt_ids`` and
+    then that forward's tokens again to a copy of the cache, ``chunk`` tokens per forward, and calls ``observe``
+    on every layer's attention in each of them (queries: the probe tokens; keys: every cached slot, then the
+    probe tokens so far). The runtime keeps the first ``n`` keys' values (the slots being compressed) and takes
+    the element-wise maximum over the probe's forwards; the copy is then dropped."""
+
+    probes = True
+
+    @property
+    def chunk(self) -> int:
+        """Probe tokens per forward: bounds the probe's attention memory."""
+        return self.params.chunk
+
+    def prompt_ids(self, tokenizer) -> list[int]:  # pragma: no cover - interface
+        """Token ids fed before the context is read again (``tokenizer`` may be None when none are needed)."""
+        raise NotImplementedError
+
+    def after_probe(self, scores: torch.Tensor) -> torch.Tensor:
+        """The layer's observed maximum over the probe, ``[B, Hkv, n]`` (the compressed slots only), turned into
+        its scores; by default as is."""
+        return scores
 
 
 class CandidateStage(Stage):

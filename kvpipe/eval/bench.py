@@ -150,8 +150,8 @@ def _captured(contender: Contender, captures: Captures | None) -> Capture | None
     quantized caches at any (their keys and values are the same); kvpress peers run their own pipeline."""
     if captures is None:
         return None
-    if isinstance(contender, PipelineContender):
-        return captures.get(contender.pipeline.spec.backend)
+    if isinstance(contender, PipelineContender):     # probing pipelines need the model after the prefill
+        return None if contender.pipeline.probers else captures.get(contender.pipeline.spec.backend)
     return captures.get("torch") if isinstance(contender, (FullCache, QuantizedPeer)) else None
 
 
@@ -175,10 +175,11 @@ def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer,
     spec = suite.fidelity
     ids = fidelity_ids(tokenizer)
     context, continuation = ids[:, :spec.context], ids[:, spec.context:spec.context + spec.continuation]
-    reference = field[0].logits(model, context, continuation)
+    reference = field[0].logits(model, context, continuation, tokenizer)
     for contender in tqdm(field[1:], desc="fidelity", disable=not progress):
         try:
-            result = compare(reference, contender.logits(model, context, continuation), continuation[0])
+            result = compare(reference, contender.logits(model, context, continuation, tokenizer),
+                             continuation[0])
             numbers = {"kl": result.kl, "ppl_full": result.ppl_full, "ppl": result.ppl}
         except BudgetError as err:
             numbers = {"refused": str(err)}

@@ -10,6 +10,7 @@ them. kvpress 0.5.5 needs ``transformers<5.3``: ``make test-tf52`` builds such a
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -57,8 +58,9 @@ class Contender:
         from it."""
         raise NotImplementedError
 
-    def logits(self, model, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
-        """``[n, vocab]`` logits predicting ``continuation [1, n]`` after ``context [1, m]`` was compressed."""
+    def logits(self, model, context: torch.Tensor, continuation: torch.Tensor, tokenizer=None) -> torch.Tensor:
+        """``[n, vocab]`` logits predicting ``continuation [1, n]`` after ``context [1, m]`` was compressed
+        (``tokenizer``: the model's, for pipelines whose stages encode text)."""
         raise NotImplementedError
 
 
@@ -74,7 +76,7 @@ class FullCache(Contender):
             return protocol.reference_answer(case, cache)
         return protocol.reference_answer(case, captured.fill(cache), captured.prefill_seconds)
 
-    def logits(self, model, context, continuation):
+    def logits(self, model, context, continuation, tokenizer=None):
         return continuation_logits(model, context, continuation, DynamicCache(config=model.config))
 
 
@@ -88,8 +90,8 @@ class PipelineContender(Contender):
     def answer(self, protocol, case, reference=None, captured=None):
         return protocol.ask_pipeline(self.pipeline, case, reference, captured)
 
-    def logits(self, model, context, continuation):
-        with self.pipeline.attach(model) as handle:
+    def logits(self, model, context, continuation, tokenizer=None):
+        with self.pipeline.attach(model, tokenizer) as handle:
             return continuation_logits(model, context, continuation, handle.cache())
 
 
@@ -118,7 +120,7 @@ class QuantizedPeer(Contender):
         scratch = prefilled()[0] if reference is not None else None
         return protocol.ask(case, cache, held_bytes, reference, prefill_s, scratch=scratch)
 
-    def logits(self, model, context, continuation):
+    def logits(self, model, context, continuation, tokenizer=None):
         return continuation_logits(model, context, continuation, self._cache(model))
 
 
@@ -147,6 +149,8 @@ class KVPressPeer(Contender):
     def answer(self, protocol, case, reference=None, captured=None):
         from transformers import pipeline
 
+        importlib.import_module("kvpress")          # importing kvpress registers its "kv-press-text-generation" task
+
         model, aware = protocol.model, protocol.question_aware
         pipe = pipeline("kv-press-text-generation", model=model, tokenizer=protocol.tokenizer)
         context = case.context + ("\n\n" + case.question if aware else "")
@@ -173,7 +177,7 @@ class KVPressPeer(Contender):
                                 position_ids=torch.arange(start, start + ids.shape[1])[None]).logits[0]
         return Score.of(logits[question.shape[1] - 1:], reference)
 
-    def logits(self, model, context, continuation):
+    def logits(self, model, context, continuation, tokenizer=None):
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             with self.press(context.shape[1])(model):

@@ -28,10 +28,10 @@ def continuation_logits(model, context: torch.Tensor, continuation: torch.Tensor
     return torch.cat([last, rest]).float()
 
 
-def fidelity(model, pipeline, context: torch.Tensor, continuation: torch.Tensor) -> Fidelity:
+def fidelity(model, pipeline, context: torch.Tensor, continuation: torch.Tensor, tokenizer=None) -> Fidelity:
     """Teacher-forced comparison: both caches read the same ``continuation [1, n]`` after ``context [1, m]``."""
     full = continuation_logits(model, context, continuation, DynamicCache(config=model.config))
-    with pipeline.attach(model) as handle:
+    with pipeline.attach(model, tokenizer) as handle:
         compressed = continuation_logits(model, context, continuation, handle.cache())
     return compare(full, compressed, continuation[0])
 

@@ -160,7 +160,7 @@ class Protocol:
         """Attach ``pipeline``, answer, report what its cache holds, detach. With ``captured`` (the compressed
         part recorded once by ``kvpipe.runtime.capture``) the prefill is not run again: the pipeline compresses
         a fork of it, exactly as it would have at the end of the prefill."""
-        with pipeline.attach(self.model) as handle:
+        with pipeline.attach(self.model, self.tokenizer) as handle:
             if captured is None:
                 cache, prefill_s = handle.cache(), None
             else:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from kvpipe.core.context import Observation
 from kvpipe.core.plan import Plan
 from kvpipe.errors import UnsupportedModelError
-from kvpipe.runtime import compressor
+from kvpipe.runtime import compressor, probe
 from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, check_model, find_decoder,
                                      output_projection, rotary_embedding)
 from kvpipe.runtime.attention import register_attention
@@ -29,14 +30,20 @@ class ForwardState:
     cache: KVPipeCache
     padding: torch.Tensor | None          # 2D mask [B, seen] (1 = real token), None = no padding
     compressing: bool                     # the trigger fires: observe now, compress after the forward
+    observing: bool = False               # stages observe this forward (it compresses, or it is a probe)
+    ids: torch.Tensor | None = None       # long [B, q]: its input ids (None when given embeddings)
+    started: float = 0.0                  # perf_counter() when it began
     observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class Session:
     """The live link between one pipeline and one model (shared by the handle, hooks and caches)."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module):
+    def __init__(self, pipeline: Plan, model: torch.nn.Module, tokenizer=None):
         self.pipeline, self.model = pipeline, model
+        # probing stages' prompts are encoded now, so a missing tokenizer fails at attach, not mid-generate
+        self.probe_prompts = {stage.id: stage.prompt_ids(tokenizer) for stage in pipeline.probers}
+        self.probing: probe.Probe | None = None         # set while a probe forward runs
         self.decoder = find_decoder(model)
         self.base = model.config._attn_implementation
         self.active: ForwardState | None = None
@@ -66,19 +73,24 @@ class Session:
         if padding is not None and padding.dim() != 2:
             raise UnsupportedModelError("kvpipe needs the usual 2D attention mask (1 = token, 0 = padding); "
                                         f"got a {padding.dim()}D mask")
-        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        tokens = tokens if tokens is not None else args[0]
-        compressing = self.fires(cache, tokens.shape[1])
-        self.active = ForwardState(cache, padding, compressing)
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        tokens = ids if ids is not None else kwargs.get("inputs_embeds")
+        probing = self.probing is not None
+        compressing = not probing and self.fires(cache, tokens.shape[1])
+        self.active = ForwardState(cache, padding, compressing, compressing or probing,
+                                   ids if ids is not None and not ids.is_floating_point() else None,
+                                   time.perf_counter())
         self.binding.forward_running = True
-        self.binding.fused_decode = self.backend == "triton" and not compressing   # observers need padded keys
-        self.last_cache = cache
+        # observers need padded keys, so an observed forward reads stores through the padded path
+        self.binding.fused_decode = self.backend == "triton" and not self.active.observing
+        if not probing:
+            self.last_cache = cache
         return args, kwargs
 
     def after_forward(self, module, args, kwargs, output):
         forward, self.active = self.active, None
         self.binding.forward_running = self.binding.fused_decode = False
-        if forward is not None:
+        if forward is not None and self.probing is None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
             forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
             # Storage is not differentiable (codes, kept sets): a forward with gradients on still compresses
@@ -110,13 +122,20 @@ class Session:
         return self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, new_tokens)
 
     def record(self, forward: ForwardState, obs: Observation) -> None:
-        """Keep what the pipeline's stages observe of one layer's attention."""
+        """Keep what the pipeline's stages observe of one layer's attention (a probe's forward: the probe)."""
+        if self.probing is not None:
+            self.probing.record(obs)
+            return
         for stage_id, recorded in compressor.observe(self.pipeline, obs).items():
             forward.observed.setdefault(stage_id, {})[obs.layer_idx] = recorded
 
     def finish(self, forward: ForwardState) -> None:
-        """After a compressing forward: run the pipeline over the cache."""
-        compressor.compress(self.pipeline, forward.cache, forward.padding, forward.observed)
+        """After a compressing forward: probe (if a stage does), then run the pipeline over the cache."""
+        forward.cache.compressing_forward_seconds += time.perf_counter() - forward.started
+        observed = forward.observed
+        if self.pipeline.probers:
+            observed = {**observed, **probe.run(self, forward)}
+        compressor.compress(self.pipeline, forward.cache, forward.padding, observed)
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
@@ -146,9 +165,10 @@ class Session:
 class Handle:
     """What ``attach()`` returns. Also a context manager: ``with pipeline.attach(model) as handle: ...``."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module, session_type: type[Session] = Session):
+    def __init__(self, pipeline: Plan, model: torch.nn.Module, session_type: type[Session] = Session,
+                 tokenizer=None):
         check_model(model)
-        self.session = session = session_type(pipeline, model)
+        self.session = session = session_type(pipeline, model, tokenizer)
         self.original_attention = session.base
         name = register_attention(session.base)
         self._hooks = []
@@ -211,7 +231,9 @@ class Handle:
         Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
         dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
         (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
-        ``compress_seconds`` (time spent in the compression phase, observation excluded), ``kv_bytes_peak``
+        ``compress_seconds`` (time spent in the compression phase, observation excluded), ``probe_seconds`` and
+        ``probe_vs_forward`` (time probing stages spent re-reading the context, and that as a multiple of the
+        compressing forwards' own time; 0 without such stages), ``kv_bytes_peak``
         (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
         and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
         protected: a prompt shorter than the sinks and window; 0 when met).
@@ -236,6 +258,8 @@ class Handle:
             "kept_tokens": torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0),
             "seen_tokens": cache.get_seq_length(),
             "compress_seconds": cache.compress_seconds,
+            "probe_seconds": cache.probe_seconds,
+            "probe_vs_forward": cache.probe_seconds / max(cache.compressing_forward_seconds, 1e-9),
             "kv_bytes_peak": max(cache.peak_bytes, kv_bytes),
             "budget_met": cache.budget_shortfall == 0,
             "budget_shortfall": cache.budget_shortfall,

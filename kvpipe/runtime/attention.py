@@ -43,7 +43,7 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
         if layer.store is not None and not (attention_mask is None and layer.store.all_valid):
             attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
-        if forward.compressing:
+        if forward.observing:
             session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
     return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 

@@ -221,6 +221,8 @@ class KVPipeCache(DynamicCache):
     peak_bytes: int               # most bytes held after any forward, before that forward's compression
     budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
     compressed_by: str | None     # the spec (JSON) of the pipeline that compressed it; None: never compressed
+    compressing_forward_seconds: float   # time of the forwards that ended in a compression (before it)
+    probe_seconds: float          # time probing stages spent re-reading the context (kvpipe.runtime.probe)
 
     def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None):
         Cache.__init__(self, layers=[])
@@ -232,6 +234,7 @@ class KVPipeCache(DynamicCache):
         self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0
         self.compressed_by = None
+        self.compressing_forward_seconds, self.probe_seconds = 0.0, 0.0
 
     def rebind(self, binding: Binding | None) -> None:
         """Let another attach (or none) drive this cache."""

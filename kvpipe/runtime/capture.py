@@ -48,8 +48,8 @@ class Capture:
 class RecordingSession(Session):
     """An attach that observes the first forward on a fresh cache for any pipeline and compresses nothing."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module):
-        super().__init__(pipeline, model)
+    def __init__(self, pipeline: Plan, model: torch.nn.Module, tokenizer=None):
+        super().__init__(pipeline, model, tokenizer)
         self.observations: dict[int, Observation] = {}
 
     def fires(self, cache: KVPipeCache, new_tokens: int) -> bool:
@@ -84,6 +84,9 @@ def compressed(pipeline: Plan, captured: Capture) -> KVPipeCache:
     """A fork of ``captured``'s cache, compressed as ``pipeline.attach()`` compresses at the end of the same
     prefill (if its trigger fires then; otherwise the fork is returned full, as attach would leave it). Hand it
     to ``handle.take`` of an attach of ``pipeline`` to keep decoding with the pipeline's later triggers."""
+    if pipeline.probers:
+        raise ValueError(f"stages {[s.id for s in pipeline.probers]} probe the model after the prefill, which a "
+                         "capture does not hold; attach the pipeline instead")
     cache = captured.cache.fork()
     if not pipeline.fires(0, 0, captured.tokens):
         return cache

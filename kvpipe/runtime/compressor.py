@@ -56,11 +56,13 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
             layer); required when a stage observes.
     """
     observed = observed or {}
-    missing = [stage.id for stage in pipeline.observers if len(observed.get(stage.id, ())) != len(cache.layers)]
+    missing = [stage.id for stage in (*pipeline.observers, *pipeline.probers)
+               if len(observed.get(stage.id, ())) != len(cache.layers)]
     if missing:
-        raise ValueError(f"stages {missing} observe the queries of the forward that filled the cache, and no "
-                         "observation of every layer was given; record them with kvpipe.runtime.compressor.observe "
-                         "(attach() does) or use a pipeline whose stages need none")
+        raise ValueError(f"stages {missing} observe the queries of the forward that filled the cache (or of a probe "
+                         "after it), and no observation of every layer was given; record them with "
+                         "kvpipe.runtime.compressor.observe or kvpipe.runtime.probe (attach() does) or use a "
+                         "pipeline whose stages need none")
     layers = cache.layers
     views = [layer.view(padding) for layer in layers]
     head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype

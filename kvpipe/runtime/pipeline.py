@@ -10,9 +10,10 @@ from kvpipe.runtime.attach import Handle
 
 
 class Pipeline(Plan):
-    def attach(self, model: torch.nn.Module) -> Handle:
-        """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``."""
-        return Handle(self, model)
+    def attach(self, model: torch.nn.Module, tokenizer=None) -> Handle:
+        """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``. ``tokenizer``:
+        the model's, for stages that feed the model text of their own (``reconstruction``'s repeat prompt)."""
+        return Handle(self, model, tokenizer=tokenizer)
 
 
 def build(spec: str | Path | dict) -> Pipeline:

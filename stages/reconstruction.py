@@ -1,0 +1,52 @@
+"""Context reconstruction (KVzip: Kim et al., NeurIPS 2025, arXiv 2505.23416): keep what the model needs to
+repeat its context, which does not depend on the question that will come later."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from kvpipe.core.context import Observation
+from kvpipe.core.registry import Params, register
+from kvpipe.core.stage_bases import ProbingScorer
+from kvpipe.errors import KVPipeError
+from kvpipe.stages.attention_mass import QUERY_CHUNK, PoolKernel, pool_neighbours
+
+
+class ReconstructionParams(Params):
+    prompt: str = Field("\n\nRepeat the previous context exactly.\n\n",
+                        description="text fed before the context is read again (KVzip's repeat prompt); needs the "
+                                    "tokenizer at attach: pipeline.attach(model, tokenizer=...). '' = none")
+    chunk: int = Field(256, ge=1, description="probe tokens per forward: the probe's attention memory is "
+                                              "[B, heads, chunk, context] per layer")
+    pool: PoolKernel = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; 1 = off)")
+
+
+@register("reconstruction", family="scoring")
+class Reconstruction(ProbingScorer):
+    """Score = the most attention a cached token receives while the model re-reads the whole context after a
+    repeat prompt (teacher-forced, ``chunk`` tokens per forward), maximum over the queries and over the query
+    heads sharing its KV head. A token the model never looks at to reproduce the context is one no later
+    question can need through it. Costs a second pass over the context at every compression (about one
+    prefill more); query-agnostic by construction."""
+
+    Params = ReconstructionParams
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        if not self.params.prompt:
+            return []
+        if tokenizer is None:
+            raise KVPipeError(f"stage {self.id!r} encodes its repeat prompt with the model's tokenizer: attach with "
+                              "pipeline.attach(model, tokenizer=tokenizer) (or set prompt: '' to read the context "
+                              "again without one)")
+        return tokenizer(self.params.prompt, add_special_tokens=False).input_ids
+
+    def observe(self, obs: Observation) -> torch.Tensor:
+        """``float32 [B, Hkv, kv]``: per key, the largest attention any probe query of its group gives it."""
+        batch, q_heads, q, _ = obs.query.shape
+        best = torch.zeros(batch, q_heads, obs.key.shape[2], device=obs.query.device)
+        for lo in range(0, q, QUERY_CHUNK):
+            best = torch.maximum(best, obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).amax(2))
+        return obs.to_kv_heads(best, "max")
+
+    def after_probe(self, scores: torch.Tensor) -> torch.Tensor:
+        return pool_neighbours(scores, self.params.pool)      # over the context's slots only

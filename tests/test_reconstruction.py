@@ -1,0 +1,73 @@
+"""The ``reconstruction`` stage (KVzip's scores) and the probe forward that feeds it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpipe
+from kvpipe.errors import KVPipeError
+from kvpipe.models import cache_arg
+
+from conftest import fresh_seed, tiny_model
+
+CONTEXT = 48
+
+
+def reconstruction_pipeline(chunk: int, prompt: str = "", keep: float = 0.5):
+    return kvpipe.build({"version": 1, "budget": {"keep": keep}, "stages": [
+        {"stage": "reconstruction", "params": {"prompt": prompt, "chunk": chunk}}, "uniform", "topk"]})
+
+
+def reference_scores(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer ``[B, Hkv, n]``: the most attention each context token gets from the second reading of the
+    context, over those queries and the query heads of its KV head — from one plain eager forward of the
+    context twice, without kvpipe."""
+    n = ids.shape[1]
+    with torch.inference_mode():
+        attentions = model(torch.cat([ids, ids], 1), output_attentions=True).attentions
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    scores = []
+    for layer in attentions:
+        best = layer[:, :, n:, :n].float().amax(2)                                   # [B, Hq, n]
+        scores.append(best.view(best.shape[0], -1, groups, n).amax(2))
+    return scores
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_the_probe_scores_are_the_attention_of_reading_the_context_again(chunk):
+    model = tiny_model("llama", "eager", seed=fresh_seed() % 1000)
+    generator = torch.Generator().manual_seed(fresh_seed())
+    ids = torch.randint(2, 250, (1, CONTEXT), generator=generator)
+    expected = reference_scores(model, ids)
+    with reconstruction_pipeline(chunk).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(ids, **cache_arg(model, cache))
+        stats = handle.stats(cache)
+    assert cache.get_seq_length() == CONTEXT, "the probe extended the cache itself"
+    assert stats["probe_seconds"] > 0 and (stats["kept_tokens"] == CONTEXT // 2).all()
+    for layer, scores in zip(cache.layers, expected):
+        positions = layer.store.padded()[2]                                             # [B, Hkv, kept]
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, positions, True)
+        # the kept half holds the highest reference scores (up to float rounding at the boundary)
+        lowest_kept = scores.masked_fill(~kept, float("inf")).amin(-1)
+        highest_dropped = scores.masked_fill(kept, float("-inf")).amax(-1)
+        assert (lowest_kept >= highest_dropped - 1e-5).all(), (lowest_kept, highest_dropped)
+
+
+def test_a_repeat_prompt_needs_the_tokenizer_at_attach():
+    model = tiny_model()
+    with pytest.raises(KVPipeError, match="'reconstruction' encodes its repeat prompt.*tokenizer=tokenizer"):
+        reconstruction_pipeline(16, prompt="Repeat the previous context exactly.").attach(model)
+    assert model.config._attn_implementation == "sdpa"          # a refused attach leaves the model as it was
+
+
+def test_generate_runs_with_reconstruction_and_a_prompt(smollm):
+    model, tokenizer = smollm
+    ids = tokenizer("The capital of the small republic is Karlsborg. " * 12, return_tensors="pt").input_ids
+    pipeline = reconstruction_pipeline(64, prompt="\n\nRepeat the previous context exactly.\n\n", keep=0.25)
+    with pipeline.attach(model, tokenizer) as handle:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        stats = handle.stats()
+    assert out.shape[1] == ids.shape[1] + 4 and stats["probe_seconds"] > 0
+    assert stats["kept_tokens"].float().mean() < 0.3 * ids.shape[1]
