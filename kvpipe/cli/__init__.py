@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
     p.add_argument("--cases", type=positive, default=12, metavar="N", help="number of cases (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
+    p.add_argument("--questions", type=positive, default=1, metavar="N",
+                   help="compress once, ask many: each context holds N facts under different keys and each is "
+                        "asked on its own fork of the compressed cache (--cases contexts, N answers each); "
+                        "question-agnostic only")
     question_aware_flag(p)
     p = sub.add_parser("bench", help="run a benchmark suite: pipelines and peers side by side, report and plots",
                        description="Run every pipeline (at every budget) and every peer of a suite file on the same "
@@ -183,16 +187,24 @@ def positive(text: str) -> int:
 
 def _run(args) -> int:
     from kvpipe.eval.protocol import Protocol
-    from kvpipe.eval.run import report, run_needle
+    from kvpipe.eval.run import per_question, report, run_needle, run_questions
     from kvpipe.models import check_context, load
     from kvpipe.runtime.pipeline import build
 
+    if args.questions > 1 and args.question_aware:
+        raise KVPipeError("--questions N asks several questions about one compressed context: the context is "
+                          "compressed before any question, so it cannot be combined with --question-aware")
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
     model, tokenizer = load(args.model)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
-    full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
+    if args.questions == 1:
+        full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
+        print(report(full, piped, protocol, args.context, pipeline.spec.budget))
+        return 0
+    full, piped = run_questions(protocol, pipeline, args.context, args.cases, args.questions, args.seed)
     print(report(full, piped, protocol, args.context, pipeline.spec.budget))
+    print(per_question(full, piped, args.questions))
     return 0
 
 

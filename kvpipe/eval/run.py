@@ -9,9 +9,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpipe.core.table import human_bytes, render
-from kvpipe.eval.protocol import Answer, Protocol
-from kvpipe.eval.tasks import TaskCase, make_cases
+from kvpipe.eval.protocol import Answer, Protocol, fork
+from kvpipe.eval.tasks import TaskCase, make_cases, make_question_sets
 from kvpipe.models import cache_arg
+from kvpipe.runtime.cache import cache_bytes
 from kvpipe.runtime.pipeline import Pipeline
 
 
@@ -60,6 +61,42 @@ def run_needle(protocol: Protocol, pipeline: Pipeline, context: int, cases: int,
         mine = protocol.ask_pipeline(pipeline, case)
         _record(piped, case.is_correct(mine.text), mine.kv_bytes, reference.kv_bytes, mine)
     return full, piped
+
+
+def run_questions(protocol: Protocol, pipeline: Pipeline, context: int, contexts: int, questions: int,
+                  seed: int = 0) -> tuple[Tally, Tally]:
+    """Compress once, ask many: each context is prefilled (and compressed) once per cache, then each of its
+    ``questions`` is answered on its own fork of that cache. Tallies list the answers context by context."""
+    if protocol.question_aware:
+        raise ValueError("several questions about one compressed context is the question-agnostic protocol")
+    full, piped = Tally("full cache"), Tally(pipeline.spec.name or pipeline.source)
+    model = protocol.model
+    for cases in tqdm(make_question_sets(protocol.tokenizer, context, contexts, questions, seed),
+                      desc="contexts", unit="context"):
+        cache = DynamicCache(config=model.config)
+        prefill_s, held = protocol.prefill(cases[0], cache), cache_bytes(cache)
+        for case in cases:
+            text, _, tps = protocol.generate(case, fork(cache))
+            _record(full, case.is_correct(text), held, held, Answer(text, None, held, prefill_s, tps))
+        with pipeline.attach(model, protocol.tokenizer) as handle:
+            compressed = handle.cache()
+            prefill_s = protocol.prefill(cases[0], compressed)
+            mine = handle.stats(compressed)["kv_bytes"]
+            for case in cases:
+                text, _, tps = protocol.generate(case, compressed.fork())
+                _record(piped, case.is_correct(text), mine, held, Answer(text, None, mine, prefill_s, tps))
+    return full, piped
+
+
+def per_question(full: Tally, piped: Tally, questions: int) -> str:
+    """Accuracy by the asked fact's place in the context (first = nearest the start)."""
+    rows = [[f"fact {q + 1} of {questions}", _share(full.correct[q::questions]), _share(piped.correct[q::questions])]
+            for q in range(questions)]
+    return render(["question", full.name, piped.name], rows)
+
+
+def _share(outcomes: list[bool]) -> str:
+    return f"{sum(outcomes)}/{len(outcomes)}"
 
 
 def full_cache_correct(protocol: Protocol, prompts: list[TaskCase]) -> int:

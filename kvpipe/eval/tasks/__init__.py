@@ -9,7 +9,7 @@ import random
 from kvpipe.eval.choices import TASK_KINDS
 from kvpipe.eval.tasks.case import TaskCase
 from kvpipe.eval.tasks.haystack import HAYSTACKS, paragraphs
-from kvpipe.eval.tasks.needle import needle_case
+from kvpipe.eval.tasks.needle import needle_case, question_set
 from kvpipe.eval.tasks.prose_qa import prose_qa_case
 from kvpipe.eval.tasks.words import common_words_case
 
@@ -32,4 +32,12 @@ def make_cases(tokenizer, context_tokens: int, cases: int, seed: int = 0, kind: 
     return [TASKS[kind](tokenizer, rng, context_tokens, haystack, kind, needles) for _ in range(cases)]
 
 
-__all__ = ["HAYSTACKS", "KINDS", "TASKS", "TaskCase", "make_cases", "paragraphs"]
+def make_question_sets(tokenizer, context_tokens: int, contexts: int, questions: int, seed: int = 0,
+                       haystack: str = "prose") -> list[list[TaskCase]]:
+    """``contexts`` seeded contexts of ``context_tokens`` tokens, each holding ``questions`` facts under different
+    keys, with one single-fact case per key (all sharing the context's ``prefix_ids``)."""
+    rng = random.Random(f"{seed}-questions-{questions}-{haystack}")
+    return [question_set(tokenizer, rng, context_tokens, haystack, questions) for _ in range(contexts)]
+
+
+__all__ = ["HAYSTACKS", "KINDS", "TASKS", "TaskCase", "make_cases", "make_question_sets", "paragraphs"]

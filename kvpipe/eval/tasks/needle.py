@@ -48,8 +48,28 @@ def magic_numbers(rng: random.Random, kind: str, needles: int):
         question = (f"What are the special magic numbers for {keys[asked[0]]} and {keys[asked[1]]}? "
                     "Answer with the two numbers.")
         return facts, [facts[i] for i in asked], tuple(numbers[i] for i in asked), question, keys[asked[0]]
-    return (facts, facts[:1], (numbers[0],),
-            f"What is the special magic number for {keys[0]}? Answer with the number only.", keys[0])
+    return facts, facts[:1], (numbers[0],), ask_number(keys[0]), keys[0]
+
+
+def ask_number(key: str) -> str:
+    return f"What is the special magic number for {key}? Answer with the number only."
+
+
+def question_set(tokenizer, rng: random.Random, tokens: int, source: str, questions: int) -> list[TaskCase]:
+    """One context holding ``questions`` facts under different keys, and one case per fact asking for it alone,
+    in context order; every case has the same ``prefix_ids`` (a context compressed once, asked many times)."""
+    while True:
+        keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], questions)
+        numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), questions)]
+        facts = [f"The special magic number for {key} is {number}." for key, number in zip(keys, numbers)]
+        depths = sorted(rng.uniform(0.1, 0.9) for _ in facts)
+        fixed = prompt_overhead(tokenizer) + sum(token_count(tokenizer, fact) + 1 for fact in facts) + 2
+        context = insert_facts(haystack(tokenizer, rng, tokens - fixed, source), facts, depths)
+        if all(context.count(number) == 1 for number in numbers):
+            break
+    return [encode(tokenizer, context, ask_number(key), key, (number,), depth,
+                   [(context.find(fact), context.find(fact) + len(fact))], "single")
+            for key, number, fact, depth in zip(keys, numbers, facts, depths)]
 
 
 def variable_chains(rng: random.Random, hops: int):
