@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import kvpipe
-from kvpipe.errors import KVPipeError
 from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.run import per_question, run_questions
 from kvpipe.eval.tasks import make_question_sets
