@@ -200,11 +200,11 @@ def _run(args) -> int:
     protocol = Protocol(model, tokenizer, args.question_aware)
     if args.questions == 1:
         full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
-        print(report(full, piped, protocol, args.context, pipeline.spec.budget))
-        return 0
-    full, piped = run_questions(protocol, pipeline, args.context, args.cases, args.questions, args.seed)
+    else:
+        full, piped = run_questions(protocol, pipeline, args.context, args.cases, args.questions, args.seed)
     print(report(full, piped, protocol, args.context, pipeline.spec.budget))
-    print(per_question(full, piped, args.questions))
+    if args.questions > 1:
+        print(per_question(full, piped, args.questions))
     return 0
 
 

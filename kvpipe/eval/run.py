@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpipe.core.table import human_bytes, render
-from kvpipe.eval.protocol import Answer, Protocol, fork
+from kvpipe.eval.protocol import Protocol, fork
 from kvpipe.eval.tasks import TaskCase, make_cases, make_question_sets
 from kvpipe.models import cache_arg
 from kvpipe.runtime.cache import cache_bytes
@@ -57,9 +57,10 @@ def run_needle(protocol: Protocol, pipeline: Pipeline, context: int, cases: int,
     model = protocol.model
     for case in tqdm(make_cases(protocol.tokenizer, context, cases, seed), desc="needle cases", unit="case"):
         reference = protocol.ask(case, DynamicCache(config=model.config))
-        _record(full, case.is_correct(reference.text), reference.kv_bytes, reference.kv_bytes, reference)
+        _record(full, case.is_correct(reference.text), reference.kv_bytes, reference.kv_bytes, reference.prefill_s,
+                reference.decode_tps)
         mine = protocol.ask_pipeline(pipeline, case)
-        _record(piped, case.is_correct(mine.text), mine.kv_bytes, reference.kv_bytes, mine)
+        _record(piped, case.is_correct(mine.text), mine.kv_bytes, reference.kv_bytes, mine.prefill_s, mine.decode_tps)
     return full, piped
 
 
@@ -77,14 +78,14 @@ def run_questions(protocol: Protocol, pipeline: Pipeline, context: int, contexts
         prefill_s, held = protocol.prefill(cases[0], cache), cache_bytes(cache)
         for case in cases:
             text, _, tps = protocol.generate(case, fork(cache))
-            _record(full, case.is_correct(text), held, held, Answer(text, None, held, prefill_s, tps))
+            _record(full, case.is_correct(text), held, held, prefill_s, tps)
         with pipeline.attach(model, protocol.tokenizer) as handle:
             compressed = handle.cache()
             prefill_s = protocol.prefill(cases[0], compressed)
             mine = handle.stats(compressed)["kv_bytes"]
             for case in cases:
                 text, _, tps = protocol.generate(case, compressed.fork())
-                _record(piped, case.is_correct(text), mine, held, Answer(text, None, mine, prefill_s, tps))
+                _record(piped, case.is_correct(text), mine, held, prefill_s, tps)
     return full, piped
 
 
@@ -112,12 +113,12 @@ def needle_accuracy(protocol: Protocol, pipeline: Pipeline, prompts: list[TaskCa
             sum(100 * a.compress_s / a.prefill_s for _, a in answers) / len(answers))
 
 
-def _record(tally: Tally, correct: bool, kv_bytes: int, kv_full: int, answer: Answer) -> None:
+def _record(tally: Tally, correct: bool, kv_bytes: int, kv_full: int, prefill_s: float, decode_tps: float) -> None:
     tally.correct.append(correct)
     tally.kv_bytes.append(kv_bytes)
     tally.kv_bytes_full.append(kv_full)
-    tally.prefill_s.append(answer.prefill_s)
-    tally.decode_tps.append(answer.decode_tps)
+    tally.prefill_s.append(prefill_s)
+    tally.decode_tps.append(decode_tps)
 
 
 def report(full: Tally, piped: Tally, protocol: Protocol, context: int, budget) -> str:

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.learned.gates import RetentionGates
-from kvpipe.runtime.adapters import find_decoder
+from kvpipe.runtime.adapters import find_decoder, kv_shape
 
 TRAINING_ATTENTION = "kvpipe_retention_training"
 
@@ -107,10 +107,9 @@ def train(model, tokenizer, config: TrainConfig, out: Path, resume: bool = False
     """Train gates for ``model`` (frozen); returns them and the per-step history. Writes ``out/gates.safetensors``
     (the gates and a record), ``out/optimizer.safetensors`` and ``out/state.json`` at every checkpoint."""
     decoder = find_decoder(model)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads, head_dim = kv_shape(model)
     torch.manual_seed(config.seed)
-    gates = RetentionGates(len(decoder.layers), cfg.num_key_value_heads, head_dim, config.hidden,
+    gates = RetentionGates(len(decoder.layers), kv_heads, head_dim, config.hidden,
                            config.bias_init, config.shared)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, start = [], 0

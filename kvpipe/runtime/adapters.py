@@ -79,6 +79,14 @@ LAYER_KINDS = {
 
 
 
+def kv_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """``(KV heads, head dimension)`` of the model's attention layers, from its (text) config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def cache_keyword(decoder: torch.nn.Module) -> str:
     """The decoder's cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is
     accepted until 5.40); callers may use either, the decoder is given the one it declares."""

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from kvpipe.errors import KVPipeError, UnsupportedModelError
 from kvpipe.kernels.pages import PackedPages
+from kvpipe.runtime.adapters import kv_shape
 from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer
 from kvpipe.runtime.quantized_store import QuantizedStore
 from kvpipe.runtime.store import RaggedStore
@@ -103,10 +104,7 @@ def _shape(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dic
 
 
 def _check_model(path: Path, saved: dict, model: torch.nn.Module, session) -> None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads, head_dim = kv_shape(model)
     dtype = next(model.parameters()).dtype
     here = _shape(len(session.decoder.layers), kv_heads, head_dim, dtype)
     differ = [f"{key} {saved[key]} (this model: {here[key]})" for key in here if saved.get(key) != here[key]]

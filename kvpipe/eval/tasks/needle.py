@@ -19,16 +19,31 @@ NOUNS = ["falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quarry", 
          "violin", "walrus", "anchor", "beacon", "canyon", "dragon", "ember", "glacier", "island", "juniper"]
 
 
-def needle_case(tokenizer, rng: random.Random, tokens: int, source: str, kind: str, needles: int) -> TaskCase:
-    """One case whose prompt up to the question is ``tokens`` tokens long (to a few tokens)."""
-    while True:  # redraw in the rare case the haystack already contains an answer
-        facts, evidence, answers, question, key = (variable_chains(rng, needles) if kind == "vartrack"
-                                                   else magic_numbers(rng, kind, needles))
+KEYS = [f"{a}-{n}" for a in ADJECTIVES for n in NOUNS]
+
+
+def hide(tokenizer, rng: random.Random, tokens: int, source: str, draw):
+    """Facts drawn by ``draw()`` (``-> (facts, answers, rest)``) inserted at random depths into a haystack that
+    fills the prompt up to the question to ``tokens`` tokens; drawn again in the rare case the haystack already
+    contains an answer. Returns ``(context, depths, (facts, answers, rest))``."""
+    while True:
+        drawn = draw()
+        facts, answers, _ = drawn
         depths = sorted(rng.uniform(0.1, 0.9) for _ in facts)
         fixed = prompt_overhead(tokenizer) + sum(token_count(tokenizer, fact) + 1 for fact in facts) + 2
         context = insert_facts(haystack(tokenizer, rng, tokens - fixed, source), facts, depths)
         if all(context.count(answer) == 1 for answer in answers):
-            break
+            return context, depths, drawn
+
+
+def needle_case(tokenizer, rng: random.Random, tokens: int, source: str, kind: str, needles: int) -> TaskCase:
+    """One case whose prompt up to the question is ``tokens`` tokens long (to a few tokens)."""
+    def draw():
+        facts, evidence, answers, question, key = (variable_chains(rng, needles) if kind == "vartrack"
+                                                   else magic_numbers(rng, kind, needles))
+        return facts, answers, (evidence, question, key)
+
+    context, depths, (facts, answers, (evidence, question, key)) = hide(tokenizer, rng, tokens, source, draw)
     spans = [(context.find(fact), context.find(fact) + len(fact)) for fact in evidence]
     # about 20 tokens per extra 7-digit number: the model lists them as "* 1234567: ..." bullets
     return encode(tokenizer, context, question, key, answers, depths[0], spans, kind, 24 + 20 * (len(answers) - 1))
@@ -37,7 +52,7 @@ def needle_case(tokenizer, rng: random.Random, tokens: int, source: str, kind: s
 def magic_numbers(rng: random.Random, kind: str, needles: int):
     """``(facts in context order, facts that answer, answers, question, asked key)``: magic-number kinds."""
     count = 1 if kind == "single" else max(needles, 2)
-    keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], 1 if kind in ("single", "multivalue") else count)
+    keys = rng.sample(KEYS, 1 if kind in ("single", "multivalue") else count)
     numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), count)]
     facts = [f"The special magic number for {keys[i % len(keys)]} is {numbers[i]}." for i in range(count)]
     if kind == "multivalue":
@@ -58,15 +73,12 @@ def ask_number(key: str) -> str:
 def question_set(tokenizer, rng: random.Random, tokens: int, source: str, questions: int) -> list[TaskCase]:
     """One context holding ``questions`` facts under different keys, and one case per fact asking for it alone,
     in context order; every case has the same ``prefix_ids`` (a context compressed once, asked many times)."""
-    while True:
-        keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], questions)
+    def draw():
+        keys = rng.sample(KEYS, questions)
         numbers = [str(n) for n in rng.sample(range(1_000_000, 10_000_000), questions)]
-        facts = [f"The special magic number for {key} is {number}." for key, number in zip(keys, numbers)]
-        depths = sorted(rng.uniform(0.1, 0.9) for _ in facts)
-        fixed = prompt_overhead(tokenizer) + sum(token_count(tokenizer, fact) + 1 for fact in facts) + 2
-        context = insert_facts(haystack(tokenizer, rng, tokens - fixed, source), facts, depths)
-        if all(context.count(number) == 1 for number in numbers):
-            break
+        return [f"The special magic number for {key} is {number}." for key, number in zip(keys, numbers)], numbers, keys
+
+    context, depths, (facts, numbers, keys) = hide(tokenizer, rng, tokens, source, draw)
     return [encode(tokenizer, context, ask_number(key), key, (number,), depth,
                    [(context.find(fact), context.find(fact) + len(fact))], "single")
             for key, number, fact, depth in zip(keys, numbers, facts, depths)]
