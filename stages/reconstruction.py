@@ -42,11 +42,7 @@ class Reconstruction(ProbingScorer):
 
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``: per key, the largest attention any probe query of its group gives it."""
-        batch, q_heads, q, _ = obs.query.shape
-        best = torch.zeros(batch, q_heads, obs.key.shape[2], device=obs.query.device)
-        for lo in range(0, q, QUERY_CHUNK):
-            best = torch.maximum(best, obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).amax(2))
-        return obs.to_kv_heads(best, "max")
+        return obs.max_attention(QUERY_CHUNK)
 
     def after_probe(self, scores: torch.Tensor) -> torch.Tensor:
         return pool_neighbours(scores, self.params.pool)      # over the context's slots only

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from kvpipe.core.context import CompressionContext
 from kvpipe.core.registry import Params, Stage, register
+from kvpipe.errors import KVPipeError
 from kvpipe.learned.gates import RetentionGates, retention_scores
 
 
@@ -24,25 +25,40 @@ class RetentionGatesStage(Stage):
 
     Scores are log-retentions on one scale across layers and heads (the gates' readout is shared): pair with
     ``global`` and ``calibration: none`` so every layer and head competes for one budget, as DBTrimKV does.
+
+    Gates distilled from reconstruction scores (``kvpipe train-gates --target reconstruction``; the gate file
+    says so) predict a token's log reconstruction score itself: then the score is ``log β`` as is, with no age.
     """
 
     Params = RetentionGateParams
     writes = ("scores",)
 
     @cached_property
+    def loaded(self) -> tuple[RetentionGates, dict]:
+        return RetentionGates.load(self.params.gates)
+
+    @property
     def gates(self) -> RetentionGates:
-        return RetentionGates.load(self.params.gates)[0]
+        return self.loaded[0]
+
+    @property
+    def predicts_scores(self) -> bool:
+        """Distilled gates predict the score itself (files before distillation record no target: KL)."""
+        return self.loaded[1].get("target", "kl") == "reconstruction"
 
     def __call__(self, ctx: CompressionContext) -> None:
         first = ctx.layers[0].keys
+        if self.predicts_scores and self.params.lookahead != 1:
+            raise KVPipeError(f"stage {self.id!r}: gates {self.params.gates!r} were distilled from reconstruction "
+                              "scores and predict the score itself; `lookahead` applies to KL-trained gates only")
         self.gates.check_shape(len(ctx.layers), first.shape[1], first.shape[-1], repr(self.params.gates))
         # t = the next token's position, per row (the newest stored position + 1)
         newest = torch.stack([view.positions.masked_fill(~view.valid, -1).amax((1, 2)).to(first.device)
                               for view in ctx.layers])                     # layers may sit on several devices
         next_position = newest.amax(0) + 1
         with torch.no_grad():
-            scores = [retention_scores(self.gates(i, view.keys, view.values), view.positions,
-                                       next_position.to(view.keys.device),
-                                       self.params.lookahead)
-                      for i, view in enumerate(ctx.layers)]
+            log_betas = [self.gates(i, view.keys, view.values) for i, view in enumerate(ctx.layers)]
+            scores = log_betas if self.predicts_scores else [
+                retention_scores(log_beta, view.positions, next_position.to(view.keys.device), self.params.lookahead)
+                for log_beta, view in zip(log_betas, ctx.layers)]
         ctx.write(self, "scores", scores)

@@ -135,17 +135,56 @@ def test_kvpress_peer_without_kvpress_says_how_to_get_it():
         peer("kvpress-snapkv", Budget(keep=0.5))
 
 
+QUESTIONS = SUITE.replace("tasks: [single, common_words]", "tasks: [single]\nquestions_per_context: 3").replace(
+    "fidelity: {context: 96, continuation: 16}\n", "")
+
+
+@pytest.mark.real_model
+def test_several_questions_on_one_compressed_context_answer_as_each_asked_alone(tmp_path, tiny_with_real_tokenizer):
+    """The multi-question protocol compresses a context once and asks each question on a fork: every answer
+    must be the one that question gets when its prompt is run alone (no question sees another)."""
+    from kvpipe.eval.protocol import Protocol
+    from kvpipe.eval.tasks import make_question_sets
+    from kvpipe.runtime.pipeline import build
+
+    model, tokenizer = tiny_with_real_tokenizer
+    suite, _ = load_suite(write(tmp_path, QUESTIONS))
+    written = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
+    write_report(written, tmp_path / "out", plots=False)
+    records = [r for r in written if r["kind"] == "task"]
+    assert len(records) == 2 * 3 * 3                       # contexts × questions × (full, default@0.5, noop)
+    assert sorted({(r["case"], r["question"]) for r in records}) == [(c, q) for c in range(2) for q in range(3)]
+    protocol = Protocol(model, tokenizer)
+    pipeline = build("default").with_budget(keep=0.5)
+    for c, cases in enumerate(make_question_sets(tokenizer, 256, 2, 3)):
+        for q, case in enumerate(cases):
+            alone = protocol.ask_pipeline(pipeline, case)
+            asked = next(r for r in records if (r["case"], r["question"], r["contender"]) == (c, q, "default @ keep=0.5"))
+            assert asked["answer"] == alone.text and asked["kv_bytes"] == alone.kv_bytes
+    full = {(r["case"], r["question"]): r["answer"] for r in records if r["family"] == "full"}
+    kept = [r for r in records if r["contender"] == "keep everything @ own"]
+    assert all(r["answer"] == full[r["case"], r["question"]] for r in kept)
+    assert "2 contexts × 3 questions" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_several_questions_need_the_single_task_and_the_agnostic_protocol(tmp_path):
+    bad = write(tmp_path, QUESTIONS.replace("tasks: [single]", "tasks: [single, multikey]"))
+    with pytest.raises(SpecError, match=r"suite.yaml:6:24: questions_per_context.*tasks: \[single\]"):
+        load_suite(bad)
+
+
 @pytest.mark.real_model
 @pytest.mark.skipif(not kvpress_available(), reason="kvpress not installed (it needs transformers<5.3): make test-tf52")
 def test_kvpress_peers_run_through_kvpress_pipeline(tmp_path, smollm):
     model, tokenizer = smollm
     suite, _ = load_suite(write(tmp_path, SUITE.replace("cases: 2", "cases: 1").replace(", common_words", "")
-                                + "peers: [kvpress-snapkv, kvpress-adakv-snapkv]\n"))
+                                + "peers: [kvpress-snapkv, kvpress-adakv-snapkv, kvpress-kvzip]\n"))
     records = run_suite(suite, tmp_path, model, tokenizer, tmp_path / "out", progress=False)
     answers = {r["contender"]: r for r in records if r["kind"] == "task"}
     snapkv, adakv = answers["kvpress-snapkv @ keep=0.5"], answers["kvpress-adakv-snapkv @ keep=0.5"]
     assert snapkv["answer"] and 0.45 < snapkv["bytes_fraction"] < 0.55    # evicts for real
     assert adakv["bytes_fraction"] > 0.95                                  # masks: nothing is freed
+    assert 0.45 < answers["kvpress-kvzip @ keep=0.5"]["bytes_fraction"] < 0.55   # reloads the tokenizer: found
     fidelity = {r["contender"]: r for r in records if r["kind"] == "fidelity"}
     assert fidelity["kvpress-snapkv @ keep=0.5"]["kl"] > 0
 

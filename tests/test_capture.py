@@ -62,6 +62,24 @@ def test_a_capture_is_left_untouched_by_the_pipelines_that_compress_it(case_and_
     assert all(layer.store is None and torch.equal(layer.keys, b) for layer, b in zip(captured.cache.layers, before))
 
 
+@pytest.mark.real_model
+def test_probing_pipelines_share_one_probe_per_capture_and_need_their_attach(case_and_reference):
+    """agnostic and agnostic-int4 (the same reconstruction stage) at two budgets: one probe runs, and each cache
+    is charged its seconds; compressing without the pipeline's own attach is refused."""
+    protocol, _, _, captured = case_and_reference
+    with pytest.raises(ValueError, match="pass the handle of this pipeline's attach"):
+        compressed(kvpipe.build("agnostic"), captured)
+    charged = []
+    for pipeline in (kvpipe.build("agnostic").with_budget(keep=0.5), kvpipe.build("agnostic"),
+                     kvpipe.build("agnostic-int4")):
+        with pipeline.attach(protocol.model, protocol.tokenizer) as handle:
+            cache = compressed(pipeline, captured, handle)
+            charged.append(cache.probe_seconds)
+            assert handle.stats(cache)["probe_vs_forward"] > 0
+    assert [key[0] for key in captured.probes] == ["reconstruction"]         # one probe served all three
+    assert charged[0] > 0 and charged.count(charged[0]) == 3
+
+
 SUITE = """\
 version: 1
 name: shortcuts

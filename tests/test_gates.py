@@ -92,6 +92,41 @@ def test_short_training_lowers_the_loss_and_checkpoints_reload_exactly(smollm, t
                                torch.tensor([h["kl"] for h in history]), rtol=1e-4, atol=1e-6)
 
 
+def test_distilled_gates_learn_the_reconstruction_scores_and_score_with_them(smollm, tmp_path):
+    """``--target reconstruction``: the teacher is the shipped ``reconstruction`` stage's scores; a few steps
+    lower the gates' error to them on the sequences trained on; the stage then scores with ``log β`` itself."""
+    from kvpipe.learned import distill
+    from kvpipe.runtime.pipeline import build
+
+    _, tokenizer = smollm
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
+    config = TrainConfig(steps=6, context=96, lr=3e-2, hidden=8, bias_init=-4.0, target="reconstruction")
+    untrained, _ = train(model, tokenizer, TrainConfig(**{**config.__dict__, "steps": 0}), tmp_path / "0",
+                         progress=False)
+    gates, history = train(model, tokenizer, config, tmp_path, progress=False)
+    assert set(history[0]) == {"step", "mse"}
+    for step in (0, 1):
+        targets = distill.teacher_targets(model, tokenizer, distill.training_text(tokenizer, 96, 0, step))
+        assert distill.distill_loss(gates, targets) < distill.distill_loss(untrained, targets)
+        # the teacher is the stage's own definition: every score an attention probability, some near 1
+        scores = torch.stack([t.exp() for _, _, t in targets])
+        assert float(scores.max()) <= 1 + 1e-4 and float(scores.max()) > 0.1
+    record = RetentionGates.load(tmp_path / "gates.safetensors")[1]
+    assert record["target"] == "reconstruction" and "mse_last10" in record
+    spec = {"version": 1, "budget": {"keep": 0.5}, "stages": [
+        {"stage": "retention_gates", "params": {"gates": str(tmp_path / "gates.safetensors")}},
+        {"stage": "global", "params": {"calibration": "none"}}, "topk"]}
+    assert next(s for s in build(spec).stages if s.id == "retention_gates").predicts_scores
+    ids = torch.randint(2, 250, (1, 60))
+    with build(spec).attach(model) as handle:
+        model(ids, past_key_values=handle.cache())
+        assert handle.stats()["kv_bytes"] < handle.stats()["kv_bytes_peak"]
+    bad = {**spec, "stages": [{**spec["stages"][0], "params": {**spec["stages"][0]["params"], "lookahead": 4}},
+                              *spec["stages"][1:]]}
+    with build(bad).attach(model) as handle, pytest.raises(KVPipeError, match="predict the score itself"):
+        model(ids, past_key_values=handle.cache())
+
+
 @pytest.mark.real_model
 def test_shipped_gates_load_for_smollm2_and_generate(smollm):
     model, tokenizer = smollm

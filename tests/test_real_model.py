@@ -90,7 +90,7 @@ def test_left_padded_batch_matches_single_prompts(smollm):
 def test_every_shipped_pipeline_generates(smollm, prompt, pipeline_path):
     model, tokenizer = smollm
     ids = prompt.ids
-    with kvpipe.build(pipeline_path).attach(model) as handle:
+    with kvpipe.build(pipeline_path).attach(model, tokenizer) as handle:     # the tokenizer: for probing stages
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         stats = handle.stats()
@@ -126,12 +126,12 @@ def test_every_shipped_pipeline_generates_from_short_prompts(smollm, name):
     """A chat user's short first turn: prompts shorter than the protected sinks and window are kept whole (the
     budget is reported as not met) instead of refused; nothing crashes inside generate(). One left-padded batch
     holds prompts of 1, 10, 40 and 135 tokens."""
-    model, _ = smollm
+    model, tokenizer = smollm
     generator = torch.Generator().manual_seed(11)
     lengths = (1, 10, 40, 135)
     ids = torch.randint(10, 40000, (len(lengths), max(lengths)), generator=generator)
     mask = (torch.arange(max(lengths)) >= max(lengths) - torch.tensor(lengths)[:, None]).long()
-    with kvpipe.build(name).attach(model) as handle:
+    with kvpipe.build(name).attach(model, tokenizer) as handle:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         stats = handle.stats()
     assert out.shape == (len(lengths), max(lengths) + 2)

@@ -38,6 +38,31 @@ def test_tova_is_the_last_query_attention_averaged_over_all_heads():
         torch.testing.assert_close(got[0, kv_head].double(), want, rtol=1e-5, atol=1e-7)
 
 
+@given(chunk=st.integers(1, 7), padded=st.booleans())
+@settings(max_examples=12, deadline=None)
+def test_max_attention_is_the_largest_probability_any_query_of_the_group_gives(chunk, padded):
+    """``Observation.max_attention`` (log space, masks only where they bite, queries in chunks) against the
+    softmax row of every query, float64, on a padded batch: a padding key gets nothing and is never counted."""
+    obs = observation(batch=2, q=5, kv=9)
+    if padded:
+        obs.key_valid[1, :, :2] = False                # row 1: two padding keys
+        obs.query_valid[0, 1] = False                  # row 0: a padding query, which gives nothing
+    got = obs.max_attention(chunk)
+    for row in range(2):
+        for kv_head in range(2):
+            want = torch.zeros(9, dtype=torch.float64)
+            for head in range(kv_head * obs.groups, (kv_head + 1) * obs.groups):
+                for t in range(5):
+                    if not obs.query_valid[row, t]:
+                        continue
+                    position = 9 - 5 + t
+                    k = obs.key[row, kv_head, : position + 1].double()
+                    logits = k @ obs.query[row, head, t].double() * obs.scaling
+                    logits[~obs.key_valid[row, kv_head, : position + 1]] = float("-inf")
+                    want[: position + 1] = torch.maximum(want[: position + 1], torch.softmax(logits, -1))
+            torch.testing.assert_close(got[row, kv_head].double(), want, rtol=1e-5, atol=1e-7)
+
+
 def test_output_change_equals_removing_the_token_and_recomputing():
     """For one query the score of token i is ||W_O (o - o_without_i)||, computed here by brute force."""
     obs = observation(q_heads=1, kv_heads=1, q=1, kv=9)

@@ -108,15 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
     p.add_argument("--out", default="gates", metavar="DIR", help="checkpoint directory (default gates/); the "
                                                                  "gate file is DIR/gates.safetensors")
-    for name, default, helptext in (("steps", 300, "optimiser steps"), ("context", 512, "tokens per sequence"),
+    p.add_argument("--target", choices=("kl", "reconstruction"), default="kl",
+                   help="kl (default): soft retention against the full model, with the capacity hinge; "
+                        "reconstruction: distil the gates from KVzip's reconstruction scores (each step one "
+                        "prefill and one re-reading of the context, no backward pass through the model; --budget "
+                        "unused); use the result with `global` and `calibration: none`")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence (default 512 for kl, 1024 for reconstruction)")
+    for name, default, helptext in (("steps", 300, "optimiser steps"),
                                     ("budget", 64, "capacity: tokens per KV head on average"),
                                     ("hidden", 64, "gate MLP width"), ("seed", 0, "seed of data and init"),
                                     ("checkpoint-every", 50, "steps between checkpoints")):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{helptext} (default {default})")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
-    p.add_argument("--bias-init", type=float, default=5.0,
-                   help="initial readout bias: β = sigmoid(bias) for every token at the start (default 5: "
-                        "β ≈ 0.993, a ~150-token memory; the papers' 10 needs far more steps than a CPU run)")
+    p.add_argument("--bias-init", type=float, default=None,
+                   help="initial readout bias: β = sigmoid(bias) for every token at the start (default for kl 5: "
+                        "β ≈ 0.993, a ~150-token memory, the papers' 10 needs far more steps than a CPU run; for "
+                        "reconstruction -4: log β ≈ -4, near a typical log score)")
     p.add_argument("--unshared", action="store_true", help="one readout per layer instead of one shared readout "
                                                            "(the ablation of DBTrimKV's tied projection)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -274,20 +282,25 @@ def _diagnose(args) -> int:
     return 0
 
 
+BIAS_INIT = {"kl": 5.0, "reconstruction": -4.0}
+
+
 def _train_gates(args) -> int:
     from pathlib import Path
 
     from kvpipe.learned.train import TrainConfig, train
     from kvpipe.models import load
 
-    config = TrainConfig(steps=args.steps, context=args.context, budget=args.budget, lr=args.lr, hidden=args.hidden,
-                         bias_init=args.bias_init, shared=not args.unshared, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)
+    context = args.context or (1024 if args.target == "reconstruction" else 512)
+    config = TrainConfig(steps=args.steps, context=context, budget=args.budget, lr=args.lr, hidden=args.hidden,
+                         bias_init=args.bias_init if args.bias_init is not None else BIAS_INIT[args.target],
+                         shared=not args.unshared, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, target=args.target)
     model, tokenizer = load(args.model)
     _, history = train(model, tokenizer, config, Path(args.out), resume=args.resume)
     last = history[-10:]
-    print(f"trained {len(history)} steps; last 10: KL {sum(h['kl'] for h in last) / len(last):.4f}, capacity "
-          f"{sum(h['capacity'] for h in last) / len(last):.4f}; wrote {Path(args.out) / 'gates.safetensors'}")
+    means = ", ".join(f"{key} {sum(h[key] for h in last) / len(last):.4f}" for key in last[0] if key != "step")
+    print(f"trained {len(history)} steps; last 10: {means}; wrote {Path(args.out) / 'gates.safetensors'}")
     return 0
 
 

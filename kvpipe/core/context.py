@@ -76,6 +76,32 @@ class Observation:
         live = self.query_valid[:, None, start:stop, None]
         return torch.where(live, probs.nan_to_num(0.0), 0.0)
 
+    def max_attention(self, query_chunk: int = 256) -> torch.Tensor:
+        """``float32 [B, Hkv, kv]``: per key, the largest softmax attention any query of its KV group gives it
+        (what ``attention_probs`` then a maximum over queries and grouped heads gives, without materialising
+        the normalised probabilities: ``max p = exp(max(logit − logsumexp))``, masks applied only where they
+        can bite, queries read ``query_chunk`` at a time). Padding queries give nothing."""
+        batch, q_heads, q, dim = self.query.shape
+        kv_heads, kv = self.key.shape[1], self.key.shape[2]
+        keys = self.key.float().transpose(-1, -2)[:, :, None]                       # [B, Hkv, 1, D, kv]
+        padded_keys = not bool(self.key_valid.all())
+        best = torch.full((batch, kv_heads, kv), float("-inf"), device=self.query.device)
+        for lo in range(0, q, query_chunk):
+            hi = min(lo + query_chunk, q)
+            queries = self.query[:, :, lo:hi].float().reshape(batch, kv_heads, self.groups, hi - lo, dim)
+            logits = queries @ keys * self.scaling                                   # [B, Hkv, G, w, kv]
+            # causal: query lo + i sees keys up to kv - q + lo + i, so only the last q - lo columns are masked
+            tail = torch.ones(hi - lo, q - lo, dtype=torch.bool, device=logits.device).triu(1)
+            logits[..., kv - (q - lo):].masked_fill_(tail, float("-inf"))
+            if padded_keys:
+                logits.masked_fill_(~self.key_valid[:, :, None, None, :], float("-inf"))
+            logits.sub_(logits.logsumexp(-1, keepdim=True))
+            live = self.query_valid[:, lo:hi]
+            if not bool(live.all()):                                     # also clears rows with nothing to see
+                logits.masked_fill_(~live[:, None, None, :, None], float("-inf"))
+            best = torch.maximum(best, logits.amax((2, 3)))
+        return best.exp()
+
 
 @dataclass
 class LayerView:

@@ -24,7 +24,7 @@ from kvpipe.eval.contenders import (QUANTIZED_PEERS, Contender, FullCache, Pipel
 from kvpipe.eval.fidelity import compare
 from kvpipe.eval.protocol import Answer, Protocol
 from kvpipe.eval.suite import SuiteSpec
-from kvpipe.eval.tasks import make_cases, paragraphs
+from kvpipe.eval.tasks import TaskCase, make_cases, make_question_sets, paragraphs
 from kvpipe.runtime.backend import resolve_backend
 from kvpipe.runtime.capture import Capture, capture
 from kvpipe.runtime.pipeline import build
@@ -71,7 +71,7 @@ def environment(suite: SuiteSpec, share: bool = True, always_generate: bool = Fa
     except importlib.metadata.PackageNotFoundError:
         versions["kvpress"] = "not installed"
     return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
-            "cases": suite.cases, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cases": suite.cases, "questions_per_context": suite.questions_per_context, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "shared_prefill": share,
             "always_generate": always_generate, **versions}
 
@@ -86,7 +86,8 @@ def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path
     for record in skipped:
         warnings.warn(f"{record['contender']} not run: {record['reason']}", stacklevel=2)
     field = [FullCache(), *field]
-    answers = len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases * len(field)
+    answers = (len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases
+               * suite.questions_per_context * len(field))
     records: list[dict] = []
     started = time.perf_counter()
     with open(out_dir / "results.jsonl", "w") as sink, \
@@ -117,19 +118,33 @@ def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar
     contender whose score proves that greedy decoding returns the full cache's answer skips generation."""
     full = field[0]
     for context, task in product(suite.contexts, suite.tasks):
-        cases = make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles, suite.haystack)
-        for aware, (i, case) in product(PROTOCOLS[suite.questions], enumerate(cases)):
+        for aware, (i, cases) in product(PROTOCOLS[suite.questions], enumerate(case_groups(suite, tokenizer, context,
+                                                                                             task))):
             protocol = Protocol(model, tokenizer, aware, skip_proven=not always_generate)
-            captures = Captures(model, protocol.compressed_part(case)) if share else None
-            reference = full.answer(protocol, case, captured=_captured(full, captures))
-            base = {"kind": "task", "context": context, "task": task, "case": i, "protocol": protocol.name,
-                    "expected": list(case.answers), "full_correct": case.is_correct(reference.text),
-                    "kv_bytes_full": reference.kv_bytes, "loglik_full": reference.score.loglik, "shared": share}
+            captures = Captures(model, protocol.compressed_part(cases[0])) if share else None
+            references = full.answer(protocol, cases, captured=_captured(full, captures))
             for contender in field:
                 bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
-                outcome = reference if contender is full else _try(contender, protocol, case, reference, captures)
-                yield {**base, **_describe(contender), **_outcome(outcome, case, reference)}
-                bar.update()
+                outcomes = references if contender is full else _try(contender, protocol, cases, references,
+                                                                      captures)
+                for j, (case, reference) in enumerate(zip(cases, references)):
+                    outcome = outcomes if isinstance(outcomes, BudgetError) else outcomes[j]
+                    yield {"kind": "task", "context": context, "task": task, "case": i, "question": j,
+                           "protocol": protocol.name, "expected": list(case.answers),
+                           "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes,
+                           "loglik_full": reference.score.loglik, "shared": share, **_describe(contender),
+                           **_outcome(outcome, case, reference)}
+                    bar.update()
+
+
+def case_groups(suite: SuiteSpec, tokenizer, context: int, task: str) -> list[list[TaskCase]]:
+    """The cases of one task, grouped by the context they share: one case a group, or with
+    ``questions_per_context`` the questions about one context (compressed once, asked apart)."""
+    if suite.questions_per_context > 1:
+        return make_question_sets(tokenizer, context, suite.cases, suite.questions_per_context, suite.seed,
+                                  suite.haystack)
+    return [[case] for case in make_cases(tokenizer, context, suite.cases, suite.seed, task, suite.needles,
+                                          suite.haystack)]
 
 
 class Captures:
@@ -150,8 +165,8 @@ def _captured(contender: Contender, captures: Captures | None) -> Capture | None
     quantized caches at any (their keys and values are the same); kvpress peers run their own pipeline."""
     if captures is None:
         return None
-    if isinstance(contender, PipelineContender):     # probing pipelines need the model after the prefill
-        return None if contender.pipeline.probers else captures.get(contender.pipeline.spec.backend)
+    if isinstance(contender, PipelineContender):
+        return captures.get(contender.pipeline.spec.backend)
     return captures.get("torch") if isinstance(contender, (FullCache, QuantizedPeer)) else None
 
 
@@ -187,9 +202,10 @@ def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer,
                **_describe(contender), **numbers}
 
 
-def _try(contender: Contender, protocol: Protocol, case, reference: Answer, captures: Captures | None):
+def _try(contender: Contender, protocol: Protocol, cases: list[TaskCase], references: list[Answer],
+         captures: Captures | None) -> list[Answer] | BudgetError:
     try:
-        return contender.answer(protocol, case, reference.tokens, _captured(contender, captures))
+        return contender.answer(protocol, cases, [r.tokens for r in references], _captured(contender, captures))
     except BudgetError as err:   # e.g. a keep fraction below the protected window on this context: say so
         return err
 

@@ -10,8 +10,11 @@ them. kvpress 0.5.5 needs ``transformers<5.3``: ``make test-tf52`` builds such a
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import importlib.util
+import tempfile
 
 import torch
 from transformers import DynamicCache, QuantizedCache
@@ -34,8 +37,10 @@ KVPRESS_PEERS = {  # name -> (press class, wrap in AdaKVPress)
     "kvpress-tova": ("TOVAPress", False),
     "kvpress-adakv-snapkv": ("SnapKVPress", True),
     "kvpress-adakv-expected-attention": ("ExpectedAttentionPress", True),
+    "kvpress-kvzip": ("KVzipPress", False),       # context reconstruction (question-agnostic), global ranking
 }
 PEERS = tuple(QUANTIZED_PEERS) + tuple(KVPRESS_PEERS)
+RELOAD_TOKENIZER = {"KVzipPress"}           # presses that load the tokenizer again by the model's name
 QUANT_GROUP, QUANT_RESIDUAL = 64, 128   # transformers' QuantizedCache defaults are 64 and 128 too
 
 
@@ -51,11 +56,12 @@ class Contender:
     def label(self) -> str:
         return self.name if self.budget == "-" else f"{self.name} @ {self.budget}"
 
-    def answer(self, protocol: Protocol, case: TaskCase, reference: torch.Tensor | None = None,
-               captured: Capture | None = None) -> Answer:
-        """Answer ``case``; with ``reference`` (token ids), also score it teacher-forced. ``captured``: the
-        case's compressed part prefilled once (``kvpipe.runtime.capture``), for contenders that can start
-        from it."""
+    def answer(self, protocol: Protocol, cases: list[TaskCase], references: list[torch.Tensor] | None = None,
+               captured: Capture | None = None) -> list[Answer]:
+        """Answer each of ``cases``, which share their compressed part (one case, or the questions of one
+        context): it is compressed once and every question asked apart from the others. With ``references``
+        (token ids, one per case), also score them teacher-forced. ``captured``: the compressed part prefilled
+        once (``kvpipe.runtime.capture``), for contenders that can start from it."""
         raise NotImplementedError
 
     def logits(self, model, context: torch.Tensor, continuation: torch.Tensor, tokenizer=None) -> torch.Tensor:
@@ -70,11 +76,11 @@ class FullCache(Contender):
     def __init__(self):
         super().__init__("full cache", "-")
 
-    def answer(self, protocol, case, reference=None, captured=None):
+    def answer(self, protocol, cases, references=None, captured=None):
         cache = DynamicCache(config=protocol.model.config)
         if captured is None:
-            return protocol.reference_answer(case, cache)
-        return protocol.reference_answer(case, captured.fill(cache), captured.prefill_seconds)
+            return protocol.reference_answers(cases, cache)
+        return protocol.reference_answers(cases, captured.fill(cache), captured.prefill_seconds)
 
     def logits(self, model, context, continuation, tokenizer=None):
         return continuation_logits(model, context, continuation, DynamicCache(config=model.config))
@@ -87,8 +93,8 @@ class PipelineContender(Contender):
         super().__init__(name, budget)
         self.pipeline = pipeline
 
-    def answer(self, protocol, case, reference=None, captured=None):
-        return protocol.ask_pipeline(self.pipeline, case, reference, captured)
+    def answer(self, protocol, cases, references=None, captured=None):
+        return protocol.ask_pipeline_each(self.pipeline, cases, references, captured)
 
     def logits(self, model, context, continuation, tokenizer=None):
         with self.pipeline.attach(model, tokenizer) as handle:
@@ -108,8 +114,13 @@ class QuantizedPeer(Contender):
         return QuantizedCache(self.backend, model.config, nbits=self.bits, q_group_size=QUANT_GROUP,
                               residual_length=QUANT_RESIDUAL)
 
-    def answer(self, protocol, case, reference=None, captured=None):
-        # quanto's packed tensors refuse deepcopy: the likelihood is scored on a second cache filled the same way
+    def answer(self, protocol, cases, references=None, captured=None):
+        # Quantizing depends on no question, so filling a cache per question is the same as forking one: needed,
+        # since quanto's packed tensors refuse deepcopy (the likelihood is scored on a second cache, too).
+        return [self._answer(protocol, case, reference, captured)
+                for case, reference in zip(cases, references or [None] * len(cases), strict=True)]
+
+    def _answer(self, protocol, case, reference, captured):
         def prefilled():
             cache = self._cache(protocol.model)
             if captured is not None:
@@ -146,24 +157,35 @@ class KVPressPeer(Contender):
         press = getattr(kvpress, self.press_class)(compression_ratio=1 - keep)
         return kvpress.AdaKVPress(press) if self.adakv else press
 
-    def answer(self, protocol, case, reference=None, captured=None):
+    def answer(self, protocol, cases, references=None, captured=None):
         from transformers import pipeline
 
         importlib.import_module("kvpress")          # importing kvpress registers its "kv-press-text-generation" task
 
-        model, aware = protocol.model, protocol.question_aware
+        model, aware, case = protocol.model, protocol.question_aware, cases[0]
+        if aware and len(cases) > 1:
+            raise KVPipeError("question-aware compression sees one question: ask several only question-agnostically")
         pipe = pipeline("kv-press-text-generation", model=model, tokenizer=protocol.tokenizer)
         context = case.context + ("\n\n" + case.question if aware else "")
         cache = DynamicCache(config=model.config)
-        out = pipe(context, question=case.question, answer_prefix=case.answer_prefix,
-                   press=self.press(case.prefix_ids.shape[1]), max_new_tokens=case.max_new_tokens, cache=cache)
-        # The pipeline cuts the cache back to the compressed context after answering, by slicing: count the
+        with self.tokenizer_found(model, protocol.tokenizer):
+            out = pipe(context, questions=[c.question for c in cases], answer_prefix=case.answer_prefix,
+                       press=self.press(case.prefix_ids.shape[1]), max_new_tokens=case.max_new_tokens, cache=cache)
+        # The pipeline cuts the cache back to the compressed context after each answer, by slicing: count the
         # tensors' own sizes, not their (larger) storage. Masking presses (AdaKV) keep every token: ratio 1.
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
-        score = self.score(pipe, cache, context, case, reference) if reference is not None else None
-        # prefill and decode are not timed apart inside kvpress's pipeline: no speed numbers rather than mixed ones
-        tokens = protocol.tokenizer(out["answer"], add_special_tokens=False, return_tensors="pt").input_ids[0]
-        return Answer(out["answer"], tokens, held, float("nan"), float("nan"), score=score)
+        answers = []
+        for c, text, reference in zip(cases, out["answers"], references or [None] * len(cases), strict=True):
+            score = self.score(pipe, copy.deepcopy(cache), context, c, reference) if reference is not None else None
+            tokens = protocol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+            # prefill and decode are not timed apart inside kvpress's pipeline: no speed numbers, not mixed ones
+            answers.append(Answer(text, tokens, held, float("nan"), float("nan"), score=score))
+        return answers
+
+    def tokenizer_found(self, model, tokenizer):
+        """Where the press loads the tokenizer again by the model's name: the name pointed at a saved copy."""
+        needed = self.press_class in RELOAD_TOKENIZER and tokenizer is not None
+        return tokenizer_folder(model, tokenizer) if needed else contextlib.nullcontext()
 
     @staticmethod
     def score(pipe, cache, context: str, case: TaskCase, reference: torch.Tensor) -> Score:
@@ -179,7 +201,7 @@ class KVPressPeer(Contender):
 
     def logits(self, model, context, continuation, tokenizer=None):
         cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.tokenizer_found(model, tokenizer):
             with self.press(context.shape[1])(model):
                 last = model(context, past_key_values=cache).logits[0, -1:]
             # the cache is physically shorter now: positions must stay logical, as kvpress's pipeline does
@@ -187,6 +209,21 @@ class KVPressPeer(Contender):
             positions = torch.arange(start, start + continuation.shape[1] - 1)[None]
             rest = model(continuation[:, :-1], past_key_values=cache, position_ids=positions).logits[0]
         return torch.cat([last, rest]).float()
+
+
+@contextlib.contextmanager
+def tokenizer_folder(model, tokenizer):
+    """kvpress's ``KVzipPress`` reloads the tokenizer from ``model.config.name_or_path``; the embedded model
+    comes from a GGUF file that ``AutoTokenizer`` cannot open without its name, so for the call the model's
+    name points at a folder holding ``tokenizer`` (the same one, saved)."""
+    original = model.config.name_or_path
+    with tempfile.TemporaryDirectory(prefix="kvpipe-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        model.config.name_or_path = folder
+        try:
+            yield
+        finally:
+            model.config.name_or_path = original
 
 
 def kvpress_available() -> bool:

@@ -123,11 +123,26 @@ class Protocol:
         ``max_new_tokens``) and the score is decisive, greedy decoding would give exactly ``reference``: it is
         taken as the answer and generation is skipped (decode speed is then not measured: NaN).
         ``scratch``: a second cache prefilled like ``cache`` to score on, for caches that cannot be copied."""
+        return self.ask_each([case], cache, measure, [reference], prefill_s, after_prefill, scratch)[0]
+
+    def ask_each(self, cases: list[TaskCase], cache, measure: Callable[[Any], int] = cache_bytes,
+                 references: list[torch.Tensor | None] | None = None, prefill_s: float | None = None,
+                 after_prefill: Callable[[Any], None] | None = None, scratch=None) -> list[Answer]:
+        """Compress once, ask many: ``cases`` share their compressed part (``make_question_sets``), which is
+        prefilled into ``cache`` once; each case is then answered as in ``ask`` on its own fork of it (the last
+        on ``cache`` itself), so no question sees another. ``scratch`` only with a single case."""
+        references = references or [None] * len(cases)
         if prefill_s is None:
-            prefill_s = self.prefill(case, cache)
+            prefill_s = self.prefill(cases[0], cache)
         held = measure(cache)
         if after_prefill is not None:
             after_prefill(cache)
+        last = len(cases) - 1
+        return [self._answer(case, cache if i == last else fork(cache), held, reference, prefill_s, scratch)
+                for i, (case, reference) in enumerate(zip(cases, references, strict=True))]
+
+    def _answer(self, case: TaskCase, cache, held: int, reference: torch.Tensor | None, prefill_s: float,
+                scratch) -> Answer:
         score = (self.score(case, scratch if scratch is not None else fork(cache), reference)
                  if reference is not None else None)
         if self.skip_proven and score is not None and score.decisive and self.whole_answer(case, reference):
@@ -146,26 +161,43 @@ class Protocol:
     def decode(self, tokens: torch.Tensor) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def reference_answer(self, case: TaskCase, cache, prefill_s: float | None = None) -> Answer:
-        """The reference of a case: greedy answer from ``cache`` (a full one; already prefilled when
-        ``prefill_s`` is given), scored on its own tokens."""
+    def reference_answers(self, cases: list[TaskCase], cache, prefill_s: float | None = None) -> list[Answer]:
+        """The reference of each case: the greedy answer from ``cache`` (a full one, holding the cases' shared
+        compressed part once ``prefill_s`` is given, else prefilled here), each on its own fork, scored on its
+        own tokens."""
         if prefill_s is None:
-            prefill_s = self.prefill(case, cache)
-        held, before = cache_bytes(cache), fork(cache)
-        text, tokens, tps = self.generate(case, cache)
-        return Answer(text, tokens, held, prefill_s, tps, 0.0, self.score(case, before, tokens))
+            prefill_s = self.prefill(cases[0], cache)
+        held, out = cache_bytes(cache), []
+        for i, case in enumerate(cases):
+            own, before = cache if i == len(cases) - 1 else fork(cache), fork(cache)
+            text, tokens, tps = self.generate(case, own)
+            out.append(Answer(text, tokens, held, prefill_s, tps, 0.0, self.score(case, before, tokens)))
+        return out
+
+    def reference_answer(self, case: TaskCase, cache, prefill_s: float | None = None) -> Answer:
+        """``reference_answers`` of one case."""
+        return self.reference_answers([case], cache, prefill_s)[0]
 
     def ask_pipeline(self, pipeline: Pipeline, case: TaskCase, reference: torch.Tensor | None = None,
                      captured: Capture | None = None, after_prefill: Callable[[Any], None] | None = None) -> Answer:
-        """Attach ``pipeline``, answer, report what its cache holds, detach. With ``captured`` (the compressed
-        part recorded once by ``kvpipe.runtime.capture``) the prefill is not run again: the pipeline compresses
-        a fork of it, exactly as it would have at the end of the prefill."""
+        """``ask_pipeline_each`` with one case (and ``after_prefill(cache)`` called on the compressed cache)."""
+        return self.ask_pipeline_each(pipeline, [case], [reference], captured, after_prefill)[0]
+
+    def ask_pipeline_each(self, pipeline: Pipeline, cases: list[TaskCase],
+                          references: list[torch.Tensor | None] | None = None, captured: Capture | None = None,
+                          after_prefill: Callable[[Any], None] | None = None) -> list[Answer]:
+        """Attach ``pipeline``, compress the cases' shared part once, answer each on its own fork, report what
+        the compressed cache holds, detach. With ``captured`` (the compressed part recorded once by
+        ``kvpipe.runtime.capture``) the prefill is not run again: the pipeline compresses a fork of it, exactly
+        as it would have at the end of the prefill."""
         with pipeline.attach(self.model, self.tokenizer) as handle:
             if captured is None:
                 cache, prefill_s = handle.cache(), None
-            else:
-                cache, prefill_s = handle.take(compressed(pipeline, captured)), captured.prefill_seconds
-            return self.ask(case, cache, lambda c: handle.stats(c)["kv_bytes"], reference, prefill_s, after_prefill)
+            else:       # a probing stage's probe counts as prefill, as it does when the pipeline prefills itself
+                cache = handle.take(compressed(pipeline, captured, handle))
+                prefill_s = captured.prefill_seconds + cache.probe_seconds
+            return self.ask_each(cases, cache, lambda c: handle.stats(c)["kv_bytes"], references, prefill_s,
+                                 after_prefill)
 
 
 def fork(cache):

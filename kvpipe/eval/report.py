@@ -28,11 +28,19 @@ def _wall_time(records: list[dict]) -> str:
     return f"; ran in {finished[0] / 60:.1f} min" if finished else ""
 
 
+def _cases(env: dict) -> str:
+    asked = env.get("questions_per_context", 1)
+    if asked == 1:
+        return f"{env['cases']} cases"
+    return (f"{env['cases']} contexts × {asked} questions (each context compressed once, each question asked on its "
+            f"own fork: {env['cases'] * asked} cases)")
+
+
 def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
     env = next(r for r in records if r["kind"] == "environment")
     tasks = [r for r in records if r["kind"] == "task"]
     out = [f"# Benchmark: {env['suite']}", "",
-           f"Model `{env['model']}`, {env['cases']} cases per task and context, seed {env['seed']}, haystack "
+           f"Model `{env['model']}`, {_cases(env)} per task and context, seed {env['seed']}, haystack "
            f"{env['haystack']}; {env['date']} on {env['machine']}.  ",
            "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("kvpipe", "torch", "transformers", "kvpress", "python"))
            + _wall_time(records),
@@ -193,7 +201,8 @@ def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 def _outcomes(rows: list[dict]) -> dict[str, list[bool]]:
     """Correctness per contender, in one case order shared by all (so that tests can pair them)."""
-    by_case = {label: {(r["task"], r["case"]): r["correct"] for r in rs}
+    # records of runs before the multi-question protocol have no "question": one question a case
+    by_case = {label: {(r["task"], r["case"], r.get("question", 0)): r["correct"] for r in rs}
                for label, rs in _groups(rows, ("contender",)).items()}
     cases = sorted({case for outcomes in by_case.values() for case in outcomes})
     return {label: [outcomes.get(case, False) for case in cases] for label, outcomes in by_case.items()}

@@ -9,10 +9,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpipe.core.table import human_bytes, render
-from kvpipe.eval.protocol import Protocol, fork
+from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.tasks import TaskCase, make_cases, make_question_sets
 from kvpipe.models import cache_arg
-from kvpipe.runtime.cache import cache_bytes
 from kvpipe.runtime.pipeline import Pipeline
 
 
@@ -53,15 +52,8 @@ def prefill_then_decode(model, ids: torch.Tensor, cache, new_tokens: int) -> tup
 def run_needle(protocol: Protocol, pipeline: Pipeline, context: int, cases: int,
                seed: int = 0) -> tuple[Tally, Tally]:
     """Every case with the full cache, then with the pipeline attached; same prompts, greedy decoding."""
-    full, piped = Tally("full cache"), Tally(pipeline.spec.name or pipeline.source)
-    model = protocol.model
-    for case in tqdm(make_cases(protocol.tokenizer, context, cases, seed), desc="needle cases", unit="case"):
-        reference = protocol.ask(case, DynamicCache(config=model.config))
-        _record(full, case.is_correct(reference.text), reference.kv_bytes, reference.kv_bytes, reference.prefill_s,
-                reference.decode_tps)
-        mine = protocol.ask_pipeline(pipeline, case)
-        _record(piped, case.is_correct(mine.text), mine.kv_bytes, reference.kv_bytes, mine.prefill_s, mine.decode_tps)
-    return full, piped
+    groups = [[case] for case in make_cases(protocol.tokenizer, context, cases, seed)]
+    return _side_by_side(protocol, pipeline, groups, "needle cases")
 
 
 def run_questions(protocol: Protocol, pipeline: Pipeline, context: int, contexts: int, questions: int,
@@ -70,22 +62,22 @@ def run_questions(protocol: Protocol, pipeline: Pipeline, context: int, contexts
     ``questions`` is answered on its own fork of that cache. Tallies list the answers context by context."""
     if protocol.question_aware:
         raise ValueError("several questions about one compressed context is the question-agnostic protocol")
+    groups = make_question_sets(protocol.tokenizer, context, contexts, questions, seed)
+    return _side_by_side(protocol, pipeline, groups, "contexts")
+
+
+def _side_by_side(protocol: Protocol, pipeline: Pipeline, groups: list[list[TaskCase]],
+                  unit: str) -> tuple[Tally, Tally]:
+    """Each group of cases (sharing what is compressed) with the full cache, then with the pipeline attached."""
     full, piped = Tally("full cache"), Tally(pipeline.spec.name or pipeline.source)
-    model = protocol.model
-    for cases in tqdm(make_question_sets(protocol.tokenizer, context, contexts, questions, seed),
-                      desc="contexts", unit="context"):
-        cache = DynamicCache(config=model.config)
-        prefill_s, held = protocol.prefill(cases[0], cache), cache_bytes(cache)
-        for case in cases:
-            text, _, tps = protocol.generate(case, fork(cache))
-            _record(full, case.is_correct(text), held, held, prefill_s, tps)
-        with pipeline.attach(model, protocol.tokenizer) as handle:
-            compressed = handle.cache()
-            prefill_s = protocol.prefill(cases[0], compressed)
-            mine = handle.stats(compressed)["kv_bytes"]
-            for case in cases:
-                text, _, tps = protocol.generate(case, compressed.fork())
-                _record(piped, case.is_correct(text), mine, held, prefill_s, tps)
+    for cases in tqdm(groups, desc=unit, unit=unit.split()[-1].rstrip("s")):
+        references = protocol.ask_each(cases, DynamicCache(config=protocol.model.config))
+        for case, answer in zip(cases, references):
+            _record(full, case.is_correct(answer.text), answer.kv_bytes, answer.kv_bytes, answer.prefill_s,
+                    answer.decode_tps)
+        for case, answer, reference in zip(cases, protocol.ask_pipeline_each(pipeline, cases), references):
+            _record(piped, case.is_correct(answer.text), answer.kv_bytes, reference.kv_bytes, answer.prefill_s,
+                    answer.decode_tps)
     return full, piped
 
 

@@ -61,6 +61,10 @@ class SuiteSpec(StrictModel):
     questions: Literal["agnostic", "aware", "both"] = Field(
         "agnostic", description="agnostic: the context is compressed before the question is seen (kvpress's "
                                 "protocol); aware: the question is compressed with it")
+    questions_per_context: int = Field(
+        1, ge=1, description="the multi-question protocol: each `single` context hides this many facts under "
+                             "different keys; every contender compresses it once and is asked about each fact on "
+                             "its own fork (cases = contexts; answers = cases × questions_per_context)")
     budgets: list[Budget] = Field(default_factory=list, description="budgets every pipeline and kvpress peer runs at")
     pipelines: list[PipelineEntry] = Field(default_factory=list, description="kvpipe pipelines to compare")
     peers: list[str] = Field(default_factory=list, description=f"other libraries: {', '.join(PEERS)}")
@@ -127,6 +131,9 @@ def _check_consistent(suite: SuiteSpec, source: YamlSource) -> None:
     kvpress = [p for p in suite.peers if p.startswith("kvpress-")]
     if kvpress and not suite.budgets:
         raise source.error(("peers",), f"kvpress peers {kvpress} run at the suite's budgets, but `budgets:` is empty")
+    if suite.questions_per_context > 1 and (suite.tasks != ["single"] or suite.questions != "agnostic"):
+        raise source.error(("questions_per_context",), "several questions about one compressed context need "
+                                                       "`tasks: [single]` and `questions: agnostic`")
     if suite.haystack == "filler" and "prose_qa" in suite.tasks:
         raise source.error(("haystack",), "prose_qa asks about sentences of real prose; use haystack: prose")
 

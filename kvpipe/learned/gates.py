@@ -22,7 +22,8 @@ from torch import nn
 
 from kvpipe.errors import KVPipeError
 
-SHIPPED = {"smollm2-135m": Path(__file__).parent / "gates_data" / "smollm2-135m.safetensors"}
+SHIPPED = {name: Path(__file__).parent / "gates_data" / f"{name}.safetensors"
+           for name in ("smollm2-135m", "smollm2-135m-reconstruction")}   # KL-trained; distilled
 
 
 class RetentionGates(nn.Module):

@@ -1,6 +1,7 @@
-"""``kvpipe train-gates``: train retention gates with the model frozen (TrimKV's recipe, DBTrimKV's global capacity).
+"""``kvpipe train-gates``: train retention gates with the model frozen (TrimKV's recipe, DBTrimKV's global capacity),
+or (``target="reconstruction"``) distil them from KVzip's reconstruction scores (``kvpipe.learned.distill``).
 
-Loss = forward KL of the full-cache model's next-token distribution to the **soft-retention** model's, plus
+KL target. Loss = forward KL of the full-cache model's next-token distribution to the **soft-retention** model's, plus
 ``capacity_weight`` × a hinge on the summed retention. Soft retention makes forgetting differentiable: every
 attention logit gets ``(t − i)·log β_i`` added, so a token with small β fades for queries far after it, as
 eviction would remove it. The capacity term (global form) pushes ``Σ_{layers, heads} Σ_{i≤t} β_i^{t−i}``, the
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from kvpipe.eval.tasks import make_cases, paragraphs
+from kvpipe.learned import distill
 from kvpipe.learned.gates import RetentionGates
 from kvpipe.runtime.adapters import find_decoder, kv_shape
 
@@ -45,6 +47,15 @@ class TrainConfig:
     shared: bool = True               # one readout for all layers (DBTrimKV) or one per layer
     seed: int = 0
     checkpoint_every: int = 50
+    target: str = "kl"                # "kl" (soft retention vs the full model) or "reconstruction" (distil)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown training target {self.target!r}; one of {', '.join(TARGETS)}")
+
+
+TARGETS = {"kl": "pydoc_data.topics prose windows + needle/multikey/multivalue/vartrack tasks with answers",
+           "reconstruction": "pydoc_data.topics prose windows with facts in templates of kvpipe.learned.distill"}
 
 
 def retention_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -124,16 +135,25 @@ def train(model, tokenizer, config: TrainConfig, out: Path, resume: bool = False
                initial=start, total=config.steps)
     with gates_on(model, gates):
         for step in bar:
-            ids = training_sequence(tokenizer, config, step)
-            total, kl, capacity = losses(model, gates, ids, config)
+            total, metrics = step_loss(model, tokenizer, gates, config, step)
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-            history.append({"step": step + 1, "kl": kl, "capacity": capacity})
-            bar.set_postfix(kl=f"{kl:.4f}", capacity=f"{capacity:.3f}")
+            history.append({"step": step + 1, **metrics})
+            bar.set_postfix({name: f"{value:.4f}" for name, value in metrics.items()})
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save_checkpoint(gates, optimizer, config, history, out, time.perf_counter() - started)
     return gates, history
+
+
+def step_loss(model, tokenizer, gates: RetentionGates, config: TrainConfig, step: int):
+    """``(loss, {metric: value})`` of step ``step`` for the config's target."""
+    if config.target == "reconstruction":
+        ids = distill.training_text(tokenizer, config.context, config.seed, step)
+        loss = distill.distill_loss(gates, distill.teacher_targets(model, tokenizer, ids))
+        return loss, {"mse": float(loss.detach())}
+    total, kl, capacity = losses(model, gates, training_sequence(tokenizer, config, step), config)
+    return total, {"kl": kl, "capacity": capacity}
 
 
 @contextlib.contextmanager
@@ -173,10 +193,11 @@ def record(config: TrainConfig, history: list[dict], seconds: float) -> dict:
     def mean(key, part):
         return sum(h[key] for h in part) / max(len(part), 1)
     head, tail = history[:10], history[-10:]
+    metrics = [key for key in (history[0] if history else {}) if key != "step"]
     return {"config": asdict(config), "steps": len(history), "seconds_this_run": round(seconds, 1),
-            "data": "pydoc_data.topics prose windows + needle/multikey/multivalue/vartrack tasks with answers",
-            "kl_first10": mean("kl", head), "kl_last10": mean("kl", tail),
-            "capacity_first10": mean("capacity", head), "capacity_last10": mean("capacity", tail)}
+            "target": config.target, "data": TARGETS[config.target],
+            **{f"{key}_first10": mean(key, head) for key in metrics},
+            **{f"{key}_last10": mean(key, tail) for key in metrics}}
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:

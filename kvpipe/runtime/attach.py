@@ -233,7 +233,7 @@ class Handle:
         (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
         ``compress_seconds`` (time spent in the compression phase, observation excluded), ``probe_seconds`` and
         ``probe_vs_forward`` (time probing stages spent re-reading the context, and that as a multiple of the
-        compressing forwards' own time; 0 without such stages), ``kv_bytes_peak``
+        compressing forwards' own time, ``compressing_forward_seconds``; 0 without such stages), ``kv_bytes_peak``
         (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
         and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
         protected: a prompt shorter than the sinks and window; 0 when met).
@@ -259,6 +259,7 @@ class Handle:
             "seen_tokens": cache.get_seq_length(),
             "compress_seconds": cache.compress_seconds,
             "probe_seconds": cache.probe_seconds,
+            "compressing_forward_seconds": cache.compressing_forward_seconds,
             "probe_vs_forward": cache.probe_seconds / max(cache.compressing_forward_seconds, 1e-9),
             "kv_bytes_peak": max(cache.peak_bytes, kv_bytes),
             "budget_met": cache.budget_shortfall == 0,

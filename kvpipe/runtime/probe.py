@@ -1,10 +1,11 @@
 """The probe forward of probing stages (``kvpipe.core.stage_bases.ProbingScorer``, e.g. ``reconstruction``).
 
-After the compressing forward, and before the compression, the model reads that forward's tokens again after
-the stage's prompt, teacher-forced, ``chunk`` tokens per forward, on a **fork** of the cache (the cache itself
-is not extended, and the fork is dropped). The attention function hands every layer's observation to the probe
-instead of the pipeline; each stage's values for the slots being compressed are reduced by maximum over the
-probe's forwards. The probe runs through the attached decoder, so what a layer exposes (masks per head,
+After the compressing forward, and before the compression, the model reads that forward's tokens again,
+teacher-forced, ``chunk`` tokens at a time, each chunk after the stage's prompt on its own **fork** of the cache
+(KVzip's chunked repeat: the cache itself is not extended, every fork is dropped, so a probe forward holds
+at most the context plus prompt plus one chunk, and attends over no more). The attention function hands every
+layer's observation to the probe instead of the pipeline; each stage's values for the slots being compressed
+are reduced by maximum over the probe's forwards. The probe runs through the attached decoder, so what a layer exposes (masks per head,
 positions, rotary) is what a normal forward sees.
 """
 from __future__ import annotations
@@ -36,32 +37,32 @@ class Probe:
 def run(session, forward) -> dict[str, dict[int, torch.Tensor]]:
     """Every probing stage's scores for the slots ``forward`` compresses: ``{stage id: {layer: [B, Hkv, n]}}``.
     Adds the probes' time to ``forward.cache.probe_seconds``."""
-    stages = session.pipeline.probers
-    if forward.ids is None:
-        raise UnsupportedModelError(f"stages {[s.id for s in stages]} read the context again by token id, and this "
-                                    "forward was given inputs_embeds; pass input_ids")
     started = time.perf_counter()
-    ids = forward.ids
-    observed = {}
-    for stage in stages:
-        prompt = torch.tensor(session.probe_prompts[stage.id], dtype=ids.dtype, device=ids.device)
-        sequence = torch.cat([prompt.expand(ids.shape[0], -1), ids], 1)
-        # padding: the cache's own, the prompt real, the context's tokens padded as they were
-        mask = (torch.cat([forward.padding, torch.ones_like(sequence[:, :prompt.numel()]),
-                           forward.padding[:, -ids.shape[1]:]], 1) if forward.padding is not None else None)
-        seen = forward.cache.get_seq_length()
-        probe = Probe(stage, [layer.physical_length for layer in forward.cache.layers])
-        fork = forward.cache.fork()
-        session.probing = probe
-        try:
-            with torch.no_grad():
-                for start in range(0, sequence.shape[1], stage.chunk):
-                    end = min(start + stage.chunk, sequence.shape[1])
-                    padding = mask[:, :seen + end] if mask is not None else None
-                    session.decoder(input_ids=sequence[:, start:end], attention_mask=padding, use_cache=True,
-                                    **{session.cache_kwarg: fork})
-        finally:
-            session.probing = None
-        observed[stage.id] = {layer: stage.after_probe(value) for layer, value in probe.by_layer.items()}
+    observed = {stage.id: run_stage(session, forward, stage) for stage in session.pipeline.probers}
     forward.cache.probe_seconds += time.perf_counter() - started
     return observed
+
+
+def run_stage(session, forward, stage) -> dict[int, torch.Tensor]:
+    """One probing stage's scores ``{layer: [B, Hkv, n]}`` for the slots of ``forward.cache``: ``forward.ids``
+    read again ``stage.chunk`` tokens at a time, each chunk after the stage's prompt on a fresh fork."""
+    ids = forward.ids
+    if ids is None:
+        raise UnsupportedModelError(f"stage {stage.id!r} reads the context again by token id, and this forward was "
+                                    "given inputs_embeds; pass input_ids")
+    prompt = torch.tensor(session.probe_prompts[stage.id], dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+    probe = Probe(stage, [layer.physical_length for layer in forward.cache.layers])
+    session.probing = probe
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], stage.chunk):
+                end = min(start + stage.chunk, ids.shape[1])
+                # padding: the cache's own, the prompt real, the chunk's tokens padded as they were
+                padding = (torch.cat([forward.padding, torch.ones_like(prompt),
+                                      forward.padding[:, -ids.shape[1]:][:, start:end]], 1)
+                           if forward.padding is not None else None)
+                session.decoder(input_ids=torch.cat([prompt, ids[:, start:end]], 1), attention_mask=padding,
+                                use_cache=True, **{session.cache_kwarg: forward.cache.fork()})
+    finally:
+        session.probing = None
+    return {layer: stage.after_probe(value) for layer, value in probe.by_layer.items()}
