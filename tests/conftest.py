@@ -64,13 +64,16 @@ def tiny_gates_file(directory, shared: bool = True, seed: int = 0,
 
 def shipped_pipeline(name: str, directory, gate_shape: tuple[int, int, int] = (2, 2, 16), **spec_overrides):
     """A shipped pipeline for a test model: its SmolLM2 gates (if any) swapped for untrained ones of
-    ``gate_shape``, and top-level spec keys (``backend=...``) overridden."""
+    ``gate_shape``, a reconstruction prompt (text, which a test model has no tokenizer for) dropped, so the
+    context is read again bare, and top-level spec keys (``backend=...``) overridden."""
     import kvpipe
 
     spec = kvpipe.build(name).spec.model_dump(mode="python", exclude_none=True) | spec_overrides
     for stage in spec["stages"]:
         if isinstance(stage, dict) and stage.get("stage") == "retention_gates":
             stage["params"]["gates"] = tiny_gates_file(directory, shape=gate_shape)
+        if isinstance(stage, dict) and stage.get("stage") == "reconstruction":
+            stage["params"]["prompt"] = ""
     return kvpipe.build(spec)
 
 
