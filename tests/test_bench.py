@@ -184,7 +184,8 @@ def test_kvpress_peers_run_through_kvpress_pipeline(tmp_path, smollm):
     snapkv, adakv = answers["kvpress-snapkv @ keep=0.5"], answers["kvpress-adakv-snapkv @ keep=0.5"]
     assert snapkv["answer"] and 0.45 < snapkv["bytes_fraction"] < 0.55    # evicts for real
     assert adakv["bytes_fraction"] > 0.95                                  # masks: nothing is freed
-    assert 0.45 < answers["kvpress-kvzip @ keep=0.5"]["bytes_fraction"] < 0.55   # reloads the tokenizer: found
+    kvzip = answers["kvpress-kvzip @ keep=0.5"]          # it reloads the tokenizer by the model's name: found
+    assert kvzip["answer"] and kvzip["bytes_fraction"] > 0.95          # global ranking: masks, frees nothing
     fidelity = {r["contender"]: r for r in records if r["kind"] == "fidelity"}
     assert fidelity["kvpress-snapkv @ keep=0.5"]["kl"] > 0
 
