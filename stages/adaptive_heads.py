@@ -29,7 +29,7 @@ class AdaptiveHeads(Stage):
         floor = torch.floor(per_head * self.params.floor).long()
         allocation = []
         for layer, (view, scores, c) in enumerate(zip(ctx.layers, ctx.read(self, "scores"), ctx.candidates(self))):
-            total = per_head * view.valid.shape[1]
-            allocation.append(pooled_counts(scores, view.valid & c.eligible, c.protected, total, floor))
+            total = per_head * view.valid.shape[1] * ctx.shards.world            # every rank's heads of the layer
+            allocation.append(pooled_counts(scores, view.valid & c.eligible, c.protected, total, floor, ctx.shards))
             ctx.check_pooled(allocation[-1], total, f"layer {layer}")
         ctx.write(self, "allocation", allocation)

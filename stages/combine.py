@@ -40,6 +40,7 @@ class Combine(Stage):
                 value = torch.stack([p.clamp(min=0) ** w for p, w in zip(parts, weights)]).prod(0)
             else:
                 how = "zscore" if self.params.method == "sum" else "rank"
-                value = sum(w * calibrate(p, view.valid, how) for p, w in zip(parts, weights)) / sum(weights)
+                value = sum(w * calibrate(p, view.valid, how, ctx.shards)
+                            for p, w in zip(parts, weights)) / sum(weights)
             combined.append(value)
         ctx.write(self, "scores", combined)

@@ -33,14 +33,14 @@ class GlobalBudget(Stage):
         width = max(view.valid.shape[-1] for view in ctx.layers)
         device = ctx.layers[0].valid.device            # layers may sit on several devices (device_map): pool on one
         pad = lambda x, fill: torch.nn.functional.pad(x.to(device), (0, width - x.shape[-1]), value=fill)  # noqa: E731
-        pooled_scores = torch.cat([pad(calibrate(s, v.valid, self.params.calibration), 0.0)
+        pooled_scores = torch.cat([pad(calibrate(s, v.valid, self.params.calibration, ctx.shards), 0.0)
                                    for s, v in zip(scores, ctx.layers)], dim=1)
         pooled_valid = torch.cat([pad(v.valid & c.eligible, False) for v, c in zip(ctx.layers, candidates)], dim=1)
         pooled_protected = torch.cat([pad(c.protected, False) for c in candidates], dim=1)
         per_head = ctx.slots_per_head()
-        total = per_head * pooled_valid.shape[1]
+        total = per_head * pooled_valid.shape[1] * ctx.shards.world              # every rank's heads compete
         counts = pooled_counts(pooled_scores, pooled_valid, pooled_protected, total,
-                               torch.floor(per_head * self.params.floor).long())
+                               torch.floor(per_head * self.params.floor).long(), ctx.shards, blocks=len(ctx.layers))
         ctx.check_pooled(counts, total, "all layers")
         per_layer = counts.split([v.valid.shape[1] for v in ctx.layers], dim=1)
         ctx.write(self, "allocation", [c.to(v.valid.device) for c, v in zip(per_layer, ctx.layers)])

@@ -29,9 +29,9 @@ class Pyramid(Stage):
         layers = len(ctx.layers)
         mean = ctx.slots_per_head().double()                                          # [B]
         # [B] each; layers may sit on several devices (device_map): gathered on the budget's
-        held = torch.stack([view.valid.sum(-1).amin(-1).to(mean.device) for view in ctx.layers]).amin(0).double()
-        need = torch.stack([c.protected.sum(-1).amax(-1).to(mean.device)
-                            for c in ctx.candidates(self)]).amax(0).double()
+        held = torch.stack([view.valid.sum(-1).amin(-1).to(mean.device) for view in ctx.layers]).amin(0)
+        need = torch.stack([c.protected.sum(-1).amax(-1).to(mean.device) for c in ctx.candidates(self)]).amax(0)
+        held, need = ctx.shards.min(held).double(), ctx.shards.max(need).double()   # over every rank's heads
         low = torch.maximum(mean / self.params.beta, need)
         high = torch.minimum(2 * mean - low, held)
         low = 2 * mean - high

@@ -51,13 +51,15 @@ class RetentionGatesStage(Stage):
         if self.predicts_scores and self.params.lookahead != 1:
             raise KVPipeError(f"stage {self.id!r}: gates {self.params.gates!r} were distilled from reconstruction "
                               "scores and predict the score itself; `lookahead` applies to KL-trained gates only")
-        self.gates.check_shape(len(ctx.layers), first.shape[1], first.shape[-1], repr(self.params.gates))
+        heads = ctx.shards.heads(first.shape[1])                     # this rank's KV heads (tensor parallelism)
+        self.gates.check_shape(len(ctx.layers), first.shape[1] * ctx.shards.world, first.shape[-1],
+                               repr(self.params.gates))
         # t = the next token's position, per row (the newest stored position + 1)
         newest = torch.stack([view.positions.masked_fill(~view.valid, -1).amax((1, 2)).to(first.device)
                               for view in ctx.layers])                     # layers may sit on several devices
         next_position = newest.amax(0) + 1
         with torch.no_grad():
-            log_betas = [self.gates(i, view.keys, view.values) for i, view in enumerate(ctx.layers)]
+            log_betas = [self.gates(i, view.keys, view.values, heads) for i, view in enumerate(ctx.layers)]
             scores = log_betas if self.predicts_scores else [
                 retention_scores(log_beta, view.positions, next_position.to(view.keys.device), self.params.lookahead)
                 for log_beta, view in zip(log_betas, ctx.layers)]

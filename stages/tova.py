@@ -20,5 +20,7 @@ class TOVA(ObservingScorer):
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
         q = obs.query.shape[2]
-        last = obs.attention_probs(q - 1, q)[:, :, 0].mean(1)            # [B, kv]
+        # float64 sums, so a layer whose heads are split over ranks gets the same mean
+        heads = obs.query.shape[1] * obs.shards.world
+        last = (obs.shards.sum(obs.attention_probs(q - 1, q)[:, :, 0].double().sum(1)) / heads).float()  # [B, kv]
         return last[:, None].expand(-1, obs.key.shape[1], -1).contiguous()

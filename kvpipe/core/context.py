@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from kvpipe.core.budget import slots_per_head
+from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.core.spec import Budget
 from kvpipe.errors import BudgetError
 
@@ -39,6 +40,7 @@ class Observation:
     out_proj: torch.Tensor | None = None
     positions: torch.Tensor | None = None  # long [B, q]: RoPE positions of the queries
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # positions -> (cos, sin)
+    shards: HeadShards = LOCAL             # the heads are this rank's share of the layer's (tensor parallelism)
 
     @property
     def groups(self) -> int:
@@ -147,6 +149,7 @@ class CompressionContext:
     strict: bool = False                                           # a budget protected slots exceed: error
     shortfall: int = 0                                             # slots kept beyond the budget (protected)
     observed_by: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    shards: HeadShards = LOCAL                                     # this rank's share of the KV heads
     slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
     by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
 
@@ -161,11 +164,13 @@ class CompressionContext:
     def check_pooled(self, counts: torch.Tensor, total: torch.Tensor, where: str) -> None:
         """After a pooled allocation (``counts [B, U]`` of ``total [B]`` slots): report protected slots and floors
         that did not fit."""
-        over = (counts.sum(-1) - total).clamp_min(0)
+        kept = self.shards.sum(counts.sum(-1))
+        over = (kept - total).clamp_min(0)
         if bool((over > 0).any()):
+            # one pool, one shortfall: counted by rank 0 only (stats() sums over ranks); every rank raises if strict
             self.over_budget(f"{where}: the budget grants {int(total.min())} slots but protected slots and per-head "
-                             f"floors need {int(counts.sum(-1).max())}; raise the budget or lower the floor/window",
-                             int(over.sum()))
+                             f"floors need {int(kept.max())}; raise the budget or lower the floor/window",
+                             int(over.sum()) if self.shards.rank == 0 else 0)
 
     def write(self, stage: Stage, slot: str, per_layer: list) -> None:
         self.slots[slot] = per_layer

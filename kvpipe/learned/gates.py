@@ -45,13 +45,14 @@ class RetentionGates(nn.Module):
                 nn.init.normal_(linear.weight, std=0.02)
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``keys``/``values [B, Hkv, n, D]`` of one layer -> ``log β [B, Hkv, n]`` (fp32, ≤ 0)."""
+    def forward(self, layer: int, keys: torch.Tensor, values: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """``keys``/``values [B, Hkv, n, D]`` of one layer -> ``log β [B, Hkv, n]`` (fp32, ≤ 0). ``heads``: which of
+        the model's KV heads these are (a rank's share under tensor parallelism; default all)."""
         x = torch.cat([keys, values], -1).float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         # the gates follow their layer's device (a few KiB; layers may sit on several devices)
         inner, readout = self.inner[layer].to(x.device), self.readout(layer).to(x.device)
-        return nn.functional.logsigmoid(readout(inner(x)))
+        return nn.functional.logsigmoid(readout(inner(x), heads))
 
     def readout(self, layer: int) -> nn.Module:
         return self.readouts[0 if self.shared else layer]
@@ -105,9 +106,9 @@ class _Readout(nn.Module):
         self.weight = nn.Parameter(torch.randn(heads, hidden, device="cpu") * 0.02)
         self.bias = nn.Parameter(torch.full((heads,), bias_init, device="cpu"))
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """``u [B, Hkv, n, hidden]`` -> ``z [B, Hkv, n]``."""
-        return torch.einsum("bhni,hi->bhn", u, self.weight) + self.bias[:, None]
+    def forward(self, u: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """``u [B, Hkv, n, hidden]`` of the KV heads ``heads`` -> ``z [B, Hkv, n]``."""
+        return torch.einsum("bhni,hi->bhn", u, self.weight[heads]) + self.bias[heads, None]
 
 
 def retention_scores(log_beta: torch.Tensor, positions: torch.Tensor, next_position: torch.Tensor,

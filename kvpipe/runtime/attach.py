@@ -20,6 +20,7 @@ from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, che
                                      output_projection, rotary_embedding)
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
+from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes
 
 
@@ -33,6 +34,7 @@ class ForwardState:
     observing: bool = False               # stages observe this forward (it compresses, or it is a probe)
     ids: torch.Tensor | None = None       # long [B, q]: its input ids (None when given embeddings)
     started: float = 0.0                  # perf_counter() when it began
+    sent_bytes: int = 0                   # the shards' sent_bytes when it began (observers may communicate)
     observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -52,6 +54,7 @@ class Session:
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
         self.binding = Binding(type(model).__name__, attached=False)        # the caches' view of this attach
         self.cache_kwarg = cache_keyword(self.decoder)
+        self.shards = head_shards(model)                # one process's heads, or a tensor-parallel rank's
 
     @property
     def attached(self) -> bool:
@@ -79,7 +82,7 @@ class Session:
         compressing = not probing and self.fires(cache, tokens.shape[1])
         self.active = ForwardState(cache, padding, compressing, compressing or probing,
                                    ids if ids is not None and not ids.is_floating_point() else None,
-                                   time.perf_counter())
+                                   time.perf_counter(), self.shards.sent_bytes)
         self.binding.forward_running = True
         # observers need padded keys, so an observed forward reads stores through the padded path
         self.binding.fused_decode = self.backend == "triton" and not self.active.observing
@@ -113,7 +116,8 @@ class Session:
         rotary = rotary_embedding(self.decoder)
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
-                          out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None)
+                          out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None,
+                          self.shards)
         self.record(forward, obs)
 
     # --- what a compressing forward does; a recording session (kvpipe.runtime.capture) does otherwise ----
@@ -132,6 +136,7 @@ class Session:
     def finish(self, forward: ForwardState) -> None:
         """After a compressing forward: probe (if a stage does), then run the pipeline over the cache."""
         forward.cache.compressing_forward_seconds += time.perf_counter() - forward.started
+        forward.cache.collective_bytes += self.shards.sent_bytes - forward.sent_bytes      # what observers sent
         observed = forward.observed
         if self.pipeline.probers:
             observed = {**observed, **probe.run(self, forward)}
@@ -139,7 +144,7 @@ class Session:
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
-        return KVPipeCache(len(self.decoder.layers), Storage(self.backend), self.binding)
+        return KVPipeCache(len(self.decoder.layers), Storage(self.backend), self.binding, self.shards)
 
     def adopt(self, cache) -> KVPipeCache:
         """Our own cache as is; an empty plain ``DynamicCache`` (what ``generate()`` makes) converted."""
@@ -158,7 +163,7 @@ class Session:
             raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
                                         "filled without the pipeline. Start from an empty cache or handle.cache()")
         cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
-        cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding)
+        cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding, self.shards)
         return cache
 
 
@@ -236,7 +241,11 @@ class Handle:
         compressing forwards' own time, ``compressing_forward_seconds``; 0 without such stages), ``kv_bytes_peak``
         (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
         and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
-        protected: a prompt shorter than the sinks and window; 0 when met).
+        protected: a prompt shorter than the sinks and window; 0 when met), ``collective_bytes`` (what the
+        compressions sent between tensor-parallel ranks, all ranks together; 0 in one process).
+
+        Under tensor parallelism this is a collective: every rank calls it and gets the whole model's numbers
+        (bytes summed over ranks, ``kept_tokens`` of every rank's heads in rank order, times the slowest rank's).
         """
         if cache is None:
             if not self.session.attached:
@@ -246,22 +255,30 @@ class Handle:
             if cache is None:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
         layers = [layer for layer in cache.layers if layer.is_initialized]
-        kv_bytes = cache_bytes(cache)
         elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1] for layer in layers]
         full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
+        shards = cache.shards
+        # the whole model's numbers: summed (bytes, shortfall) or the slowest rank's (times) over ranks
+        kv_bytes, full, full_16bit, shortfall, peak, sent = (int(n) for n in shards.sum(torch.tensor(
+            [cache_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
+             cache.collective_bytes], dtype=torch.float64)))
+        seconds = shards.max(torch.tensor([cache.compress_seconds, cache.probe_seconds,
+                                           cache.compressing_forward_seconds], dtype=torch.float64)).tolist()
+        # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
+        kept = torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0, 0, 0)
         return {
             "kv_bytes": kv_bytes,
             "kv_bytes_full": full,
-            "kv_bytes_full_16bit": 2 * sum(elements),
+            "kv_bytes_full_16bit": full_16bit,
             "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
-            # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
-            "kept_tokens": torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0),
+            "kept_tokens": shards.gather(kept, dim=2),                                 # [layers, B, Hkv]
             "seen_tokens": cache.get_seq_length(),
-            "compress_seconds": cache.compress_seconds,
-            "probe_seconds": cache.probe_seconds,
-            "compressing_forward_seconds": cache.compressing_forward_seconds,
-            "probe_vs_forward": cache.probe_seconds / max(cache.compressing_forward_seconds, 1e-9),
-            "kv_bytes_peak": max(cache.peak_bytes, kv_bytes),
-            "budget_met": cache.budget_shortfall == 0,
-            "budget_shortfall": cache.budget_shortfall,
+            "compress_seconds": seconds[0],
+            "probe_seconds": seconds[1],
+            "compressing_forward_seconds": seconds[2],
+            "probe_vs_forward": seconds[1] / max(seconds[2], 1e-9),
+            "kv_bytes_peak": max(peak, kv_bytes),
+            "budget_met": shortfall == 0,
+            "budget_shortfall": shortfall,
+            "collective_bytes": sent,
         }

@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvpipe.core.context import LayerView
+from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
@@ -223,14 +224,17 @@ class KVPipeCache(DynamicCache):
     compressed_by: str | None     # the spec (JSON) of the pipeline that compressed it; None: never compressed
     compressing_forward_seconds: float   # time of the forwards that ended in a compression (before it)
     probe_seconds: float          # time probing stages spent re-reading the context (kvpipe.runtime.probe)
+    shards: HeadShards            # which of the model's KV heads it holds (tensor parallelism: a rank's share)
+    collective_bytes: int         # what its compressions sent to the other ranks (0 in one process)
 
-    def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None):
+    def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None,
+                 shards: HeadShards = LOCAL):
         Cache.__init__(self, layers=[])
-        self.bind(num_layers, storage or Storage(), binding)
+        self.bind(num_layers, storage or Storage(), binding, shards)
 
-    def bind(self, num_layers: int, storage: Storage, binding: Binding | None) -> None:
+    def bind(self, num_layers: int, storage: Storage, binding: Binding | None, shards: HeadShards = LOCAL) -> None:
         """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place)."""
-        self.storage, self.binding = storage, binding
+        self.storage, self.binding, self.shards, self.collective_bytes = storage, binding, shards, 0
         self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0
         self.compressed_by = None

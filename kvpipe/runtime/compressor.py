@@ -77,8 +77,9 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
         slot_bytes=fmt.slot_bytes(head_dim) if fmt else RaggedStore.slot_bytes(head_dim, dtype),
         full_slot_bytes=2 * head_dim * dtype.itemsize,
         overhead_bytes=fmt.overhead_bytes(head_dim, dtype) if fmt else 0.0, strict=pipeline.spec.strict,
-        observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()})
-    started = time.perf_counter()
+        observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()},
+        shards=cache.shards)
+    started, sent = time.perf_counter(), cache.shards.sent_bytes
     for stage in pipeline.stages:
         stage(ctx)
         written = ctx.by_stage.get(stage.id, {})
@@ -92,5 +93,6 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     for layer, view, keep, value in zip(layers, views, keeps, values):
         layer.compact(dataclasses.replace(view, values=value), keep, fmt)
     cache.compress_seconds += time.perf_counter() - started
+    cache.collective_bytes += cache.shards.sent_bytes - sent
     cache.budget_shortfall = ctx.shortfall
     cache.compressed_by = pipeline.spec.model_dump_json()     # what a saved cache must be loaded under
