@@ -1,0 +1,84 @@
+"""Tensor parallelism (transformers' ``tp_plan``, two CPU processes over gloo): a pipeline attached to each rank's
+shard of the model gives what one process gives: the same tokens, the same kept slots (each rank holding its
+heads' share) and the same ``stats()`` on every rank. The pooled budgets are the point: every layer's and every
+rank's heads compete for one budget, and the ranks must agree on it exactly."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_gates_file, tiny_model
+from kvpipe.core.allocation import kth_largest, order_keys, pooled_counts
+from tp_worker import run, scenarios
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+    """``(one process's results, [rank 0's, rank 1's])`` of ``tp_worker.run`` on one tiny Llama."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tp")
+    tiny_model().save_pretrained(folder / "model")
+    gates = tiny_gates_file(folder)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(folder / "model"), gates, str(folder)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+    with torch.no_grad():
+        alone = run(AutoModelForCausalLM.from_pretrained(folder / "model").eval(), gates)
+    return alone, ranks
+
+
+@pytest.mark.parametrize("name", list(scenarios("")))
+def test_each_rank_compresses_its_heads_as_one_process_would(tensor_parallel, name):
+    alone, ranks = tensor_parallel
+    expected = alone[name]
+    union = sorted(slot for rank in ranks for slot in rank[name]["kept"])
+    assert union == expected["kept"], "the ranks kept other slots than one process"
+    for r, rank in enumerate(ranks):
+        assert {head for _, head, _ in rank[name]["kept"]} == {r}, "a rank holds heads of another"
+        assert rank[name]["tokens"] == expected["tokens"]
+        stats = dict(rank[name]["stats"])
+        sent = stats.pop("collective_bytes")
+        assert stats == {k: v for k, v in expected["stats"].items() if k != "collective_bytes"}, \
+            f"rank {r}'s stats() differ from one process's"
+        # the per-head allocators need nothing of the other ranks, and send nothing
+        assert (sent > 0) == (name.startswith("global") or name in ("adaptive_heads", "pyramid")), sent
+    assert expected["stats"]["collective_bytes"] == 0
+
+
+def test_pooled_budgets_talk_in_histograms_not_tokens(tensor_parallel):
+    """A global budget's traffic is a few histograms per compression, whatever the context length."""
+    _, ranks = tensor_parallel
+    sent = ranks[0]["global-zscore"]["stats"]["collective_bytes"]
+    assert 0 < sent < 4 * 2 * 257 * 8 + 4096        # 4 rounds of [B, 256] counts per rank, tie counts, z-score sums
+
+
+def test_kth_largest_is_a_sort():
+    generator = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+    values = torch.randn(3, 500, generator=generator).round(decimals=1)            # many ties
+    values[0, :7] = float("inf")
+    keys = order_keys(values)
+    for k in (1, 2, 37, 499, 500):
+        expected = values.sort(-1, descending=True).values[:, k - 1]
+        found = kth_largest(keys, torch.full((3,), k))
+        assert torch.equal(order_keys(expected), found)
+    assert torch.equal(kth_largest(keys, torch.zeros(3, dtype=torch.long)), torch.full((3,), 2**32))
+
+
+def test_pooled_counts_gives_tied_slots_to_the_first_units():
+    scores = torch.tensor([[[3.0, 1.0, 1.0], [2.0, 1.0, 1.0], [1.0, 1.0, 0.5]]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    counts = pooled_counts(scores, valid, None, torch.tensor([5]), torch.tensor([0]))
+    # 3 and 2 win, then three slots among the five 1.0s: the first units' first
+    assert counts.tolist() == [[3, 2, 0]]
