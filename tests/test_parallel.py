@@ -1,7 +1,8 @@
-"""Tensor parallelism (transformers' ``tp_plan``, two CPU processes over gloo): a pipeline attached to each rank's
-shard of the model gives what one process gives: the same tokens, the same kept slots (each rank holding its
-heads' share) and the same ``stats()`` on every rank. The pooled budgets are the point: every layer's and every
-rank's heads compete for one budget, and the ranks must agree on it exactly."""
+"""Past one device. Tensor parallelism (transformers' ``tp_plan``, two CPU processes over gloo): a pipeline
+attached to each rank's shard of the model gives what one process gives: the same tokens, the same kept slots
+(each rank holding its heads' share) and the same ``stats()`` on every rank. The pooled budgets are the point:
+every layer's and every rank's heads compete for one budget, and the ranks must agree on it exactly.
+Multi-device (accelerate's ``device_map`` with layers offloaded to the host and to disk): the same again."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,22 @@ def test_each_rank_compresses_its_heads_as_one_process_would(tensor_parallel, na
         # the per-head allocators need nothing of the other ranks, and send nothing
         assert (sent > 0) == (name.startswith("global") or name in ("adaptive_heads", "pyramid")), sent
     assert expected["stats"]["collective_bytes"] == 0
+
+
+def test_a_model_dispatched_over_devices_compresses_as_one_undispatched(tensor_parallel, tmp_path):
+    """Layers on "cpu" and "disk" (accelerate moves each offloaded layer's weights in for its forward)."""
+    from transformers import AutoModelForCausalLM
+
+    alone, _ = tensor_parallel
+    tiny_model().save_pretrained(tmp_path / "model")
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "disk"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=placement,
+                                                 offload_folder=tmp_path / "offload").eval()
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    with torch.no_grad():
+        dispatched = run(model, tiny_gates_file(tmp_path))
+    assert dispatched == alone
 
 
 def test_pooled_budgets_talk_in_histograms_not_tokens(tensor_parallel):

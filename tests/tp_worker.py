@@ -29,6 +29,7 @@ def scenarios(gates: str) -> dict[str, dict]:
         "pyramid": spec(PROTECT, MASS, {"stage": "pyramid", "params": {"beta": 4}}, "topk"),
         "global-zscore": spec(PROTECT, MASS, "global", "topk"),
         "global-rank": spec(PROTECT, MASS, {"stage": "global", "params": {"calibration": "rank"}}, "topk"),
+        "global-critical": spec(PROTECT, {"stage": "critical", "params": {"window": 8}}, "global", "topk"),
         "global-tova": spec(PROTECT, "tova", {"stage": "global", "params": {"calibration": "none"}}, "topk"),
         "global-gates": spec(PROTECT, {"stage": "retention_gates", "params": {"gates": gates}},
                              {"stage": "global", "params": {"calibration": "none", "floor": 0.0}}, "topk"),

@@ -100,8 +100,20 @@ def query_length(argument: int | torch.Tensor) -> int:
 
 
 def output_projection(attention: torch.nn.Module) -> torch.Tensor | None:
-    """``W_O [hidden, Hq·D]`` of an attention module, or ``None`` when it has no ``o_proj``."""
-    return getattr(getattr(attention, "o_proj", None), "weight", None)
+    """``W_O [hidden, Hq·D]`` of an attention module, or ``None`` when it has no ``o_proj``. Under tensor
+    parallelism the weight is a DTensor sharded by its input columns: this rank's columns are its query heads'.
+    Offloaded by accelerate (``device_map`` with "cpu"/"disk"), it is on the meta device until ``o_proj``'s own
+    forward, after attention: it is read from the hook's offloaded weights instead."""
+    projection = getattr(attention, "o_proj", None)
+    weight = getattr(projection, "weight", None)
+    if weight is not None and weight.is_meta:
+        hook = getattr(projection, "_hf_hook", None)
+        offloaded = getattr(hook, "weights_map", None)
+        if offloaded is None:
+            raise UnsupportedModelError("this attention's o_proj weight is on the meta device and no accelerate hook "
+                                        "holds it; value-aware stages need W_O: load the model with its weights")
+        return offloaded["weight"].to(hook.execution_device)
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def rotary_embedding(decoder: torch.nn.Module):
