@@ -218,3 +218,35 @@ def test_suite_files_with_a_python_tag_or_not_utf8_are_one_located_line(tmp_path
     latin.write_bytes(SUITE.replace("name: tiny", "name: caf\xe9").encode("latin-1"))
     with pytest.raises(SpecError, match="not UTF-8 text"):
         load_suite(latin)
+
+
+TIMES = ("prefill_s", "decode_tps", "compress_s")
+
+
+@pytest.mark.real_model
+def test_a_bench_sharded_over_processes_gives_the_records_of_one(tmp_path, tiny_with_real_tokenizer):
+    """``torchrun --nproc-per-node 2 -m kvpipe bench`` deals the cases out and merges them back: the same records,
+    case by case and in the same order, as ``--nproc-per-node 1`` (times aside)."""
+    import os
+    import subprocess
+    import sys
+
+    model, tokenizer = tiny_with_real_tokenizer
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    suite = write(tmp_path, SUITE.replace("cases: 2", "cases: 3").replace("fidelity: {context: 96, continuation: 16}",
+                                                                          f"model: {tmp_path / 'model'}"))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(ranks), "-m", "kvpipe", "bench", str(suite), "--out", str(out), "--no-plots"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        runs[ranks] = [{k: v for k, v in r.items() if k not in TIMES} for r in lines if r["kind"] == "task"]
+        assert (out / "report.md").exists()
+    assert len(runs[1]) == 2 * 3 * 3
+    assert runs[2] == runs[1]
+    assert {r.name for r in (tmp_path / "ranks2").iterdir()} >= {"results.rank0.jsonl", "results.rank1.jsonl"}

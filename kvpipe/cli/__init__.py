@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "full cache and between contenders, likelihood margins, bytes held, speed, "
                                    "winners only where significant, fidelity) and plots of accuracy vs bytes "
                                    "(with intervals) and vs context length. Ready suites: "
-                                   "benchmarks/suites/{smoke,main,orderings}.yaml.")
+                                   "benchmarks/suites/{smoke,main,orderings,agnostic}.yaml. Spread over processes: "
+                                   "torchrun --nproc-per-node N -m kvpipe bench SUITE deals the cases out to N "
+                                   "ranks (each writes results.rank<r>.jsonl; rank 0 merges them into the same "
+                                   "records one process gives, then reports).")
     p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
     p.add_argument("--out", metavar="DIR", help="output folder, new or without a run in it (default "
                                                 "bench-results/<suite name>-<date-time>/): a run is never overwritten")
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
+    p.add_argument("--devices", nargs="+", metavar="DEVICE",
+                   help="where the model runs (cuda:0, cuda:1, cpu; default: where it loads, the CPU); under "
+                        "torchrun rank r takes the (r mod count)-th")
     p.add_argument("--no-share", action="store_true",
                    help="let every pipeline run its own prefill instead of compressing one shared prefill per "
                         "case (same results, tested; only to measure what sharing saves)")
@@ -220,6 +226,7 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from kvpipe.eval.bench import check_fidelity, contenders, run_suite
+    from kvpipe.eval.shard import agreed, launched
     from kvpipe.eval.report import write_report
     from kvpipe.eval.suite import load_suite, with_overrides
     from kvpipe.models import check_context, load
@@ -229,13 +236,19 @@ def _bench(args) -> int:
     suite = with_overrides(suite, overrides)
     suite_dir = Path(args.suite).parent
     contenders(suite, suite_dir)                   # a bad pipeline or budget fails before the model loads
-    out = output_folder(args.out, suite.name)      # so does an output folder that would overwrite a run
+    shard = launched()                             # under torchrun: this rank's share of the cases
+    # so does an output folder that would overwrite a run; every rank writes into rank 0's
+    out = Path(agreed(str(output_folder(args.out, suite.name)) if shard.rank == 0 else "", shard))
     model, tokenizer = load(suite.model)
+    if args.devices:
+        model.to(args.devices[shard.rank % len(args.devices)])
     for context in suite.contexts:               # before any task runs
         check_context(model, context + QUESTION_ROOM, f"suite context {context} (plus the question and answer)")
     check_fidelity(suite, tokenizer)
     records = run_suite(suite, suite_dir, model, tokenizer, out, share=not args.no_share,
-                        always_generate=args.always_generate)
+                        always_generate=args.always_generate, shard=shard)
+    if shard.rank:
+        return 0                                   # rank 0 merges every rank's records and reports
     for path in write_report(records, out, plots=not args.no_plots):
         print(f"wrote {path}")
     print((out / "report.md").read_text())

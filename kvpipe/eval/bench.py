@@ -23,6 +23,7 @@ from kvpipe.eval.contenders import (QUANTIZED_PEERS, Contender, FullCache, Pipel
                                     kvpress_available, peer)
 from kvpipe.eval.fidelity import compare
 from kvpipe.eval.protocol import Answer, Protocol
+from kvpipe.eval.shard import Shard, merged, wait_for_all
 from kvpipe.eval.suite import SuiteSpec
 from kvpipe.eval.tasks import TaskCase, make_cases, make_question_sets, paragraphs
 from kvpipe.runtime.backend import resolve_backend
@@ -77,29 +78,39 @@ def environment(suite: SuiteSpec, share: bool = True, always_generate: bool = Fa
 
 
 def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True,
-              share: bool = True, always_generate: bool = False) -> list[dict]:
+              share: bool = True, always_generate: bool = False, shard: Shard = Shard()) -> list[dict]:
     """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come).
     ``share=False``: every contender runs its own prefill; ``always_generate``: every contender generates
-    (both to check and to measure what the shortcuts save; the records are the same)."""
+    (both to check and to measure what the shortcuts save; the records are the same).
+
+    ``shard``: this process's share of the cases (``kvpipe.eval.shard``); it writes ``results.rank{r}.jsonl``, and
+    rank 0 returns (and writes) every rank's records merged, the others their own."""
     out_dir.mkdir(parents=True, exist_ok=True)
     field, skipped = contenders(suite, suite_dir)
     for record in skipped:
         warnings.warn(f"{record['contender']} not run: {record['reason']}", stacklevel=2)
     field = [FullCache(), *field]
-    answers = (len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases
-               * suite.questions_per_context * len(field))
+    units = len(suite.contexts) * len(suite.tasks) * len(PROTOCOLS[suite.questions]) * suite.cases
+    answers = len(range(shard.rank, units, shard.world)) * suite.questions_per_context * len(field)
     records: list[dict] = []
     started = time.perf_counter()
-    with open(out_dir / "results.jsonl", "w") as sink, \
-            tqdm(total=answers, desc=f"bench {suite.name}", unit="answer", disable=not progress) as bar:
-        fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity else []
-        answered = task_records(suite, field, model, tokenizer, bar, share, always_generate)
+    with open(shard.records_file(out_dir), "w") as sink, \
+            tqdm(total=answers, desc=f"bench {suite.name}" + (f" rank {shard.rank}" if shard.world > 1 else ""),
+                 unit="answer", disable=not progress) as bar:
+        fidelity = fidelity_records(suite, field, model, tokenizer, progress) if suite.fidelity and not shard.rank \
+            else []
+        answered = task_records(suite, field, model, tokenizer, bar, share, always_generate, shard)
         for record in chain([environment(suite, share, always_generate)], skipped, answered, fidelity,
                             _finished(started)):
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
-    return records
+    wait_for_all(shard)
+    if shard.world == 1 or shard.rank:
+        return records
+    protocols = ["aware" if aware else "agnostic" for aware in PROTOCOLS[suite.questions]]
+    return merged(out_dir, shard.world, lambda r: (suite.contexts.index(r["context"]), suite.tasks.index(r["task"]),
+                                                   protocols.index(r["protocol"]), r["case"]))
 
 
 def _finished(started: float):
@@ -108,33 +119,42 @@ def _finished(started: float):
 
 
 def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar, share: bool = True,
-                 always_generate: bool = False):
+                 always_generate: bool = False, shard: Shard = Shard()):
     """Every contender on every case. ``field[0]`` (the full cache) answers first: its greedy answer is the
     reference every other contender's likelihood is scored on.
 
     ``share``: the compressed part of a case is prefilled once; the full cache and transformers' quantized
     caches are filled from it and every pipeline compresses a fork of it (``kvpipe.runtime.capture``, tested
     equal to running each alone); kvpress peers run their own pipeline. Unless ``always_generate``, a
-    contender whose score proves that greedy decoding returns the full cache's answer skips generation."""
+    contender whose score proves that greedy decoding returns the full cache's answer skips generation.
+    ``shard``: only its units (one context, task, protocol and case group each) are run."""
     full = field[0]
+    for unit, (context, task, aware, i, cases) in enumerate(work_units(suite, tokenizer)):
+        if not shard.takes(unit):
+            continue
+        protocol = Protocol(model, tokenizer, aware, skip_proven=not always_generate)
+        captures = Captures(model, protocol.compressed_part(cases[0])) if share else None
+        references = full.answer(protocol, cases, captured=_captured(full, captures))
+        for contender in field:
+            bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
+            outcomes = references if contender is full else _try(contender, protocol, cases, references, captures)
+            for j, (case, reference) in enumerate(zip(cases, references)):
+                outcome = outcomes if isinstance(outcomes, BudgetError) else outcomes[j]
+                yield {"kind": "task", "context": context, "task": task, "case": i, "question": j,
+                       "protocol": protocol.name, "expected": list(case.answers),
+                       "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes,
+                       "loglik_full": reference.score.loglik, "shared": share, **_describe(contender),
+                       **_outcome(outcome, case, reference)}
+                bar.update()
+
+
+def work_units(suite: SuiteSpec, tokenizer):
+    """``(context, task, question_aware, case index, case group)`` in the order one process runs them: the unit
+    of work a shard takes whole (the cases of a group share their compressed part)."""
     for context, task in product(suite.contexts, suite.tasks):
-        for aware, (i, cases) in product(PROTOCOLS[suite.questions], enumerate(case_groups(suite, tokenizer, context,
-                                                                                             task))):
-            protocol = Protocol(model, tokenizer, aware, skip_proven=not always_generate)
-            captures = Captures(model, protocol.compressed_part(cases[0])) if share else None
-            references = full.answer(protocol, cases, captured=_captured(full, captures))
-            for contender in field:
-                bar.set_postfix_str(f"{context} {task} {contender.label}"[:60])
-                outcomes = references if contender is full else _try(contender, protocol, cases, references,
-                                                                      captures)
-                for j, (case, reference) in enumerate(zip(cases, references)):
-                    outcome = outcomes if isinstance(outcomes, BudgetError) else outcomes[j]
-                    yield {"kind": "task", "context": context, "task": task, "case": i, "question": j,
-                           "protocol": protocol.name, "expected": list(case.answers),
-                           "full_correct": case.is_correct(reference.text), "kv_bytes_full": reference.kv_bytes,
-                           "loglik_full": reference.score.loglik, "shared": share, **_describe(contender),
-                           **_outcome(outcome, case, reference)}
-                    bar.update()
+        groups = list(enumerate(case_groups(suite, tokenizer, context, task)))
+        for aware, (i, cases) in product(PROTOCOLS[suite.questions], groups):
+            yield context, task, aware, i, cases
 
 
 def case_groups(suite: SuiteSpec, tokenizer, context: int, task: str) -> list[list[TaskCase]]:
