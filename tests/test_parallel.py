@@ -23,7 +23,7 @@ WORKER = Path(__file__).with_name("tp_worker.py")
 
 @pytest.fixture(scope="module")
 def tensor_parallel(tmp_path_factory):
-    """``(one process's results, [rank 0's, rank 1's])`` of ``tp_worker.run`` on one tiny Llama."""
+    """``(one process's results, [rank 0's, rank 1's], folder)`` of ``tp_worker.run`` on one tiny Llama."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("tp")
@@ -37,12 +37,12 @@ def tensor_parallel(tmp_path_factory):
     ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     with torch.no_grad():
         alone = run(AutoModelForCausalLM.from_pretrained(folder / "model").eval(), gates)
-    return alone, ranks
+    return alone, ranks, folder
 
 
 @pytest.mark.parametrize("name", list(scenarios("")))
 def test_each_rank_compresses_its_heads_as_one_process_would(tensor_parallel, name):
-    alone, ranks = tensor_parallel
+    alone, ranks, _ = tensor_parallel
     expected = alone[name]
     union = sorted(slot for rank in ranks for slot in rank[name]["kept"])
     assert union == expected["kept"], "the ranks kept other slots than one process"
@@ -58,11 +58,28 @@ def test_each_rank_compresses_its_heads_as_one_process_would(tensor_parallel, na
     assert expected["stats"]["collective_bytes"] == 0
 
 
+def test_each_rank_saves_its_heads_and_loads_them_back(tensor_parallel):
+    from transformers import AutoModelForCausalLM
+
+    import kvpipe
+    from kvpipe.errors import KVPipeError
+    from tp_worker import scenarios
+
+    _, ranks, folder = tensor_parallel
+    assert all(rank["saved_and_loaded"] for rank in ranks), "a reloaded shard answers otherwise"
+    index = json.loads((folder / "cache.safetensors").read_text())
+    assert index["ranks"] == 2 and all((folder / name).exists() for name in index["shards"])
+    model = AutoModelForCausalLM.from_pretrained(folder / "model").eval()
+    with kvpipe.build(scenarios(tiny_gates_file(folder))["global-int4"]).attach(model):
+        with pytest.raises(KVPipeError, match="saved by 2 tensor-parallel ranks"):
+            kvpipe.load_cache(folder / "cache.safetensors", model)
+
+
 def test_a_model_dispatched_over_devices_compresses_as_one_undispatched(tensor_parallel, tmp_path):
     """Layers on "cpu" and "disk" (accelerate moves each offloaded layer's weights in for its forward)."""
     from transformers import AutoModelForCausalLM
 
-    alone, _ = tensor_parallel
+    alone, _, _ = tensor_parallel
     tiny_model().save_pretrained(tmp_path / "model")
     placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "disk"}
@@ -76,7 +93,7 @@ def test_a_model_dispatched_over_devices_compresses_as_one_undispatched(tensor_p
 
 def test_pooled_budgets_talk_in_histograms_not_tokens(tensor_parallel):
     """A global budget's traffic is a few histograms per compression, whatever the context length."""
-    _, ranks = tensor_parallel
+    _, ranks, _ = tensor_parallel
     sent = ranks[0]["global-zscore"]["stats"]["collective_bytes"]
     assert 0 < sent < 4 * 2 * 257 * 8 + 4096        # 4 rounds of [B, 256] counts per rank, tie counts, z-score sums
 

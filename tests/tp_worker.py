@@ -66,6 +66,19 @@ def run(model, gates: str) -> dict[str, dict]:
     return results
 
 
+def saved_and_loaded(model, gates: str, path: str) -> bool:
+    """Whether a compressed (int4) cache saved and loaded again answers the next tokens exactly as in memory."""
+    ids = torch.randint(2, 250, (1, 48), generator=torch.Generator().manual_seed(8))
+    more = torch.randint(2, 250, (1, 3), generator=torch.Generator().manual_seed(9))
+    with kvpipe.build(scenarios(gates)["global-int4"]).attach(model) as handle:
+        cache = handle.cache()
+        model(ids, **cache_arg(model, cache))
+        kvpipe.save_cache(cache, path)
+        loaded = kvpipe.load_cache(path, model)
+        return torch.equal(model(more, **cache_arg(model, cache)).logits,
+                           model(more, **cache_arg(model, loaded)).logits)
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +86,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
     with torch.no_grad():
         results = run(model, gates)
+        results["saved_and_loaded"] = saved_and_loaded(model, gates, os.path.join(out, "cache.safetensors"))
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as file:
         json.dump(results, file)
 

@@ -55,6 +55,12 @@ class HeadShards:
         self.sent_bytes += x.numel() * x.element_size()
         return torch.cat(parts, dim)
 
+    def barrier(self) -> None:
+        if self.split:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
     def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         out = x.clone()
         if self.split:

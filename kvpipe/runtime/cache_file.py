@@ -6,6 +6,10 @@ packed pages, page counts and the residual), and as metadata the tokens seen, th
 pipeline the cache was compressed with. Loading needs the model with **that** pipeline attached: the store's
 format (bits, groups, range method) and later compressions come from it; a model of another shape or another
 pipeline is refused with the difference named.
+
+Under tensor parallelism each rank saves its own heads to ``<stem>.rank<r>-of-<n>.safetensors`` beside ``path``,
+and rank 0 writes ``path`` itself as a small JSON index naming them; loading reads the index and each rank its
+own file (the same number of ranks is needed).
 """
 from __future__ import annotations
 
@@ -25,14 +29,32 @@ from kvpipe.runtime.quantized_store import QuantizedStore
 from kvpipe.runtime.store import RaggedStore
 
 FORMAT = "kvpipe-cache/1"
+INDEX = "kvpipe-cache-index/1"
 RAGGED = ("keys", "values", "positions", "lengths")
 PAGES = tuple(field.name for field in dataclasses.fields(PackedPages))
 
 
 def save_cache(cache: KVPipeCache, path: str | Path) -> Path:
-    """Write ``cache`` (a kvpipe cache, compressed or not) to ``path`` as safetensors; returns the path."""
+    """Write ``cache`` (a kvpipe cache, compressed or not) to ``path`` as safetensors; returns the path.
+    Under tensor parallelism every rank calls it: each writes its shard, rank 0 the index at ``path``."""
     if not isinstance(cache, KVPipeCache):
         raise KVPipeError(f"save_cache writes kvpipe caches; this is a {type(cache).__name__}")
+    path, shards = Path(path), cache.shards
+    if not shards.split:
+        return _save_file(cache, path)
+    names = [_shard_path(path, rank, shards.world).name for rank in range(shards.world)]
+    _save_file(cache, path.with_name(names[shards.rank]))
+    if shards.rank == 0:
+        path.write_text(json.dumps({"format": INDEX, "ranks": shards.world, "shards": names}))
+    shards.barrier()                                # every shard is on disk when save_cache returns
+    return path
+
+
+def _shard_path(path: Path, rank: int, world: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix or '.safetensors'}")
+
+
+def _save_file(cache: KVPipeCache, path: Path) -> Path:
     layers = [layer for layer in cache.layers if layer.is_initialized]
     if len(layers) != len(cache.layers):
         raise KVPipeError("this cache holds no tokens yet (or not in every layer); prefill it before saving")
@@ -52,7 +74,6 @@ def save_cache(cache: KVPipeCache, path: str | Path) -> Path:
     metadata = {"format": FORMAT, "layers": json.dumps(described), "compressed_by": cache.compressed_by or "",
                 "shape": json.dumps(_shape(len(layers), first.shape[1], first.shape[-1], first.dtype)),
                 "backend": cache.storage.backend}
-    path = Path(path)
     # to the host, each tensor its own copy: safetensors refuses views that share a storage
     save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}, str(path),
               metadata)
@@ -66,7 +87,7 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
     if session is None:
         raise UnsupportedModelError("load_cache needs a model with a kvpipe pipeline attached (the one the cache "
                                     "was compressed with): kvpipe.build(pipeline).attach(model), then load_cache")
-    path = Path(path)
+    path = _own_file(Path(path), session.shards)
     try:
         with safe_open(str(path), "pt") as file:
             metadata = file.metadata() or {}
@@ -89,6 +110,30 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
     return cache
 
 
+def _own_file(path: Path, shards) -> Path:
+    """The file this process reads: ``path`` itself, or its rank's shard when ``path`` is an index."""
+    try:
+        with open(path, "rb") as file:
+            is_index = file.read(1) == b"{"       # a safetensors file starts with its header's 8-byte length
+    except OSError as err:
+        raise KVPipeError(f"{path}: cannot read it ({err})") from None
+    if not is_index:
+        if shards.split:
+            raise KVPipeError(f"{path} holds a cache saved by one process; this model is split over {shards.world} "
+                              "tensor-parallel ranks: load it into the model loaded without tp_plan")
+        return path
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KVPipeError(f"{path}: neither a kvpipe cache file nor its index ({err})") from None
+    if index.get("format") != INDEX:
+        raise KVPipeError(f"{path}: not a kvpipe cache index (format {index.get('format')!r}, expected {INDEX!r})")
+    if index["ranks"] != shards.world:
+        raise KVPipeError(f"{path} was saved by {index['ranks']} tensor-parallel ranks and this model is split over "
+                          f"{shards.world}; load it with {index['ranks']} ranks")
+    return path.with_name(index["shards"][shards.rank])
+
+
 def _store_kind(store) -> str:
     if store is None:
         return "none"
@@ -106,7 +151,8 @@ def _shape(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dic
 def _check_model(path: Path, saved: dict, model: torch.nn.Module, session) -> None:
     kv_heads, head_dim = kv_shape(model)
     dtype = next(model.parameters()).dtype
-    here = _shape(len(session.decoder.layers), kv_heads, head_dim, dtype)
+    # a tensor-parallel rank holds (and saved) its share of the heads
+    here = _shape(len(session.decoder.layers), kv_heads // session.shards.world, head_dim, dtype)
     differ = [f"{key} {saved[key]} (this model: {here[key]})" for key in here if saved.get(key) != here[key]]
     if differ:
         raise UnsupportedModelError(f"{path} was saved from a model of another shape: " + ", ".join(differ))
