@@ -26,10 +26,12 @@ def embedded_gguf(name: str = "smollm2-135m") -> Path:
     return files[0]
 
 
-def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
+         tensor_parallel: bool = False):
     """``(model, tokenizer)`` in eval mode. ``name``: ``smollm2-135m`` or a HF model id / local path.
 
-    GGUF weights are dequantized by transformers (to fp32 unless ``dtype`` says otherwise).
+    GGUF weights are dequantized by transformers (to fp32 unless ``dtype`` says otherwise). ``tensor_parallel``:
+    in a process started by ``torchrun``, load this rank's shard of the model (transformers' ``tp_plan="auto"``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -37,6 +39,8 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
     kwargs = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if tensor_parallel:
+        kwargs["tp_plan"] = "auto"
     if name in EMBEDDED:
         gguf = embedded_gguf(name)
         location, kwargs["gguf_file"] = gguf.parent, gguf.name

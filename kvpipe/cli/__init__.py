@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kvpipe.errors import KVPipeError
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="needle-in-a-haystack: full cache and the pipeline side by side, one table",
                        description="Hide a fact (random key, 7-digit number) in real Python documentation, ask for "
                                    "it after the context, and compare the full cache with the pipeline: accuracy, "
-                                   "KV bytes held, compression ratio, prefill time and decode speed.")
+                                   "KV bytes held, compression ratio, prefill time and decode speed. Under "
+                                   "torchrun (torchrun --nproc-per-node N -m kvpipe run ...) the model is loaded with "
+                                   "tensor parallelism, each rank holding and compressing its share of the KV heads "
+                                   "under the one budget; N must divide the model's KV heads (3 for SmolLM2-135M).")
     p.add_argument("pipeline", help="path of a pipeline YAML file (e.g. pipelines/default.yaml)")
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded, default) or a Hugging Face model id / local path")
@@ -209,13 +213,18 @@ def _run(args) -> int:
         raise KVPipeError("--questions N asks several questions about one compressed context: the context is "
                           "compressed before any question, so it cannot be combined with --question-aware")
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
-    model, tokenizer = load(args.model)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))           # under torchrun: one model, its heads split
+    model, tokenizer = load(args.model, tensor_parallel=ranks > 1)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
     if args.questions == 1:
         full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
     else:
         full, piped = run_questions(protocol, pipeline, args.context, args.cases, args.questions, args.seed)
+    if int(os.environ.get("RANK", "0")):
+        return 0                                             # every rank ran the same cases; rank 0 reports
+    if ranks > 1:
+        print(f"tensor parallel over {ranks} ranks: each compressed its share of the KV heads under one budget")
     print(report(full, piped, protocol, args.context, pipeline.spec.budget))
     if args.questions > 1:
         print(per_question(full, piped, args.questions))
@@ -226,8 +235,8 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from kvpipe.eval.bench import check_fidelity, contenders, run_suite
-    from kvpipe.eval.shard import agreed, launched
     from kvpipe.eval.report import write_report
+    from kvpipe.eval.shard import agreed, launched
     from kvpipe.eval.suite import load_suite, with_overrides
     from kvpipe.models import check_context, load
 
