@@ -60,9 +60,10 @@ def run(model, gates: str) -> dict[str, dict]:
             stats = handle.stats()
             local_heads = cache.layers[0].keys.shape[1]
             tokens = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:].tolist()
+        timeless = {key: value for key, value in stats.items() if "seconds" not in key and key != "probe_vs_forward"}
         results[name] = {"tokens": tokens, "kept": kept(cache, cache.shards.rank * local_heads),
                          "stats": {key: (value.tolist() if torch.is_tensor(value) else value)
-                                   for key, value in stats.items() if "seconds" not in key and key != "probe_vs_forward"}}
+                                   for key, value in timeless.items()}}
     return results
 
 

@@ -20,8 +20,8 @@ from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, che
                                      output_projection, rotary_embedding)
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
-from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes
+from kvpipe.runtime.parallel import head_shards
 
 
 @dataclass
