@@ -49,10 +49,10 @@ def agreed(text: str, shard: Shard) -> str:
         return text
     import torch.distributed as dist
 
-    encoded = torch.tensor(list(text.encode()), dtype=torch.uint8)
-    length = torch.tensor([encoded.numel()])
+    encoded = torch.tensor(list(text.encode()), dtype=torch.uint8, device="cpu")      # gloo: on the host
+    length = torch.tensor([encoded.numel()], device="cpu")
     dist.broadcast(length, 0)
-    buffer = encoded if shard.rank == 0 else torch.empty(int(length), dtype=torch.uint8)
+    buffer = encoded if shard.rank == 0 else torch.empty(int(length), dtype=torch.uint8, device="cpu")
     dist.broadcast(buffer, 0)
     return bytes(buffer.tolist()).decode()
 

@@ -258,12 +258,15 @@ class Handle:
         elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1] for layer in layers]
         full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
         shards = cache.shards
+        # on the cache's device: where the tensor-parallel group's backend (gloo: host, nccl: GPU) reduces
+        device = layers[0].keys.device if layers else None
         # the whole model's numbers: summed (bytes, shortfall) or the slowest rank's (times) over ranks
         kv_bytes, full, full_16bit, shortfall, peak, sent = (int(n) for n in shards.sum(torch.tensor(
             [cache_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
-             cache.collective_bytes], dtype=torch.float64)))
+             cache.collective_bytes], dtype=torch.float64, device=device)))
         seconds = shards.max(torch.tensor([cache.compress_seconds, cache.probe_seconds,
-                                           cache.compressing_forward_seconds], dtype=torch.float64)).tolist()
+                                           cache.compressing_forward_seconds], dtype=torch.float64,
+                                          device=device)).tolist()
         # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
         kept = torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0, 0, 0)
         return {
