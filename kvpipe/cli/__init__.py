@@ -221,6 +221,10 @@ def _run(args) -> int:
         full, piped = run_needle(protocol, pipeline, args.context, args.cases, args.seed)
     else:
         full, piped = run_questions(protocol, pipeline, args.context, args.cases, args.questions, args.seed)
+    if ranks > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()    # before exit: gloo torn down by the interpreter's exit can abort
     if int(os.environ.get("RANK", "0")):
         return 0                                             # every rank ran the same cases; rank 0 reports
     if ranks > 1:
@@ -236,7 +240,7 @@ def _bench(args) -> int:
 
     from kvpipe.eval.bench import check_fidelity, contenders, run_suite
     from kvpipe.eval.report import write_report
-    from kvpipe.eval.shard import agreed, launched
+    from kvpipe.eval.shard import agreed, close, launched
     from kvpipe.eval.suite import load_suite, with_overrides
     from kvpipe.models import check_context, load
 
@@ -256,6 +260,7 @@ def _bench(args) -> int:
     check_fidelity(suite, tokenizer)
     records = run_suite(suite, suite_dir, model, tokenizer, out, share=not args.no_share,
                         always_generate=args.always_generate, shard=shard)
+    close(shard)
     if shard.rank:
         return 0                                   # rank 0 merges every rank's records and reports
     for path in write_report(records, out, plots=not args.no_plots):

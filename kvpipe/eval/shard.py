@@ -64,6 +64,14 @@ def wait_for_all(shard: Shard) -> None:
         dist.barrier()
 
 
+def close(shard: Shard) -> None:
+    """Close the process group before the interpreter exits (gloo torn down at exit can abort the process)."""
+    import torch.distributed as dist
+
+    if shard.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def merged(out_dir: Path, world: int, unit_of) -> list[dict]:
     """Every rank's records in single-process order: rank 0's environment and skipped contenders, then the task
     records by ``unit_of(record)`` (ties keep their file order), then the other records (fidelity, finished: the
