@@ -58,6 +58,12 @@ def test_each_rank_compresses_its_heads_as_one_process_would(tensor_parallel, na
     assert expected["stats"]["collective_bytes"] == 0
 
 
+def test_the_benchmark_protocol_measures_the_whole_models_cache(tensor_parallel):
+    alone, ranks, _ = tensor_parallel
+    assert alone["full_cache_bytes"] == alone["noop"]["stats"]["kv_bytes_full"] > 0
+    assert [rank["full_cache_bytes"] for rank in ranks] == [alone["full_cache_bytes"]] * 2
+
+
 def test_each_rank_saves_its_heads_and_loads_them_back(tensor_parallel):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,9 @@ import sys
 import torch
 
 import kvpipe
+from kvpipe.eval.protocol import Protocol
 from kvpipe.models import cache_arg
+from kvpipe.runtime.cache import cache_bytes
 
 PROTECT = {"stage": "sinks_window", "params": {"sinks": 2, "window": 4}}
 MASS = {"stage": "attention_mass", "params": {"window": 8}}
@@ -49,10 +51,15 @@ def kept(cache, first_head: int) -> list[list[int]]:
     return sorted(held)
 
 
-def run(model, gates: str) -> dict[str, dict]:
-    """Per scenario: the greedy tokens, the kept slots after prefill and ``stats()``."""
+def run(model, gates: str) -> dict:
+    """Per scenario: the greedy tokens, the kept slots after prefill and ``stats()``; and the bytes of a full
+    cache as the benchmark protocol measures them."""
+    from transformers import DynamicCache
+
     ids = torch.randint(2, 250, (1, 48), generator=torch.Generator().manual_seed(7))
-    results = {}
+    full = DynamicCache(config=model.config)
+    model(ids, **cache_arg(model, full))
+    results: dict = {"full_cache_bytes": Protocol(model, None).model_wide(cache_bytes(full))}
     for name, spec in scenarios(gates).items():
         with kvpipe.build(spec).attach(model) as handle:
             cache = handle.cache()

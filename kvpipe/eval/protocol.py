@@ -24,6 +24,7 @@ from kvpipe.eval.tasks import TaskCase
 from kvpipe.models import cache_arg
 from kvpipe.runtime.cache import KVPipeCache, cache_bytes
 from kvpipe.runtime.capture import Capture, compressed
+from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.pipeline import Pipeline
 
 
@@ -134,7 +135,7 @@ class Protocol:
         references = references or [None] * len(cases)
         if prefill_s is None:
             prefill_s = self.prefill(cases[0], cache)
-        held = measure(cache)
+        held = self.model_wide(measure(cache))
         if after_prefill is not None:
             after_prefill(cache)
         last = len(cases) - 1
@@ -152,6 +153,14 @@ class Protocol:
         compress_s = cache.compress_seconds if isinstance(cache, KVPipeCache) else 0.0   # decode triggers too
         return Answer(text, tokens, held, prefill_s, tps, compress_s, score, generated)
 
+    def model_wide(self, held: int) -> int:
+        """``held`` bytes of this process's cache summed over the model's tensor-parallel ranks (each holds its
+        share of the KV heads; a collective there), so every contender is measured over the whole model."""
+        shards = head_shards(self.model)
+        if not shards.split:
+            return held
+        return int(shards.sum(torch.tensor(held, dtype=torch.float64, device=self.model.device)))
+
     def whole_answer(self, case: TaskCase, tokens: torch.Tensor) -> bool:
         """Whether greedy decoding stops after ``tokens [k]``: they end with end-of-sequence or fill the room."""
         eos = self.model.generation_config.eos_token_id
@@ -167,7 +176,7 @@ class Protocol:
         own tokens."""
         if prefill_s is None:
             prefill_s = self.prefill(cases[0], cache)
-        held, out = cache_bytes(cache), []
+        held, out = self.model_wide(cache_bytes(cache)), []
         for i, case in enumerate(cases):
             own, before = cache if i == len(cases) - 1 else fork(cache), fork(cache)
             text, tokens, tps = self.generate(case, own)
@@ -196,8 +205,7 @@ class Protocol:
             else:       # a probing stage's probe counts as prefill, as it does when the pipeline prefills itself
                 cache = handle.take(compressed(pipeline, captured, handle))
                 prefill_s = captured.prefill_seconds + cache.probe_seconds
-            return self.ask_each(cases, cache, lambda c: handle.stats(c)["kv_bytes"], references, prefill_s,
-                                 after_prefill)
+            return self.ask_each(cases, cache, cache_bytes, references, prefill_s, after_prefill)
 
 
 def fork(cache):
