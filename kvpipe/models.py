@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,12 @@ def embedded_gguf(name: str = "smollm2-135m") -> Path:
     if not files:
         raise KVPipeError(f"package {dist!r} is installed but holds no .gguf file; reinstall it")
     return files[0]
+
+
+def launched_by_torchrun() -> tuple[int, int]:
+    """``(rank, world size)`` of this process as ``torchrun`` or ``accelerate launch`` started it (their ``RANK``
+    and ``WORLD_SIZE``); ``(0, 1)`` for a process started alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from kvpipe.errors import KVPipeError
@@ -206,14 +205,14 @@ def positive(text: str) -> int:
 def _run(args) -> int:
     from kvpipe.eval.protocol import Protocol
     from kvpipe.eval.run import per_question, report, run_needle, run_questions
-    from kvpipe.models import check_context, load
+    from kvpipe.models import check_context, launched_by_torchrun, load
     from kvpipe.runtime.pipeline import build
 
     if args.questions > 1 and args.question_aware:
         raise KVPipeError("--questions N asks several questions about one compressed context: the context is "
                           "compressed before any question, so it cannot be combined with --question-aware")
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))           # under torchrun: one model, its heads split
+    rank, ranks = launched_by_torchrun()                     # under torchrun: one model, its heads split
     model, tokenizer = load(args.model, tensor_parallel=ranks > 1)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
@@ -225,7 +224,7 @@ def _run(args) -> int:
         import torch.distributed as dist
 
         dist.destroy_process_group()    # before exit: gloo torn down by the interpreter's exit can abort
-    if int(os.environ.get("RANK", "0")):
+    if rank:
         return 0                                             # every rank ran the same cases; rank 0 reports
     if ranks > 1:
         print(f"tensor parallel over {ranks} ranks: each compressed its share of the KV heads under one budget")

@@ -66,8 +66,9 @@ def kth_largest(keys: torch.Tensor, k: torch.Tensor, shards: HeadShards = LOCAL)
     for shift in (24, 16, 8, 0):
         match = live & ((keys >> (shift + 8)) == (prefix[:, None] >> (shift + 8)))
         digit = torch.where(match, (keys >> shift) & 255, 256)
-        hist = torch.zeros(keys.shape[0], 257, dtype=torch.long, device=keys.device)
-        hist = shards.sum(hist.scatter_add_(1, digit, torch.ones_like(digit))[:, :256])
+        # int32: a row's slots over all ranks number fewer than 2³¹, and the histogram is what the ranks send
+        hist = torch.zeros(keys.shape[0], 257, dtype=torch.int32, device=keys.device)
+        hist = shards.sum(hist.scatter_add_(1, digit, torch.ones_like(digit, dtype=torch.int32))[:, :256])
         at_or_above = hist.flip(-1).cumsum(-1).flip(-1)                          # [B, 256]: keys >= digit d
         chosen = ((at_or_above >= left[:, None]).sum(-1) - 1).clamp_min(0)
         left = left - (at_or_above - hist).gather(1, chosen[:, None])[:, 0]     # minus the keys above d

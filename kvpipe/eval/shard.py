@@ -9,11 +9,12 @@ so it works beside any GPU): no tensors travel between them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kvpipe.models import launched_by_torchrun
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ class Shard:
 def launched() -> Shard:
     """The shard of a process started by ``torchrun``/``accelerate launch`` (their ``RANK`` and ``WORLD_SIZE``),
     its process group opened; one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if launched_by_torchrun()[1] == 1:
         return Shard()
     import torch.distributed as dist
 
