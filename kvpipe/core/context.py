@@ -41,6 +41,7 @@ class Observation:
     positions: torch.Tensor | None = None  # long [B, q]: RoPE positions of the queries
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None  # positions -> (cos, sin)
     shards: HeadShards = LOCAL             # the heads are this rank's share of the layer's (tensor parallelism)
+    input_norm: torch.Tensor | None = None  # [B, q]: L2 norm of the layer's input per query (probe forwards only)
 
     @property
     def groups(self) -> int:
@@ -63,6 +64,18 @@ class Observation:
         weight = self.out_proj.float().view(-1, heads, dim)               # [D_model, Hq, D]
         return torch.einsum("bhnd,mhd->bhnm", x.float(), weight)
 
+    def value_output_norm(self) -> torch.Tensor:
+        """``float32 [B, Hq, kv]``: ``‖W_O^h v‖`` per query head h and key, the size of what the key's value
+        writes into the residual stream through h, from the Gram matrices ``W_O^hᵀ W_O^h`` (``[Hq, D, D]``,
+        so no ``[B, Hq, kv, D_model]`` is ever built)."""
+        if self.out_proj is None:
+            raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
+        heads, dim = self.query.shape[1], self.query.shape[-1]
+        weight = self.out_proj.float().view(-1, heads, dim)                           # [D_model, Hq, D]
+        gram = torch.einsum("mhd,mhe->hde", weight, weight)
+        values = self.per_query_head(self.value.float())                              # [B, Hq, kv, D]
+        return torch.einsum("bhnd,hde,bhne->bhn", values, gram, values).clamp_min(0).sqrt()
+
     def attention_probs(self, start: int, stop: int) -> torch.Tensor:
         """Softmax attention of queries ``start:stop`` over all keys, fp32, ``[B, Hq, stop-start, kv]``.
 
@@ -78,16 +91,22 @@ class Observation:
         live = self.query_valid[:, None, start:stop, None]
         return torch.where(live, probs.nan_to_num(0.0), 0.0)
 
-    def max_attention(self, query_chunk: int = 256) -> torch.Tensor:
+    def max_attention(self, query_chunk: int = 256, query_weight: torch.Tensor | None = None,
+                      over_heads: bool = True) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``: per key, the largest softmax attention any query of its KV group gives it
         (what ``attention_probs`` then a maximum over queries and grouped heads gives, without materialising
         the normalised probabilities: ``max p = exp(max(logit − logsumexp))``, masks applied only where they
-        can bite, queries read ``query_chunk`` at a time). Padding queries give nothing."""
+        can bite, queries read ``query_chunk`` at a time). Padding queries give nothing.
+
+        ``query_weight [B, q]`` (positive): each query's probabilities are multiplied by it before the maximum.
+        ``over_heads=False``: the maximum over queries only, per query head, ``[B, Hkv, G, kv]``."""
         batch, q_heads, q, dim = self.query.shape
         kv_heads, kv = self.key.shape[1], self.key.shape[2]
         keys = self.key.float().transpose(-1, -2)[:, :, None]                       # [B, Hkv, 1, D, kv]
         padded_keys = not bool(self.key_valid.all())
-        best = torch.full((batch, kv_heads, kv), float("-inf"), device=self.query.device)
+        best = torch.full((batch, kv_heads, *(() if over_heads else (self.groups,)), kv), float("-inf"),
+                          device=self.query.device)
+        log_weight = query_weight.float().log() if query_weight is not None else None
         for lo in range(0, q, query_chunk):
             hi = min(lo + query_chunk, q)
             queries = self.query[:, :, lo:hi].float().reshape(batch, kv_heads, self.groups, hi - lo, dim)
@@ -98,10 +117,12 @@ class Observation:
             if padded_keys:
                 logits.masked_fill_(~self.key_valid[:, :, None, None, :], float("-inf"))
             logits.sub_(logits.logsumexp(-1, keepdim=True))
+            if log_weight is not None:
+                logits.add_(log_weight[:, None, None, lo:hi, None])
             live = self.query_valid[:, lo:hi]
             if not bool(live.all()):                                     # also clears rows with nothing to see
                 logits.masked_fill_(~live[:, None, None, :, None], float("-inf"))
-            best = torch.maximum(best, logits.amax((2, 3)))
+            best = torch.maximum(best, logits.amax((2, 3) if over_heads else 3))
         return best.exp()
 
 

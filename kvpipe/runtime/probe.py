@@ -11,7 +11,7 @@ positions, rotary) is what a normal forward sees.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,8 +27,15 @@ class Probe:
     stage: object                                      # a ProbingScorer
     slots: list[int]
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_norms: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, q] of the current forward
+
+    def remember_input(self, attention, args, kwargs) -> None:
+        """Forward pre-hook on a layer's attention: the norm of its input per token (KVzip+ divides by it)."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.input_norms[attention.layer_idx] = hidden.float().norm(dim=-1)
 
     def record(self, obs: Observation) -> None:
+        obs = replace(obs, input_norm=self.input_norms.get(obs.layer_idx))
         value = self.stage.observe(obs)[..., :self.slots[obs.layer_idx]]
         before = self.by_layer.get(obs.layer_idx)
         self.by_layer[obs.layer_idx] = value if before is None else torch.maximum(before, value)
@@ -53,6 +60,8 @@ def run_stage(session, forward, stage) -> dict[int, torch.Tensor]:
     prompt = torch.tensor(session.probe_prompts[stage.id], dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
     probe = Probe(stage, [layer.physical_length for layer in forward.cache.layers])
     session.probing = probe
+    hooks = [layer.self_attn.register_forward_pre_hook(probe.remember_input, with_kwargs=True)
+             for layer in session.decoder.layers]
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[1], stage.chunk):
@@ -65,4 +74,6 @@ def run_stage(session, forward, stage) -> dict[int, torch.Tensor]:
                                 use_cache=True, **{session.cache_kwarg: forward.cache.fork()})
     finally:
         session.probing = None
+        for hook in hooks:
+            hook.remove()
     return {layer: stage.after_probe(value) for layer, value in probe.by_layer.items()}
