@@ -2,6 +2,8 @@
 repeat its context, which does not depend on the question that will come later."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -19,6 +21,9 @@ class ReconstructionParams(Params):
     chunk: int = Field(256, ge=1, description="probe tokens per forward: the probe's attention memory is "
                                               "[B, heads, chunk, context] per layer")
     pool: PoolKernel = Field(1, ge=1, description="max-pool scores over this many neighbouring tokens (odd; 1 = off)")
+    normalize: Literal["none", "plus"] = Field(
+        "none", description="'plus' (KVzip+): weigh each attention probability by what it moves into the "
+                            "residual stream, ‖W_O^h v‖ / ‖x‖ (x: the layer's input at the re-reading token)")
 
 
 @register("reconstruction", family="scoring")
@@ -41,8 +46,17 @@ class Reconstruction(ProbingScorer):
         return tokenizer(self.params.prompt, add_special_tokens=False).input_ids
 
     def observe(self, obs: Observation) -> torch.Tensor:
-        """``float32 [B, Hkv, kv]``: per key, the largest attention any probe query of its group gives it."""
-        return obs.max_attention(QUERY_CHUNK)
+        """``float32 [B, Hkv, kv]``: per key, the largest attention any probe query of its group gives it
+        (``plus``: the largest ``p · ‖W_O^h v‖ / ‖x‖`` over the group's heads h and the probe's queries)."""
+        if self.params.normalize == "none":
+            return obs.max_attention(QUERY_CHUNK)
+        if obs.input_norm is None:
+            raise KVPipeError(f"stage {self.id!r} (normalize: plus) needs the layer inputs' norms, which only its "
+                              "probe forward records")
+        per_head = obs.max_attention(QUERY_CHUNK, query_weight=obs.input_norm.clamp_min(1e-6).reciprocal(),
+                                     over_heads=False)                                 # [B, Hkv, G, kv]
+        written = obs.value_output_norm().view_as(per_head)
+        return (per_head * written).amax(2)
 
     def after_probe(self, scores: torch.Tensor) -> torch.Tensor:
         return pool_neighbours(scores, self.params.pool)      # over the context's slots only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,13 @@ def test_malformed_suites_name_file_line_and_key(tmp_path, text, where, message)
     with pytest.raises(SpecError) as err:
         load_suite(path)
     assert str(err.value).startswith(str(path)) and where in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_suite_loads(path):
+    suite, _ = load_suite(path)
+    assert suite.pipelines and suite.contexts
 
 
 def test_cli_rejects_a_bad_suite_before_loading_the_model(tmp_path, capsys):
