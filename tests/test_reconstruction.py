@@ -44,9 +44,8 @@ def reference_scores(model, ids: torch.Tensor, chunk: int, normalize: str = "non
         with torch.inference_mode():
             out = model(torch.cat([ids, ids[:, start:start + chunk]], 1), output_attentions=True,
                         output_hidden_states=True)
-        weighted = [attention[:, :, n:, :n].float() for attention in out.attentions]        # [B, Hq, w, n]
-        if normalize == "plus":
-            with torch.inference_mode():
+            weighted = [attention[:, :, n:, :n].float() for attention in out.attentions]    # [B, Hq, w, n]
+            if normalize == "plus":
                 weighted = [p * written_per_input(model, layer, out.hidden_states[layer], n)
                             for layer, p in enumerate(weighted)]
         best = [w.amax(2) for w in weighted]                                                # [B, Hq, n]

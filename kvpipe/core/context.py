@@ -56,22 +56,21 @@ class Observation:
         grouped = x.view(x.shape[0], self.key.shape[1], self.groups, *x.shape[2:])
         return grouped.mean(2) if how == "mean" else grouped.amax(2)
 
-    def project_out(self, x: torch.Tensor) -> torch.Tensor:
-        """``W_O^h x`` per query head h: ``[B, Hq, n, D]`` -> ``[B, Hq, n, D_model]`` (fp32)."""
+    def out_proj_per_head(self) -> torch.Tensor:
+        """``W_O`` split by query head, fp32 ``[D_model, Hq, D]``."""
         if self.out_proj is None:
             raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
-        heads, dim = self.query.shape[1], self.query.shape[-1]
-        weight = self.out_proj.float().view(-1, heads, dim)               # [D_model, Hq, D]
-        return torch.einsum("bhnd,mhd->bhnm", x.float(), weight)
+        return self.out_proj.float().view(-1, self.query.shape[1], self.query.shape[-1])
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """``W_O^h x`` per query head h: ``[B, Hq, n, D]`` -> ``[B, Hq, n, D_model]`` (fp32)."""
+        return torch.einsum("bhnd,mhd->bhnm", x.float(), self.out_proj_per_head())
 
     def value_output_norm(self) -> torch.Tensor:
         """``float32 [B, Hq, kv]``: ``‖W_O^h v‖`` per query head h and key, the size of what the key's value
         writes into the residual stream through h, from the Gram matrices ``W_O^hᵀ W_O^h`` (``[Hq, D, D]``,
         so no ``[B, Hq, kv, D_model]`` is ever built)."""
-        if self.out_proj is None:
-            raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
-        heads, dim = self.query.shape[1], self.query.shape[-1]
-        weight = self.out_proj.float().view(-1, heads, dim)                           # [D_model, Hq, D]
+        weight = self.out_proj_per_head()
         gram = torch.einsum("mhd,mhe->hde", weight, weight)
         values = self.per_query_head(self.value.float())                              # [B, Hq, kv, D]
         return torch.einsum("bhnd,hde,bhne->bhn", values, gram, values).clamp_min(0).sqrt()
