@@ -13,6 +13,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime.adapters import ATTENTION_BASES
 
+MASK_BLOCK_BYTES = 64 << 20
+
 
 def wrapped_name(base: str) -> str:
     return f"kvpipe_{base}"
@@ -36,16 +38,17 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             "this model's attention implementation is a kvpipe one but no pipeline is attached to it; "
             "restore it with model.set_attn_implementation('sdpa') or attach a pipeline")
     forward = session.active
-    if forward is not None:
-        layer = forward.cache.layers[module.layer_idx]
-        if layer.reads_store_itself(query.shape[2]):
-            return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
-        # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
-        if layer.store is not None and not (attention_mask is None and layer.store.all_valid):
-            attention_mask = per_head_mask(layer, query, attention_mask, additive=session.base == "eager")
-        if forward.observing:
-            session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
-    return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    if forward is None:
+        return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    layer = forward.cache.layers[module.layer_idx]
+    if layer.reads_store_itself(query.shape[2]):
+        return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
+    if forward.observing:
+        session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
+    # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
+    if layer.store is None or (attention_mask is None and layer.store.all_valid):
+        return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    return blockwise_attention(session, module, layer, query, key, value, attention_mask, dropout, kwargs)
 
 
 def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
@@ -61,26 +64,56 @@ def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_va
                                   page_starts=store.page_starts, residual_starts=store.residual.starts).contiguous()
 
 
-def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, additive: bool) -> torch.Tensor:
-    """Mask ``[B, Hq, q, width + T]`` for a compressed layer: kept slots per head, then HF's new-token block.
+def blockwise_attention(session, module, layer, query, key, value, hf_mask, dropout, kwargs):
+    """Base attention over a compressed layer with kvpipe's mask, a block of query rows at a time.
+
+    A mask per query head is ``q × kv`` bytes a head: a 4,096-token prefill chunk over 36k slots with 32 heads
+    would build 4.8 GB, and SDPA converts a bool mask to floats besides. Rows are independent, so each block's
+    mask is kept under ``MASK_BLOCK_BYTES``; a layer whose heads all hold every slot needs one mask for all
+    heads and no blocks. Returns what the base returns: ``[B, q, Hq, D]`` and the weights or ``None``."""
+    batch, q_heads, q, _ = query.shape
+    per_row = batch * q_heads * key.shape[2]
+    rows = q if layer.store.all_valid else max(1, MASK_BLOCK_BYTES // per_row)
+    additive = session.base == "eager"
+    outputs, weights = [], []
+    for start in range(0, q, rows):
+        block = slice(start, min(start + rows, q))
+        mask = per_head_mask(layer, query, hf_mask, block, additive)
+        out, weight = session.base_attention(module, query[:, :, block], key, value, mask, dropout=dropout, **kwargs)
+        outputs.append(out)
+        weights.append(weight)
+    if len(outputs) == 1:
+        return outputs[0], weights[0]
+    return torch.cat(outputs, 1), (None if weights[0] is None else torch.cat(weights, 2))
+
+
+def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, rows: slice,
+                  additive: bool) -> torch.Tensor:
+    """Mask ``[B, Hq, r, width + T]`` for the query ``rows`` over a compressed layer: kept slots per head, then
+    HF's new-token block; ``[B, 1, r, width + T]`` when every slot of every head holds a token.
 
     HF's mask is built for one physical width shared by all layers; thanks to ``get_mask_sizes`` its last
     ``q`` columns are exactly the new tokens (causal + padding), so only those are reused.
     """
     batch, q_heads, q, _ = query.shape
     past = layer.physical_length - q
-    valid = layer.past_valid(past)                                                  # [B, Hkv, past]
     if hf_mask is None:
-        new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()[None, None]
+        new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()[None, None, rows]
     elif hf_mask.dtype == torch.bool:
-        new = hf_mask[..., -q:]
+        new = hf_mask[..., rows, -q:]
     else:
-        new = hf_mask[..., -q:] == 0
-    heads = valid.shape[1]
-    mask = torch.cat([valid[:, :, None, :].expand(batch, heads, q, past),
-                      new.expand(batch, heads, q, q)], dim=-1)
-    mask = mask.repeat_interleave(q_heads // heads, dim=1)
+        new = hf_mask[..., rows, -q:] == 0
+    r = new.shape[-2]
+    if layer.store.all_valid:
+        mask = torch.cat([new.new_ones(new.shape[0], 1, r, past), new.expand(-1, 1, r, q)], dim=-1)
+    else:
+        valid = layer.past_valid(past)                                              # [B, Hkv, past]
+        heads = valid.shape[1]
+        group = q_heads // heads
+        # One allocation: both parts are expanded over the query heads of a group before the concatenation.
+        mask = torch.cat([valid[:, :, None, None, :].expand(batch, heads, group, r, past),
+                          new[:, :, None].expand(batch, heads, group, r, q)], dim=-1).flatten(1, 2)
     if additive:
-        return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~mask, torch.finfo(query.dtype).min)
+        return torch.full(mask.shape, torch.finfo(query.dtype).min, dtype=query.dtype,
+                          device=query.device).masked_fill_(mask, 0.0)
     return mask
