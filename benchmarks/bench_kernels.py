@@ -82,9 +82,7 @@ def main() -> None:
         row = [context, bits, group, batch, "skewed" if skewed else "uniform", kept, moved / 2 ** 20,
                t_dense * 1e6, t_unfused * 1e6]
         if cuda:
-            t_fused = time_it(lambda: fused_decode_attention(
-                query, store.pages, store.page_counts, fmt, store.residual.keys, store.residual.values,
-                store.residual.lengths, empty, empty, scale))
+            t_fused = time_it(lambda: fused_decode_attention(query, store.decode_operands, empty, empty, scale))
             page_keys = torch.randn(store.pages.count, group, args.head_dim, device=device, dtype=dtype)
             page_values, page_positions = torch.randn_like(page_keys), store.pages.positions
             t_quant = time_it(lambda: quantize_pages_triton(page_keys, page_values, page_positions, fmt))

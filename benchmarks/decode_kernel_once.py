@@ -36,12 +36,9 @@ def main() -> None:
                                                                            device="cuda"), quant)
     query = torch.randn(args.batch, q_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     empty = keys[:, :, :0]
-    res = store.residual
 
     def launch():
-        return fused_decode_attention(query, store.pages, store.page_counts, quant.fmt, res.keys, res.values,
-                                      res.lengths, empty, empty, dim ** -0.5, page_starts=store.page_starts,
-                                      residual_starts=res.starts)
+        return fused_decode_attention(query, store.decode_operands, empty, empty, dim ** -0.5)
     for _ in range(3):                                     # compile, tune, warm
         launch()
     torch.cuda.synchronize()

@@ -62,12 +62,9 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
         for name, quant in formats.items():
             quant = dataclasses.replace(quant, backend="triton")
             store = QuantizedStore.from_padded(keys, values, positions, everything, quant)
-            res = store.residual
 
-            def fused(store=store, res=res, fmt=quant.fmt):
-                return fused_decode_attention(query, store.pages, store.page_counts, fmt, res.keys, res.values,
-                                              res.lengths, empty, empty, scale, page_starts=store.page_starts,
-                                              residual_starts=res.starts)
+            def fused(store=store):
+                return fused_decode_attention(query, store.decode_operands, empty, empty, scale)
             seconds = time_it(fused)
             best = getattr(_decode_split_kernel, "best_config", None)      # the autotuner's choice, if it ran
             timings[f"kvpipe fused {name}"] = (seconds, store.nbytes + io, f"tuned: {best}" if best else None)
@@ -75,9 +72,8 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
             if name == "int4":               # how the split count (default_splits) trades parallelism for merging
                 for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
                     sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
-                        lambda s=splits: fused_decode_attention(
-                            query, store.pages, store.page_counts, quant.fmt, res.keys, res.values, res.lengths,
-                            empty, empty, scale, splits=s, page_starts=store.page_starts, residual_starts=res.starts))})
+                        lambda s=splits: fused_decode_attention(query, store.decode_operands, empty, empty, scale,
+                                                                splits=s))})
 
                 def torch_path(store=store):
                     k, v = store.attend(empty, empty, workspace)

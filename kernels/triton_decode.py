@@ -27,6 +27,7 @@ memory bandwidth yet): docs/results.md, GPU check.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -261,25 +262,44 @@ def dot_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "tf32"   # ignored for 16-bit operands
 
 
-def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts: torch.Tensor, fmt: PageFormat,
-                           residual_keys: torch.Tensor, residual_values: torch.Tensor, residual_lengths: torch.Tensor,
-                           tail_keys: torch.Tensor, tail_values: torch.Tensor, scaling: float,
-                           splits: int | None = None, page_starts: torch.Tensor | None = None,
-                           residual_starts: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class DecodeOperands:
+    """What the split kernel reads of one quantized store, in its argument order, prepared once per store: a
+    store never changes once built, and a decode step calls the kernel once per layer, so host time per call is
+    decode time (``decode_operands``)."""
+
+    tensors: tuple[torch.Tensor, ...]   # codes (bytes), scales, minima, positions, page starts/counts, residual
+    fmt: PageFormat
+    heads: int                          # B·Hkv
+    pages: int
+
+
+def decode_operands(pages: PackedPages, page_counts: torch.Tensor, fmt: PageFormat, residual_keys: torch.Tensor,
+                    residual_values: torch.Tensor, residual_lengths: torch.Tensor) -> DecodeOperands:
+    """Args: the packed pages (flat, per head in (row, head) order) and their counts ``int32 [B, Hkv]``; the
+    residual ``residual_keys``/``residual_values [N, D]`` ragged per head, ``residual_lengths int32 [B, Hkv]``."""
+    tensors = (pages.key_codes.view(torch.uint8), pages.key_scale, pages.key_min, pages.value_codes.view(torch.uint8),
+               pages.value_scale, pages.value_min, pages.positions, run_starts(page_counts),
+               page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(),
+               residual_values.contiguous(), run_starts(residual_lengths),
+               residual_lengths.flatten().to(torch.int32).contiguous())
+    return DecodeOperands(tensors, fmt, page_counts.numel(), pages.count)
+
+
+def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys: torch.Tensor,
+                           tail_values: torch.Tensor, scaling: float, splits: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over a quantized layer.
 
     Args:
         query: ``[B, Hq, 1, D]`` in fp16, bf16 or fp32 (D a power of two, 16 to 256).
-        pages, page_counts: the packed pages (flat, per head in (row, head) order) and ``int32 [B, Hkv]``.
-        residual_keys, residual_values: ``[N, D]`` ragged per head; ``residual_lengths int32 [B, Hkv]``.
+        store: the quantized store's pages and residual (``decode_operands``).
         tail_keys, tail_values: ``[B, Hkv, T, D]`` (T may be 0).
         splits: page splits per head (default: ``default_splits``).
-        page_starts, residual_starts: ``run_starts`` of the counts, if the caller keeps them (saves launches).
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype (the layout HF attention functions return).
     """
     batch, q_heads, q_len, dim = query.shape
-    kv_heads = page_counts.shape[1]
+    fmt, heads = store.fmt, store.heads
     if q_len != 1:
         raise ValueError(f"fused decode attention takes one query token per sequence, got {q_len}")
     if dim & (dim - 1) or not 16 <= dim <= 256 or fmt.group & (fmt.group - 1) or fmt.group < 16:
@@ -287,23 +307,17 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
                          f"got {dim} and {fmt.group}; use backend: torch")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"fused decode attention takes fp16, bf16 or fp32 queries, got {query.dtype}")
-    group = q_heads // kv_heads
-    heads = batch * kv_heads
+    group = batch * q_heads // heads
     if splits is None:
-        splits = default_splits(pages.count, heads, query.device)
+        splits = default_splits(store.pages, heads, query.device)
     q = query.reshape(batch * q_heads, dim).contiguous()
     mid_o = q.new_empty(batch * q_heads, splits + 2, dim, dtype=torch.float32)
     mid_lse = q.new_empty(batch * q_heads, splits + 2, dtype=torch.float32)
     dot, precision = dot_dtype(query.dtype)
-    work = triton.next_power_of_2(max(1, pages.count // (heads * splits)))
+    work = triton.next_power_of_2(max(1, store.pages // (heads * splits)))
     _launch_split((heads, splits + 2), (group, dim, fmt, query.dtype, work),
-        q, pages.key_codes.view(torch.uint8), pages.key_scale, pages.key_min, pages.value_codes.view(torch.uint8),
-        pages.value_scale, pages.value_min, pages.positions,
-        page_starts if page_starts is not None else run_starts(page_counts),
-        page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(), residual_values.contiguous(),
-        residual_starts if residual_starts is not None else run_starts(residual_lengths),
-        residual_lengths.flatten().to(torch.int32).contiguous(), tail_keys.contiguous(), tail_values.contiguous(),
-        tail_keys.shape[2], mid_o, mid_lse, scaling * LOG2E, work,
+        q, *store.tensors, tail_keys.contiguous(), tail_values.contiguous(), tail_keys.shape[2], mid_o, mid_lse,
+        scaling * LOG2E, work,
         GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
         GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
         SPLIT_Q=dot == tl.bfloat16, **code_offsets(dot, fmt))
@@ -314,4 +328,4 @@ def fused_decode_attention(query: torch.Tensor, pages: PackedPages, page_counts:
     return out.to(q.dtype).view(batch, q_heads, 1, dim).transpose(1, 2)
 
 
-__all__ = ["default_splits", "fused_decode_attention"]
+__all__ = ["DecodeOperands", "decode_operands", "default_splits", "fused_decode_attention"]

@@ -171,9 +171,7 @@ def test_fused_decode_attention_matches_the_reference(case):
                               for _ in range(2))
     query = (torch.randn(batch, kv_heads * case["gqa"], 1, dim, generator=generator) * 2).to(DEVICE, dtype)
     poison = torch.full((batch, 1, kv_heads * case["gqa"], dim), float("nan"))
-    got = fused_decode_attention(query, store.pages, store.page_counts, fmt, store.residual.keys,
-                                 store.residual.values, store.residual.lengths, tail_keys, tail_values, 0.2,
-                                 splits=case["splits"])
+    got = fused_decode_attention(query, store.decode_operands, tail_keys, tail_values, 0.2, splits=case["splits"])
     assert got.dtype == dtype and got.shape == poison.shape
     keys, values, _ = store.padded(torch.float32)
     valid = torch.cat([store.valid(), torch.ones(batch, kv_heads, case["tail"], dtype=torch.bool, device=DEVICE)], -1)

@@ -57,11 +57,8 @@ def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_va
     holds the new token) is passed as is; after compaction it holds real tokens only, so no mask is needed."""
     from kvpipe.kernels.triton_decode import fused_decode_attention
 
-    store = layer.store
-    return fused_decode_attention(query, store.pages, store.page_counts, store.quant.fmt, store.residual.keys,
-                                  store.residual.values, store.residual.lengths, tail_keys, tail_values,
-                                  scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                  page_starts=store.page_starts, residual_starts=store.residual.starts).contiguous()
+    return fused_decode_attention(query, layer.store.decode_operands, tail_keys, tail_values,
+                                  scaling if scaling is not None else query.shape[-1] ** -0.5).contiguous()
 
 
 def blockwise_attention(session, module, layer, query, key, value, hf_mask, dropout, kwargs):

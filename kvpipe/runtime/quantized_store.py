@@ -22,7 +22,7 @@ import torch
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range)
 from kvpipe.kernels.quant import check_finite
-from kvpipe.kernels.ragged import concat_ragged, pack_ragged, run_starts, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, pack_ragged, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
 from kvpipe.runtime.page_packers import page_packer
 from kvpipe.runtime.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes
@@ -148,9 +148,12 @@ class QuantizedStore(ValidSlots):
         return runs
 
     @cached_property
-    def page_starts(self) -> torch.Tensor:
-        """``int32 [B·Hkv]``: each head's first page (what the decode kernel reads)."""
-        return run_starts(self.page_counts)
+    def decode_operands(self):
+        """What the fused decode kernel reads of this store, prepared for its launches once, not per step."""
+        from kvpipe.kernels.triton_decode import decode_operands
+
+        res = self.residual
+        return decode_operands(self.pages, self.page_counts, self.quant.fmt, res.keys, res.values, res.lengths)
 
     @cached_property
     def page_width(self) -> int:                # a store never changes once built: computed once, not per step

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from kvpipe.kernels.ragged import pack_ragged, run_starts, unpack_ragged
+from kvpipe.kernels.ragged import pack_ragged, unpack_ragged
 
 POSITION_DTYPE = torch.int32
 
@@ -66,11 +66,6 @@ class RaggedStore(ValidSlots):
     def width(self) -> int:
         """Length of the longest head: the padded width attention sees."""
         return int(self.lengths.max()) if self.lengths.numel() else 0
-
-    @cached_property
-    def starts(self) -> torch.Tensor:
-        """``int32 [B·Hkv]``: where each head's slots begin in ``keys``/``values`` (what the decode kernel reads)."""
-        return run_starts(self.lengths)
 
     def _build_valid(self) -> torch.Tensor:
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
