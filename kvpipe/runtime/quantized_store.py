@@ -264,7 +264,7 @@ class QuantizedStore(ValidSlots):
         pages = self.pages.map(lambda t: select_ragged_rows(t, self.page_counts, index))
         return QuantizedStore(pages, self.page_counts[index], self.residual.select_rows(index), self.quant)
 
-    @property
+    @cached_property                 # read after every forward (the cache's peak); a store never changes
     def nbytes(self) -> int:
         return storage_bytes(*self.pages.tensors(), self.page_counts) + self.residual.nbytes
 

@@ -87,7 +87,7 @@ class RaggedStore(ValidSlots):
         keys, values, positions = self.padded()
         return RaggedStore.from_padded(keys[index], values[index], positions[index], self.valid()[index])
 
-    @property
+    @cached_property                 # read after every forward (the cache's peak); a store never changes
     def nbytes(self) -> int:
         """Bytes of the storage these tensors really hold."""
         return storage_bytes(self.keys, self.values, self.positions, self.lengths)
