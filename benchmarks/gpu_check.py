@@ -15,8 +15,12 @@ Random weights only (no model download is needed or possible): speed does not de
    0.25, ``int4`` and ``value-aware-int4``, side by side in one process.
 
 The parts live beside this driver: ``gpu_decode.py``, ``gpu_end_to_end.py``, shapes in ``gpu_shapes.py``.
-Writes ``gpu_check.json``, ``gpu_check.md``, ``pytest.log`` and ``profile.txt`` (torch profiler, a few decode
-steps of the full cache and of ``int4``) into ``--out`` and prints the Markdown.
+Also **launch** costs: the host's cost of one launch back to back (a torch kernel, Triton kernels of 1 and 24
+arguments, kvpipe's fused decode call), which bounds decode at batch 1.
+
+Writes ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``profile.txt`` (torch profiler, a few decode
+steps of the full cache and of ``int4``) and ``host_profile.txt`` (cProfile of 16 warm decode forwards per
+end-to-end contender) into ``--out`` and prints the Markdown.
 ``--tiny`` runs the same script on the CPU (Triton's interpreter, toy shapes): the numbers mean nothing
 there, it only proves the script still works (a test runs it).
 
@@ -43,14 +47,16 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from gpu_decode import decode_attention  # noqa: E402
+from gpu_decode import decode_attention, fused_decode_call  # noqa: E402
 from gpu_end_to_end import end_to_end  # noqa: E402
+from gpu_launch import launch_costs  # noqa: E402
 from gpu_shapes import GPU, TINY  # noqa: E402
 from timing import copy_bandwidth, timer  # noqa: E402
 
 from kvpipe.core.table import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ["correctness", "launch", "decode", "end_to_end"]
 
 
 # --- 0. the machine ----------------------------------------------------------------------------------------------
@@ -105,6 +111,10 @@ def markdown(report: dict) -> str:
     if tests:
         lines += ["## Correctness (`pytest -m gpu`)", "", f"`{tests['command']}`: **{tests['summary']}** "
                   f"({tests['seconds']} s).", ""] + [f"- FAILED {f}" for f in tests["failed"]] + [""]
+    if report.get("launch"):
+        lines += ["## Host cost of a launch", "", table(report["launch"], ["launch", "us back to back"]), "",
+                  "Calls issued back to back, kernels doing nearly nothing: the host's cost per launch. The fused "
+                  f"decode call is one int4 step over {report['launch_context']:,} tokens, batch 1.", ""]
     if report.get("decode"):
         shape = report["decode_shape"]
         lines += [f"## Decode attention ({shape['q_heads']} query heads, {shape['kv_heads']} KV heads, head dim "
@@ -146,8 +156,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json, gpu_check.md, pytest.log")
     parser.add_argument("--tiny", action="store_true", help="CPU, Triton interpreter, toy shapes: checks the script")
-    parser.add_argument("--only", nargs="+", choices=["correctness", "decode", "end_to_end"],
-                        default=["correctness", "decode", "end_to_end"], help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="run only these parts")
     parser.add_argument("-k", dest="select", help="passed to pytest -k (a subset of the correctness tests)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
@@ -160,10 +169,11 @@ def main() -> int:
     report: dict = {"environment": environment(device), "errors": {},
                     "decode_shape": {"q_heads": sizes.q_heads, "kv_heads": sizes.kv_heads, "head_dim": sizes.head_dim},
                     "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama",
-                    "e2e_tokens": sizes.e2e_context, "split_sweep": []}
+                    "e2e_tokens": sizes.e2e_context, "split_sweep": [], "launch_context": sizes.contexts[0]}
     copy_bw = copy_bandwidth(device, time_it, sizes.copy_numel)
     report["copy_GB_s"] = copy_bw / 1e9
     parts = {"correctness": lambda: correctness(args.out, args.select),
+             "launch": lambda: launch_costs(device, fused_decode_call(sizes, device, sizes.contexts[0])),
              "decode": lambda: decode_attention(sizes, device, time_it, copy_bw, report["split_sweep"]),
              "end_to_end": lambda: end_to_end(sizes, device, args.out)}
     for name in args.only:

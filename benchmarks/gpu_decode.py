@@ -38,6 +38,19 @@ def hqq_quantized_cache(sizes: Sizes, batch: int, keys: torch.Tensor, values: to
 SPLIT_SWEEP = (16, 32, 64, 128)
 
 
+def fused_decode_call(sizes: Sizes, device: torch.device, context: int):
+    """One kvpipe fused decode call over a shipped ``int4`` store of ``context`` tokens, batch 1 (no arguments)."""
+    shape = (1, sizes.kv_heads, context, sizes.head_dim)
+    keys, values = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(2))
+    positions = torch.arange(context, device=device).expand(shape[:3])
+    quant = dataclasses.replace(quantization_of("int4", sizes.head_dim), backend="triton")
+    store = QuantizedStore.from_padded(keys, values, positions, torch.ones(shape[:3], dtype=torch.bool,
+                                                                           device=device), quant)
+    query = torch.randn(1, sizes.q_heads, 1, sizes.head_dim, device=device, dtype=torch.bfloat16)
+    empty = keys[:, :, :0]
+    return lambda: fused_decode_attention(query, store.decode_operands, empty, empty, sizes.head_dim ** -0.5)
+
+
 def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float, sweeps: list) -> list[dict]:
     rows = []
     scale = sizes.head_dim ** -0.5

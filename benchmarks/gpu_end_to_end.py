@@ -56,6 +56,24 @@ def forward_steps(model, cache, token: torch.Tensor, steps: int, device: torch.d
     return steps / (time.perf_counter() - started)
 
 
+def host_profile(model, cache, token: torch.Tensor, steps: int, rows: int = 18) -> str:
+    """Where the host's time goes in ``steps`` bare decode forwards on ``cache`` (cProfile, by own time). At batch
+    1 the model is host-bound: a function here that waits on the device (a synchronisation) stands out."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        for _ in range(steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
+
+
 def profile_decode(model, ids, device: torch.device, pipeline=None, steps: int = 8) -> str:
     """The top operators of a few ``generate()`` decode steps after a short prompt, by self time (CPU and CUDA)."""
     from torch.profiler import ProfilerActivity, profile
@@ -75,7 +93,9 @@ def profile_decode(model, ids, device: torch.device, pipeline=None, steps: int =
     return text
 
 
-def generate_once(model, ids, new_tokens: int, device: torch.device, pipeline=None, **generate_kwargs) -> dict:
+def generate_once(model, ids, new_tokens: int, device: torch.device, pipeline=None, profiles: list | None = None,
+                  **generate_kwargs) -> dict:
+    """One ``generate()`` and 16 bare forwards on its cache; ``profiles`` (if given) gets their host profile."""
     handle = pipeline.attach(model) if pipeline is not None else None
     clock = Clock(device)
     if device.type == "cuda":
@@ -100,6 +120,8 @@ def generate_once(model, ids, new_tokens: int, device: torch.device, pipeline=No
             row["kv_GB"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers) / 1e9
             row["kv_peak_GB"] = row["kv_GB"]
         row["forward_tok_s"] = forward_steps(model, out.past_key_values, out.sequences[:, -1:], 16, device)
+        if profiles is not None:
+            profiles.append(host_profile(model, out.past_key_values, out.sequences[:, -1:], 16))
         del out
         return row
     finally:
@@ -119,17 +141,19 @@ def end_to_end(sizes: Sizes, device: torch.device, out: Path) -> list[dict]:
     contenders = [("full cache", None, {}), ("default @ keep 0.25", kvpipe.build("default").with_budget(keep=0.25), {}),
                   ("int4", kvpipe.build("int4"), {}), ("value-aware-int4", kvpipe.build("value-aware-int4"), {}),
                   (f"int4, prefill in chunks of {chunk}", chunked, {"prefill_chunk_size": chunk})]
-    rows = []
+    rows, host = [], []
     for name, pipeline, generate_kwargs in tqdm(contenders, desc="end to end"):
         # Twice, the same call: the first (cold) pays what is built once per shape — Triton compiles and tunes,
         # and torch's cuDNN attention builds an execution plan for every new key length (~4 ms a call on an H200
         # with torch 2.11, which a decode step always is). The second (warm) run is the steady state.
         cold = generate_once(model, ids, sizes.e2e_new_tokens, device, pipeline, **generate_kwargs)
-        warm = generate_once(model, ids, sizes.e2e_new_tokens, device, pipeline, **generate_kwargs)
+        warm = generate_once(model, ids, sizes.e2e_new_tokens, device, pipeline, host, **generate_kwargs)
         rows.append({"contender": name} | warm | {"cold_decode_tok_s": cold["decode_tok_s"]})
     profiles = "\n".join(f"### {name}\n{profile_decode(model, ids[:, :4096], device, pipeline)}"
                          for name, pipeline, _ in contenders[:3:2])
     (out / "profile.txt").write_text(profiles)
+    (out / "host_profile.txt").write_text("\n".join(f"### {name}: 16 bare decode forwards after the warm run\n{text}"
+                                                    for (name, _, _), text in zip(contenders, host)))
     full = rows[0]
     for row in rows:
         row["x decode speed"] = row["decode_tok_s"] / full["decode_tok_s"]

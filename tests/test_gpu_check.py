@@ -32,9 +32,13 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     # compressing after the prefill forward leaves the peak where the full cache's is; chunked prefill lowers it
     assert end_to_end["int4"]["x KV peak"] > 0.9 and end_to_end[chunked]["x KV peak"] < 0.5
     text = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Correctness", "## Decode attention", "## End to end"):
+    for heading in ("## Correctness", "## Host cost of a launch", "## Decode attention", "## End to end"):
         assert heading in text
     assert (tmp_path / "profile.txt").stat().st_size > 0
+    host = (tmp_path / "host_profile.txt").read_text()
+    assert host.count("### ") == 5 and "kvpipe/runtime" in host         # every contender; kvpipe's own calls seen
+    launches = {row["launch"]: row["us back to back"] for row in report["launch"]}
+    assert len(launches) == 4 and all(us > 0 for us in launches.values())
 
 
 def test_decode_kernel_compiles_for_hopper_without_a_gpu():
