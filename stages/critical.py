@@ -10,8 +10,6 @@ from kvpipe.core.registry import Params, register
 from kvpipe.core.stage_bases import ObservingScorer
 from kvpipe.stages.attention_mass import PoolKernel, attention_mass, pool_neighbours
 
-CHUNK = 4096          # tokens projected through W_O at once
-
 
 class CriticalParams(Params):
     window: int | None = Field(32, ge=1, description="observation window of prompt queries (null = all)")
@@ -32,9 +30,6 @@ class Critical(ObservingScorer):
     def observe(self, obs: Observation) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``."""
         mass = attention_mass(obs, self.params.window, normalize=True)                   # [B, Hq, kv]
-        # in chunks of tokens: W_O v is [B, Hq, kv, D_model] fp32, 8.6 GB at 32k tokens for a 1B model
-        values = obs.per_query_head(obs.value)
-        value_effect = torch.cat([obs.project_out(chunk).abs().sum(-1) for chunk in values.split(CHUNK, dim=2)],
-                                 dim=2)                                                   # [B, Hq, kv]
+        value_effect = obs.projected_l1(obs.per_query_head(obs.value))                    # [B, Hq, kv]
         scores = obs.to_kv_heads((mass + self.params.epsilon) * value_effect, "mean")
         return pool_neighbours(scores, self.params.pool)

@@ -33,6 +33,11 @@ class OutputChange(ObservingScorer):
         probs = obs.attention_probs(start, q)                                       # [B, Hq, w, kv]
         values = obs.per_query_head(obs.value.float())                              # [B, Hq, kv, D]
         outputs = probs @ values                                                    # [B, Hq, w, D]
-        distance = torch.cdist(obs.project_out(outputs), obs.project_out(values))   # [B, Hq, w, kv]
+        # ‖W_O^h (v - o)‖₂² = vᵀGv + oᵀGo - 2 oᵀGv with G = W_O^hᵀ W_O^h: no [B, Hq, kv, D_model] projection
+        gram = obs.out_proj_gram()
+        gram_outputs = torch.einsum("bhwd,hde->bhwe", outputs, gram)                 # [B, Hq, w, D]
+        squared = ((gram_outputs * outputs).sum(-1)[..., None] - 2 * gram_outputs @ values.transpose(-1, -2)
+                   + obs.projected_l2(values, gram).square()[:, :, None])
+        distance = squared.clamp_min(0).sqrt()                                      # [B, Hq, w, kv]
         effect = probs / (1 - probs).clamp(min=1e-6) * distance
         return pool_neighbours(obs.to_kv_heads(effect.sum(2), "mean"), self.params.pool)

@@ -55,7 +55,7 @@ class Reconstruction(ProbingScorer):
                               "probe forward records")
         per_head = obs.max_attention(QUERY_CHUNK, query_weight=obs.input_norm.clamp_min(1e-6).reciprocal(),
                                      over_heads=False)                                 # [B, Hkv, G, kv]
-        written = obs.value_output_norm().view_as(per_head)
+        written = obs.projected_l2(obs.per_query_head(obs.value)).view_as(per_head)
         return (per_head * written).amax(2)
 
     def after_probe(self, scores: torch.Tensor) -> torch.Tensor:

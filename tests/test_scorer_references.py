@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpipe.core.allocation import calibrate, pooled_counts
+from kvpipe.core import context
 from kvpipe.core.context import Observation
 from kvpipe.stages.critical import Critical
 from kvpipe.stages.output_change import OutputChange
@@ -76,6 +77,31 @@ def test_output_change_equals_removing_the_token_and_recomputing():
         without = torch.softmax((obs.key[0, 0, keep].double() @ obs.query[0, 0, 0].double()) * obs.scaling, -1)
         changed = without @ values[keep]
         torch.testing.assert_close(got[i], (w_o @ (output - changed)).norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_sizes_through_w_o_equal_the_projection_however_the_rows_are_blocked(monkeypatch):
+    """``projected_l1`` (blocks of rows) and ``projected_l2`` (Gram matrices) against ``W_O^h x`` built whole, in
+    float64; one row per block."""
+    obs = observation(batch=2, q_heads=4, kv_heads=2, kv=7, model_dim=12)
+    x = torch.randn(2, 4, 7, 8, generator=torch.Generator().manual_seed(fresh_seed()))
+    projected = torch.einsum("bhnd,mhd->bhnm", x.double(), obs.out_proj_per_head().double())
+    monkeypatch.setattr(context, "PROJECTION_BYTES", 1)
+    torch.testing.assert_close(obs.projected_l1(x).double(), projected.abs().sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(obs.projected_l2(x).double(), projected.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_output_change_gram_form_equals_the_projected_distances_on_many_keys():
+    """The score's distances ``‖W_O^h (v_i - o_t)‖`` from Gram matrices, against projecting both and taking
+    ``torch.cdist`` (what the stage computed before, at D_model width), fp32, 300 keys and a window of 16."""
+    obs = observation(q_heads=4, kv_heads=2, q=16, kv=300, dim=16, model_dim=64)
+    stage = OutputChange(OutputChange.Params(window=16))
+    probs = obs.attention_probs(0, 16)
+    values = obs.per_query_head(obs.value.float())
+    weight = obs.out_proj_per_head()
+    project = lambda x: torch.einsum("bhnd,mhd->bhnm", x, weight)  # noqa: E731
+    distance = torch.cdist(project(probs @ values), project(values))
+    want = obs.to_kv_heads((probs / (1 - probs).clamp(min=1e-6) * distance).sum(2), "mean")
+    torch.testing.assert_close(stage.observe(obs), want, rtol=1e-4, atol=1e-6)
 
 
 def test_critical_weights_attention_by_projected_value_l1():

@@ -12,6 +12,8 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.core.spec import Budget
 from kvpipe.errors import BudgetError
 
+PROJECTION_BYTES = 256 << 20     # the most a block of rows projected through W_O may take (fp32)
+
 
 class Stage(Protocol):
     """What the context reads of a stage (``kvpipe.core.registry.Stage``): its node id in the graph and, per slot
@@ -62,18 +64,29 @@ class Observation:
             raise RuntimeError("this layer exposes no output projection (o_proj); value-aware scores need it")
         return self.out_proj.float().view(-1, self.query.shape[1], self.query.shape[-1])
 
-    def project_out(self, x: torch.Tensor) -> torch.Tensor:
-        """``W_O^h x`` per query head h: ``[B, Hq, n, D]`` -> ``[B, Hq, n, D_model]`` (fp32)."""
-        return torch.einsum("bhnd,mhd->bhnm", x.float(), self.out_proj_per_head())
-
-    def value_output_norm(self) -> torch.Tensor:
-        """``float32 [B, Hq, kv]``: ``‖W_O^h v‖`` per query head h and key, the size of what the key's value
-        writes into the residual stream through h, from the Gram matrices ``W_O^hᵀ W_O^h`` (``[Hq, D, D]``,
-        so no ``[B, Hq, kv, D_model]`` is ever built)."""
+    def out_proj_gram(self) -> torch.Tensor:
+        """``W_O^hᵀ W_O^h`` per query head h, fp32 ``[Hq, D, D]``: ``‖W_O^h x‖₂² = xᵀ G_h x``, so L2 sizes in the
+        residual stream need no ``[B, Hq, n, D_model]`` tensor (8.6 GB at 32k tokens for a 1B model)."""
         weight = self.out_proj_per_head()
-        gram = torch.einsum("mhd,mhe->hde", weight, weight)
-        values = self.per_query_head(self.value.float())                              # [B, Hq, kv, D]
-        return torch.einsum("bhnd,hde,bhne->bhn", values, gram, values).clamp_min(0).sqrt()
+        return torch.einsum("mhd,mhe->hde", weight, weight)
+
+    def projected_l1(self, x: torch.Tensor) -> torch.Tensor:
+        """``float32 [B, Hq, n]``: ``‖W_O^h x_i‖₁`` per query head h and row i of ``x [B, Hq, n, D]``. An L1 norm
+        has no Gram form, so rows are projected a block at a time, each block's projection at most
+        ``PROJECTION_BYTES``."""
+        weight = self.out_proj_per_head()                                              # [D_model, Hq, D]
+        batch, heads, n, _ = x.shape
+        rows = max(1, PROJECTION_BYTES // (4 * batch * heads * weight.shape[0]))
+        return torch.cat([torch.einsum("bhnd,mhd->bhnm", part.float(), weight).abs_().sum(-1)
+                          for part in x.split(rows, dim=2)], dim=2)
+
+    def projected_l2(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+        """``float32 [B, Hq, n]``: ``‖W_O^h x_i‖₂`` per query head h and row i of ``x [B, Hq, n, D]``, from the Gram
+        matrices (``gram``: ``out_proj_gram()`` if the caller has it). For ``x`` the values: the size of what each
+        key's value writes into the residual stream through h."""
+        gram = self.out_proj_gram() if gram is None else gram
+        x = x.float()
+        return torch.einsum("bhnd,hde,bhne->bhn", x, gram, x).clamp_min(0).sqrt()
 
     def attention_probs(self, start: int, stop: int) -> torch.Tensor:
         """Softmax attention of queries ``start:stop`` over all keys, fp32, ``[B, Hq, stop-start, kv]``.
