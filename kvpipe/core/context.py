@@ -12,7 +12,7 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.core.spec import Budget
 from kvpipe.errors import BudgetError
 
-PROJECTION_BYTES = 256 << 20     # the most a block of rows projected through W_O may take (fp32)
+PROJECTION_BYTES = 32 << 20      # the most a block of rows projected through W_O may take (fp32)
 
 
 class Stage(Protocol):
