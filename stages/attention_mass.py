@@ -10,8 +10,6 @@ from kvpipe.core.context import Observation
 from kvpipe.core.registry import Params, register
 from kvpipe.core.stage_bases import ObservingScorer
 
-QUERY_CHUNK = 256  # queries per softmax block: bounds the transient [B, Hq, chunk, kv] tensor
-
 
 def _odd(pool: int) -> int:
     if pool % 2 == 0:
@@ -51,8 +49,9 @@ def attention_mass(obs: Observation, window: int | None, normalize: bool) -> tor
     kv = obs.key.shape[2]
     start = 0 if window is None else max(0, q - window)
     mass = torch.zeros(batch, q_heads, kv, device=obs.query.device)
-    for lo in range(start, q, QUERY_CHUNK):
-        mass += obs.attention_probs(lo, min(lo + QUERY_CHUNK, q)).sum(2)
+    block = obs.query_block()
+    for lo in range(start, q, block):
+        mass += obs.attention_probs(lo, min(lo + block, q)).sum(2)
     if normalize:
         mass /= seen_by(obs.query_valid[:, start:], kv - q + start, kv).clamp(min=1)[:, None, :]
     return mass

@@ -11,7 +11,7 @@ from kvpipe.core.context import Observation
 from kvpipe.core.registry import Params, register
 from kvpipe.core.stage_bases import ProbingScorer
 from kvpipe.errors import KVPipeError
-from kvpipe.stages.attention_mass import QUERY_CHUNK, PoolKernel, pool_neighbours
+from kvpipe.stages.attention_mass import PoolKernel, pool_neighbours
 
 
 class ReconstructionParams(Params):
@@ -49,11 +49,11 @@ class Reconstruction(ProbingScorer):
         """``float32 [B, Hkv, kv]``: per key, the largest attention any probe query of its group gives it
         (``plus``: the largest ``p · ‖W_O^h v‖ / ‖x‖`` over the group's heads h and the probe's queries)."""
         if self.params.normalize == "none":
-            return obs.max_attention(QUERY_CHUNK)
+            return obs.max_attention()
         if obs.input_norm is None:
             raise KVPipeError(f"stage {self.id!r} (normalize: plus) needs the layer inputs' norms, which only its "
                               "probe forward records")
-        per_head = obs.max_attention(QUERY_CHUNK, query_weight=obs.input_norm.clamp_min(1e-6).reciprocal(),
+        per_head = obs.max_attention(query_weight=obs.input_norm.clamp_min(1e-6).reciprocal(),
                                      over_heads=False)                                 # [B, Hkv, G, kv]
         written = obs.projected_l2(obs.per_query_head(obs.value)).view_as(per_head)
         return (per_head * written).amax(2)

@@ -1,13 +1,16 @@
 """Scorers and allocators against hand-written references on fresh random inputs."""
 from __future__ import annotations
 
+import unittest.mock
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpipe.core.allocation import calibrate, pooled_counts
 from kvpipe.core import context
+from kvpipe.core.allocation import calibrate, pooled_counts
 from kvpipe.core.context import Observation
+from kvpipe.stages.attention_mass import attention_mass
 from kvpipe.stages.critical import Critical
 from kvpipe.stages.output_change import OutputChange
 from kvpipe.stages.tova import TOVA
@@ -85,9 +88,36 @@ def test_sizes_through_w_o_equal_the_projection_however_the_rows_are_blocked(mon
     obs = observation(batch=2, q_heads=4, kv_heads=2, kv=7, model_dim=12)
     x = torch.randn(2, 4, 7, 8, generator=torch.Generator().manual_seed(fresh_seed()))
     projected = torch.einsum("bhnd,mhd->bhnm", x.double(), obs.out_proj_per_head().double())
-    monkeypatch.setattr(context, "PROJECTION_BYTES", 1)
+    monkeypatch.setattr(context, "BLOCK_BYTES", 1)
     torch.testing.assert_close(obs.projected_l1(x).double(), projected.abs().sum(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(obs.projected_l2(x).double(), projected.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+@given(block=st.integers(1, 6), padded=st.booleans())
+@settings(max_examples=12, deadline=None)
+def test_attention_probs_and_mass_are_the_masked_softmax_in_any_query_blocks(block, padded):
+    """``attention_probs`` (computed in place) against the softmax row of every query in float64, on a padded
+    batch (padding keys get nothing, padding queries give nothing), and ``attention_mass`` summed over blocks of
+    ``block`` queries against the sum of those rows."""
+    obs = observation(batch=2, q=5, kv=9)
+    if padded:
+        obs.key_valid[1, :, :2] = False
+        obs.query_valid[0, 1] = False
+    want = torch.zeros(2, 4, 5, 9, dtype=torch.float64)
+    for row in range(2):
+        for head in range(4):
+            for t in range(5):
+                if not obs.query_valid[row, t]:
+                    continue
+                position = 9 - 5 + t
+                k = obs.key[row, head // obs.groups, : position + 1].double()
+                logits = k @ obs.query[row, head, t].double() * obs.scaling
+                logits[~obs.key_valid[row, head // obs.groups, : position + 1]] = float("-inf")
+                want[row, head, t, : position + 1] = torch.softmax(logits, -1)
+    torch.testing.assert_close(obs.attention_probs(1, 4).double(), want[:, :, 1:4], rtol=1e-5, atol=1e-7)
+    with unittest.mock.patch.object(Observation, "query_block", lambda self: block):
+        mass = attention_mass(obs, window=None, normalize=False)
+    torch.testing.assert_close(mass.double(), want.sum(2), rtol=1e-5, atol=1e-6)
 
 
 def test_output_change_gram_form_equals_the_projected_distances_on_many_keys():

@@ -12,7 +12,10 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.core.spec import Budget
 from kvpipe.errors import BudgetError
 
-PROJECTION_BYTES = 32 << 20      # the most a block of rows projected through W_O may take (fp32)
+# The most one block of a scoring transient may take (fp32): queries × keys per head for attention, rows × D_model
+# per head for projections through W_O. Scoring runs after the prefill forward, beside the full cache; blocks this
+# size keep it under the forward's own peak (benchmarks/bench_compress_memory.py).
+BLOCK_BYTES = 32 << 20
 
 
 class Stage(Protocol):
@@ -73,10 +76,10 @@ class Observation:
     def projected_l1(self, x: torch.Tensor) -> torch.Tensor:
         """``float32 [B, Hq, n]``: ``‖W_O^h x_i‖₁`` per query head h and row i of ``x [B, Hq, n, D]``. An L1 norm
         has no Gram form, so rows are projected a block at a time, each block's projection at most
-        ``PROJECTION_BYTES``."""
+        ``BLOCK_BYTES``."""
         weight = self.out_proj_per_head()                                              # [D_model, Hq, D]
         batch, heads, n, _ = x.shape
-        rows = max(1, PROJECTION_BYTES // (4 * batch * heads * weight.shape[0]))
+        rows = max(1, BLOCK_BYTES // (4 * batch * heads * weight.shape[0]))
         return torch.cat([torch.einsum("bhnd,mhd->bhnm", part.float(), weight).abs_().sum(-1)
                           for part in x.split(rows, dim=2)], dim=2)
 
@@ -88,27 +91,35 @@ class Observation:
         x = x.float()
         return torch.einsum("bhnd,hde,bhne->bhn", x, gram, x).clamp_min(0).sqrt()
 
+    def query_block(self) -> int:
+        """Queries per block of a ``[B, Hq, block, kv]`` fp32 transient of at most ``BLOCK_BYTES``."""
+        batch, heads = self.query.shape[:2]
+        return max(1, BLOCK_BYTES // (4 * batch * heads * self.key.shape[2]))
+
     def attention_probs(self, start: int, stop: int) -> torch.Tensor:
         """Softmax attention of queries ``start:stop`` over all keys, fp32, ``[B, Hq, stop-start, kv]``.
 
-        Causal and padding masks applied; rows of padding queries are all zero.
+        Causal and padding masks applied; rows of padding queries are all zero. Computed in place: the result is
+        the only tensor of its size (callers take ``query_block()`` queries at a time).
         """
         q, kv = self.query.shape[2], self.key.shape[2]
         keys = self.per_query_head(self.key.float())
-        logits = self.query[:, :, start:stop].float() @ keys.transpose(-1, -2) * self.scaling
-        q_pos = torch.arange(start, stop, device=keys.device) + (kv - q)
-        allowed = torch.arange(kv, device=keys.device)[None, :] <= q_pos[:, None]          # [w, kv]
-        allowed = allowed & self.per_query_head(self.key_valid)[:, :, None, :]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        live = self.query_valid[:, None, start:stop, None]
-        return torch.where(live, probs.nan_to_num(0.0), 0.0)
+        probs = (self.query[:, :, start:stop].float() @ keys.transpose(-1, -2)).mul_(self.scaling)
+        # causal: query start + i sees keys up to kv - q + start + i, so only the last q - start columns are masked
+        future = torch.ones(stop - start, q - start, dtype=torch.bool, device=probs.device).triu(1)
+        probs[..., kv - (q - start):].masked_fill_(future, float("-inf"))
+        if not bool(self.key_valid.all()):
+            probs.masked_fill_(~self.per_query_head(self.key_valid)[:, :, None, :], float("-inf"))
+        probs.sub_(probs.amax(-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(-1, keepdim=True))
+        return probs.nan_to_num_(0.0).mul_(self.query_valid[:, None, start:stop, None])   # all-masked rows: 0/0
 
-    def max_attention(self, query_chunk: int = 256, query_weight: torch.Tensor | None = None,
+    def max_attention(self, query_chunk: int | None = None, query_weight: torch.Tensor | None = None,
                       over_heads: bool = True) -> torch.Tensor:
         """``float32 [B, Hkv, kv]``: per key, the largest softmax attention any query of its KV group gives it
         (what ``attention_probs`` then a maximum over queries and grouped heads gives, without materialising
         the normalised probabilities: ``max p = exp(max(logit − logsumexp))``, masks applied only where they
-        can bite, queries read ``query_chunk`` at a time). Padding queries give nothing.
+        can bite, queries read ``query_chunk`` at a time, default ``query_block()``). Padding queries give nothing.
 
         ``query_weight [B, q]`` (positive): each query's probabilities are multiplied by it before the maximum.
         ``over_heads=False``: the maximum over queries only, per query head, ``[B, Hkv, G, kv]``."""
@@ -119,6 +130,7 @@ class Observation:
         best = torch.full((batch, kv_heads, *(() if over_heads else (self.groups,)), kv), float("-inf"),
                           device=self.query.device)
         log_weight = query_weight.float().log() if query_weight is not None else None
+        query_chunk = query_chunk or self.query_block()
         for lo in range(0, q, query_chunk):
             hi = min(lo + query_chunk, q)
             queries = self.query[:, :, lo:hi].float().reshape(batch, kv_heads, self.groups, hi - lo, dim)
