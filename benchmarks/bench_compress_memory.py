@@ -8,6 +8,9 @@ weights excluded): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU torch
 
     python benchmarks/bench_compress_memory.py                                  # all shipped pipelines, CPU
     python benchmarks/bench_compress_memory.py value-aware-int4 int4 --context 8192 --layers 16 --device cuda
+    python benchmarks/bench_compress_memory.py agnostic agnostic-gates --model smollm2-135m --context 2048
+
+``--model smollm2-135m`` (the embedded model) measures what needs its tokenizer or its trained gates.
 """
 from __future__ import annotations
 
@@ -68,10 +71,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the Llama-3.2-1B-shaped model")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", help="a model kvpipe.models.load knows (default: the random Llama-3.2-1B shape)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = random_model(args.layers, args.context, device)
-    ids = torch.randint(2, 500, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
+    tokenizer = None
+    if args.model:
+        from kvpipe.models import load
+
+        model, tokenizer = load(args.model)
+        model.to(device)
+        shape = f"{args.model}, {model.config.num_hidden_layers} layers"
+    else:
+        model = random_model(args.layers, args.context, device)
+        shape = f"Llama-3.2-1B shape with {args.layers} layers, random weights"
+    vocab = model.config.vocab_size
+    ids = torch.randint(2, vocab - 1, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
 
     def prefill():
@@ -82,14 +96,13 @@ def main() -> None:
     rows = [["full cache", human_bytes(full), 1.0]]
     for name in tqdm(args.pipelines or shipped.names(), desc="pipelines"):
         try:
-            with kvpipe.build(name).attach(model):
+            with kvpipe.build(name).attach(model, tokenizer=tokenizer):
                 peak = peak_bytes(prefill, device)
         except KVPipeError as why:       # gates trained for another model, a probe prompt needing a tokenizer
             rows.append([name, "not measured", str(why).split(", but")[0][:90]])
             continue
         rows.append([name, human_bytes(peak), peak / full])
-    print(f"{args.context}-token prefill, Llama-3.2-1B shape with {args.layers} layers, random weights, "
-          f"{device.type}; peak beyond the weights")
+    print(f"{args.context}-token prefill, {shape}, {device.type}; peak beyond the weights")
     print(render(["pipeline", "peak", "x full cache"], rows))
 
 
