@@ -26,7 +26,8 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert all(math.isfinite(row["us"]) and row["us"] > 0 for row in report["decode"] if row["us"] is not None)
     end_to_end = {row["contender"]: row for row in report["end_to_end"]}
     chunked = "int4, prefill in chunks of 64"
-    assert set(end_to_end) == {"full cache", "default @ keep 0.25", "int4", "value-aware-int4", chunked}
+    assert set(end_to_end) == {"full cache", "default @ keep 0.25", "int4", "value-aware-int4", chunked,
+                               "default @ keep 0.25, prefill in chunks of 64"}
     assert all(row["decode_tok_s"] > 0 for row in end_to_end.values())
     assert end_to_end["int4"]["kv_GB"] < end_to_end["full cache"]["kv_GB"]
     # compressing after the prefill forward leaves the peak where the full cache's is; chunked prefill lowers it
@@ -36,7 +37,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
         assert heading in text
     assert (tmp_path / "profile.txt").stat().st_size > 0
     host = (tmp_path / "host_profile.txt").read_text()
-    assert host.count("### ") == 5 and "kvpipe/runtime" in host         # every contender; kvpipe's own calls seen
+    assert host.count("### ") == 6 and "kvpipe/runtime" in host         # every contender; kvpipe's own calls seen
     launches = {row["launch"]: row["us back to back"] for row in report["launch"]}
     assert len(launches) == 4 and all(us > 0 for us in launches.values())
 
