@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from kvpipe.kernels.ragged import pack_ragged, unpack_ragged
+from kvpipe.kernels.ragged import pack_ragged
 
 POSITION_DTYPE = torch.int32
 
@@ -70,17 +70,35 @@ class RaggedStore(ValidSlots):
     def _build_valid(self) -> torch.Tensor:
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
 
+    @cached_property
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``long [N]`` twice: each stored slot's (row·Hkv + head) and its place in that head's padded run. Made once
+        per store (one host sync, to size them), so laying the store out per decode step syncs nothing: a boolean
+        mask would make the host wait for the device at every layer of every step."""
+        heads = self._valid.flatten(0, 1)                                                # [B·Hkv, width]
+        return heads.nonzero(as_tuple=True)
+
+    def _laid_out(self, flat: torch.Tensor, fill: float = 0, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """``flat [N, *rest]`` -> ``[B, Hkv, width (+ T), *rest]``: each head's slots left-aligned, ``fill`` after
+        them, then ``tail [B, Hkv, T, *rest]`` if given."""
+        batch, heads = self.lengths.shape
+        if self.all_valid:                     # every head equally long: the flat tensor already is the layout
+            padded = flat.view(batch, heads, self.width, *flat.shape[1:])
+            return padded if tail is None else torch.cat([padded, tail], dim=2)
+        extra = tail.shape[2] if tail is not None else 0
+        out = flat.new_full((batch, heads, self.width + extra, *flat.shape[1:]), fill)
+        out.view(batch * heads, self.width + extra, *flat.shape[1:])[self._slots] = flat
+        if tail is not None:
+            out[:, :, self.width:] = tail
+        return out
+
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
-        keys, _ = unpack_ragged(self.keys, self.lengths)
-        values, _ = unpack_ragged(self.values, self.lengths)
-        positions, _ = unpack_ragged(self.positions.long(), self.lengths, fill=-1)
-        return keys, values, positions
+        return self._laid_out(self.keys), self._laid_out(self.values), self._laid_out(self.positions.long(), fill=-1)
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]``."""
-        keys, values, _ = self.padded()
-        return torch.cat([keys, tail_keys], dim=-2), torch.cat([values, tail_values], dim=-2)
+        """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]`` (no host sync)."""
+        return self._laid_out(self.keys, tail=tail_keys), self._laid_out(self.values, tail=tail_values)
 
     def select_rows(self, index: torch.Tensor) -> RaggedStore:
         """Rows ``index`` (beam reorder, batch selection, repeat): ``index long [B']``."""
