@@ -4,8 +4,8 @@ On a GPU, reading a tensor's value on the host (``int(t)``, ``bool(t)``, ``t.ite
 with a boolean mask) waits until every queued kernel has run: at batch 1 decode is host-bound, so one such wait
 per layer per step costs more than the attention itself. On a CPU-only machine the waits are free and invisible,
 so the counter below finds them by the operators that cause them, and names kvpipe's line. Every shipped
-pipeline then decodes under it, on the backend a GPU uses (``triton``, here in Triton's interpreter), after a
-compressing prefill of a padded batch. A store is immutable, so what it must read of its own shape (its width,
+pipeline then decodes under it, on both backends (``triton``, a GPU's default, here in Triton's interpreter),
+after a compressing prefill of a padded batch. A store is immutable, so what it must read of its own shape (its width,
 its slot layout) it reads once, at the first step over it; the steps after that must read nothing.
 """
 from __future__ import annotations
@@ -59,10 +59,13 @@ def test_the_counter_sees_every_kind_of_host_read():
     assert len(syncs.found) == 5 and all("kvpipe/sync_probe.py:1" in where for where in syncs.found)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", names())
-def test_decode_steps_make_no_host_sync(name, tmp_path):
-    pytest.importorskip("triton")
-    pipeline = shipped_pipeline(name, tmp_path, backend="triton")
+def test_decode_steps_make_no_host_sync(name, backend, tmp_path):
+    """``torch``: quantized stores laid out for SDPA each step; ``triton``: the fused kernel reads them."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    pipeline = shipped_pipeline(name, tmp_path, backend=backend)
     model = tiny_model()
     ids = torch.randint(2, 250, (2, 300), generator=torch.Generator().manual_seed(11))
     mask = torch.ones_like(ids)

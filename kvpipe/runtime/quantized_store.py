@@ -22,7 +22,7 @@ import torch
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range)
 from kvpipe.kernels.quant import check_finite
-from kvpipe.kernels.ragged import concat_ragged, pack_ragged, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
 from kvpipe.runtime.page_packers import page_packer
 from kvpipe.runtime.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes
@@ -196,22 +196,46 @@ class QuantizedStore(ValidSlots):
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` (pages dequantized; in ``dtype``, default the residual's)
         and ``positions long`` (-1 = empty)."""
-        res_keys, res_values, res_positions = self.residual.padded()
-        dtype = dtype or res_keys.dtype
+        res = self.residual
+        dtype = dtype or res.keys.dtype
         if self._equal_heads:
+            res_keys, res_values, res_positions = res.padded()
             keys, values = self.attend(res_keys[..., :0, :].to(dtype), res_values[..., :0, :].to(dtype))
             pages = self._page_positions()
             pages = pages[..., pages[0, 0] >= 0] if pages.shape[0] * pages.shape[1] else pages[..., :0]
             return keys, values, torch.cat([pages, res_positions], -1)
         page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
-        positions = self._holey_positions(res_positions)
-        stored = positions >= 0
-        keys, values = (torch.cat([unpack_ragged(pages, self.page_counts)[0].flatten(2, 3), res.to(dtype)], -2)
-                        for pages, res in ((page_keys, res_keys), (page_values, res_values)))
-        # left-align each head's stored slots: pack the holey layout, unpack it by per-head counts
-        return (unpack_ragged(pack_ragged(keys, stored), self.lengths)[0],
-                unpack_ragged(pack_ragged(values, stored), self.lengths)[0],
-                unpack_ragged(pack_ragged(positions, stored), self.lengths, fill=-1)[0])
+        return (self._laid_out(page_keys, res.keys.to(dtype)), self._laid_out(page_values, res.values.to(dtype)),
+                self._laid_out(self.pages.positions.long(), res.positions.long(), fill=-1))
+
+    @cached_property
+    def _destinations(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Heads not aligned: where each stored token goes in the left-aligned layout ``[B·Hkv, width]``, found once
+        per store (a few host syncs), so laying it out per decode step syncs nothing. Returns the used slots of the
+        flat pages ``long [M]``, their ``(row·Hkv + head, place)``, and the residual rows' ``(row·Hkv + head,
+        place)``."""
+        holey = self._holey_positions(self.residual.padded()[2]).flatten(0, 1) >= 0     # [B·Hkv, pages·G + R]
+        heads, slots = holey.nonzero(as_tuple=True)     # per head: its used page slots in page order, then residual
+        places = holey.cumsum(-1)[heads, slots] - 1
+        in_pages = slots < holey.shape[1] - self.residual.width
+        used = (self.pages.positions.flatten() >= 0).nonzero().squeeze(1)
+        return used, (heads[in_pages], places[in_pages]), (heads[~in_pages], places[~in_pages])
+
+    def _laid_out(self, pages: torch.Tensor, residual: torch.Tensor, fill: float = 0,
+                  tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Heads not aligned: ``pages [P, G, *rest]`` (dequantized, or positions) and the residual ``[N, *rest]``
+        -> ``[B, Hkv, width (+ T), *rest]``, each head's tokens left-aligned, ``fill`` after them, then ``tail``."""
+        used, page_places, residual_places = self._destinations
+        batch, heads = self.page_counts.shape
+        extra = tail.shape[2] if tail is not None else 0
+        rest = pages.shape[2:]
+        out = residual.new_full((batch, heads, self.width + extra, *rest), fill)
+        flat = out.view(batch * heads, self.width + extra, *rest)
+        flat[page_places] = pages.flatten(0, 1)[used].to(out.dtype)
+        flat[residual_places] = residual
+        if tail is not None:
+            out[:, :, self.width:] = tail
+        return out
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +243,10 @@ class QuantizedStore(ValidSlots):
         ``[B, Hkv, T, D]``. When heads are aligned, pages are dequantized straight into one buffer, taken
         from ``workspace`` if given (valid until the next call: layers attend one after another)."""
         if not self._equal_heads:
-            keys, values, _ = self.padded(tail_keys.dtype)
-            return torch.cat([keys, tail_keys], -2), torch.cat([values, tail_values], -2)
+            page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, tail_keys.dtype)
+            res = self.residual
+            return (self._laid_out(page_keys, res.keys.to(tail_keys.dtype), tail=tail_keys),
+                    self._laid_out(page_values, res.values.to(tail_keys.dtype), tail=tail_values))
         batch, heads, tail, dim = tail_keys.shape
         pages, residual, group = self.page_width, self.residual.width, self.quant.fmt.group
         shape = (batch, heads, pages + residual + tail, dim)
