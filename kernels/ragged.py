@@ -45,6 +45,29 @@ def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) ->
     return padded, valid
 
 
+def scatter_runs(heads: tuple[int, int], width: int,
+                 parts: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], fill: float = 0,
+                 tail: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, H, width (+ T), *rest]`` from rows placed by index, no host sync (unlike a boolean mask).
+
+    Args:
+        heads: ``(B, H)``.
+        parts: ``((run, place), rows)`` each: ``rows [M, *rest]`` go to ``(run = row·H + head, place)``, two
+            ``long [M]`` (found once per store, so laying it out per step reads nothing on the host).
+        fill: what the places no part writes hold.
+        tail: ``[B, H, T, *rest]`` written after ``width``.
+    """
+    rows = parts[0][1]
+    extra = tail.shape[2] if tail is not None else 0
+    out = rows.new_full((*heads, width + extra, *rows.shape[1:]), fill)
+    runs = out.view(heads[0] * heads[1], width + extra, *rows.shape[1:])
+    for places, part in parts:
+        runs[places] = part
+    if tail is not None:
+        out[:, :, width:] = tail
+    return out
+
+
 def concat_ragged(first: torch.Tensor, first_lengths: torch.Tensor,
                   second: torch.Tensor, second_lengths: torch.Tensor) -> torch.Tensor:
     """Per head, ``first``'s slots then ``second``'s: two flat ragged tensors (``[N, *rest]``) merged into one."""

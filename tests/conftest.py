@@ -77,6 +77,15 @@ def shipped_pipeline(name: str, directory, gate_shape: tuple[int, int, int] = (2
     return kvpipe.build(spec)
 
 
+def left_padded_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [2, 300]`` and their attention mask, the second row left-padded by 17: rows (and, after compression,
+    heads) of different lengths, so the per-row paths run."""
+    ids = torch.randint(2, 250, (2, 300), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    return ids, mask
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct."""

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from kvpipe.core.shipped import names
 
-from conftest import shipped_pipeline, tiny_model
+from conftest import left_padded_batch, shipped_pipeline, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_CODE = tuple(str(ROOT / folder) + "/" for folder in ("kvpipe", "stages", "kernels"))
@@ -59,10 +59,7 @@ def test_every_shipped_pipeline_runs_under_the_device_trap(name, backend, tmp_pa
         pytest.importorskip("triton")
     pipeline = shipped_pipeline(name, tmp_path, backend=backend)
     model = tiny_model()
-    generator = torch.Generator().manual_seed(7)
-    ids = torch.randint(2, 250, (2, 300), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, :17] = 0                                 # left padding: the per-row paths run too
+    ids, mask = left_padded_batch(7)
     with pipeline.attach(model) as handle, DeviceTrap():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         stats = handle.stats()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -91,6 +92,11 @@ class Observation:
         x = x.float()
         return torch.einsum("bhnd,hde,bhne->bhn", x, gram, x).clamp_min(0).sqrt()
 
+    @cached_property
+    def padded_keys(self) -> bool:
+        """Whether some key is padding (read once: it is a host sync, and scoring asks per block of queries)."""
+        return not bool(self.key_valid.all())
+
     def query_block(self) -> int:
         """Queries per block of a ``[B, Hq, block, kv]`` fp32 transient of at most ``BLOCK_BYTES``."""
         batch, heads = self.query.shape[:2]
@@ -108,7 +114,7 @@ class Observation:
         # causal: query start + i sees keys up to kv - q + start + i, so only the last q - start columns are masked
         future = torch.ones(stop - start, q - start, dtype=torch.bool, device=probs.device).triu(1)
         probs[..., kv - (q - start):].masked_fill_(future, float("-inf"))
-        if not bool(self.key_valid.all()):
+        if self.padded_keys:
             probs.masked_fill_(~self.per_query_head(self.key_valid)[:, :, None, :], float("-inf"))
         probs.sub_(probs.amax(-1, keepdim=True)).exp_()
         probs.div_(probs.sum(-1, keepdim=True))
@@ -126,7 +132,6 @@ class Observation:
         batch, q_heads, q, dim = self.query.shape
         kv_heads, kv = self.key.shape[1], self.key.shape[2]
         keys = self.key.float().transpose(-1, -2)[:, :, None]                       # [B, Hkv, 1, D, kv]
-        padded_keys = not bool(self.key_valid.all())
         best = torch.full((batch, kv_heads, *(() if over_heads else (self.groups,)), kv), float("-inf"),
                           device=self.query.device)
         log_weight = query_weight.float().log() if query_weight is not None else None
@@ -138,7 +143,7 @@ class Observation:
             # causal: query lo + i sees keys up to kv - q + lo + i, so only the last q - lo columns are masked
             tail = torch.ones(hi - lo, q - lo, dtype=torch.bool, device=logits.device).triu(1)
             logits[..., kv - (q - lo):].masked_fill_(tail, float("-inf"))
-            if padded_keys:
+            if self.padded_keys:
                 logits.masked_fill_(~self.key_valid[:, :, None, None, :], float("-inf"))
             logits.sub_(logits.logsumexp(-1, keepdim=True))
             if log_weight is not None:

@@ -22,7 +22,7 @@ import torch
 from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
                                   minmax_range)
 from kvpipe.kernels.quant import check_finite
-from kvpipe.kernels.ragged import concat_ragged, select_ragged_rows, unpack_ragged
+from kvpipe.kernels.ragged import concat_ragged, scatter_runs, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
 from kvpipe.runtime.page_packers import page_packer
 from kvpipe.runtime.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes
@@ -226,16 +226,9 @@ class QuantizedStore(ValidSlots):
         """Heads not aligned: ``pages [P, G, *rest]`` (dequantized, or positions) and the residual ``[N, *rest]``
         -> ``[B, Hkv, width (+ T), *rest]``, each head's tokens left-aligned, ``fill`` after them, then ``tail``."""
         used, page_places, residual_places = self._destinations
-        batch, heads = self.page_counts.shape
-        extra = tail.shape[2] if tail is not None else 0
-        rest = pages.shape[2:]
-        out = residual.new_full((batch, heads, self.width + extra, *rest), fill)
-        flat = out.view(batch * heads, self.width + extra, *rest)
-        flat[page_places] = pages.flatten(0, 1)[used].to(out.dtype)
-        flat[residual_places] = residual
-        if tail is not None:
-            out[:, :, self.width:] = tail
-        return out
+        return scatter_runs(self.page_counts.shape, self.width,
+                            [(residual_places, residual), (page_places, pages.flatten(0, 1)[used].to(residual.dtype))],
+                            fill, tail)
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from kvpipe.kernels.ragged import pack_ragged
+from kvpipe.kernels.ragged import pack_ragged, scatter_runs
 
 POSITION_DTYPE = torch.int32
 
@@ -81,16 +81,10 @@ class RaggedStore(ValidSlots):
     def _laid_out(self, flat: torch.Tensor, fill: float = 0, tail: torch.Tensor | None = None) -> torch.Tensor:
         """``flat [N, *rest]`` -> ``[B, Hkv, width (+ T), *rest]``: each head's slots left-aligned, ``fill`` after
         them, then ``tail [B, Hkv, T, *rest]`` if given."""
-        batch, heads = self.lengths.shape
         if self.all_valid:                     # every head equally long: the flat tensor already is the layout
-            padded = flat.view(batch, heads, self.width, *flat.shape[1:])
+            padded = flat.view(*self.lengths.shape, self.width, *flat.shape[1:])
             return padded if tail is None else torch.cat([padded, tail], dim=2)
-        extra = tail.shape[2] if tail is not None else 0
-        out = flat.new_full((batch, heads, self.width + extra, *flat.shape[1:]), fill)
-        out.view(batch * heads, self.width + extra, *flat.shape[1:])[self._slots] = flat
-        if tail is not None:
-            out[:, :, self.width:] = tail
-        return out
+        return scatter_runs(self.lengths.shape, self.width, [(self._slots, flat)], fill, tail)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
