@@ -1,15 +1,18 @@
-"""KIVI-layout pages: ``G`` tokens of one (row, KV head), keys per channel, values per token (torch reference).
+"""KIVI-quantized pages, page layout 2: ``G`` tokens of one (row, KV head), keys per channel, values per token.
 
-A page holds ``G`` token slots (fewer may be used: empty slots have position -1 and code 0).
+A page holds ``G`` token slots; the first ``used`` of them hold tokens (empty slots have position -1 and code 0).
 
 * keys: one group per channel across the page's ``G`` tokens, codes packed **along channels** (per token);
 * values: per token, groups of ``value_group`` channels, codes packed **along tokens** (per channel).
 
-Each side is packed along the axis its attention product sums over (``q·k`` over channels, ``p·v`` over tokens):
-the neighbours of a byte are then neighbours in a tensor-core operand, so the fused decode kernel unpacks bytes
-straight into the operand's registers instead of routing unpacked tiles through shared memory.
-The quantization groups (KIVI's) are unchanged by the packing. The Triton kernels read exactly these tensors;
-``PackedPages`` is also what the cache stores.
+Each side is packed along the axis its attention product sums over (``q·k`` over channels, ``p·v`` over tokens),
+in bytes, in the **split order** of ``kernels.quant.pack_codes`` (the low nibble of byte ``k`` is element ``k``,
+the high nibble element ``k + half``; int2 in quarters). The fused decode kernel turns 4 loaded bytes into 8
+fp16 operands with a byte permute and four masked ORs, each field a contiguous half of the reduction axis,
+neighbours in a tensor-core operand: no unpacked tile goes through shared memory. It masks by the per-page
+``used`` count, not by per-token positions (4 bytes a token it would otherwise read). The quantization groups
+(KIVI's) are unchanged by the packing. The Triton kernels read exactly these tensors; ``PackedPages`` is also
+what the cache stores.
 """
 from __future__ import annotations
 
@@ -38,17 +41,18 @@ class PageFormat:
     scale_dtype: torch.dtype
 
     def page_bytes(self, head_dim: int) -> int:
-        """Bytes of one page: codes, scales and minima of K and V, and its positions."""
+        """Bytes of one page: codes, scales and minima of K and V, its positions and its used-slot count."""
         meta = self.scale_dtype.itemsize * 2
         keys = head_dim * self.group * self.key_bits // 8 + head_dim * meta
         values = self.group * head_dim * self.value_bits // 8 + self.group * (head_dim // self.value_group) * meta
-        return keys + values + self.group * 4
+        return keys + values + self.group * 4 + 4
 
 
 @dataclass
 class PackedPages:
-    """``P`` pages. Shapes: ``key_codes int32 [P, G, D·bk/32]``, ``key_scale``/``key_min [P, D]``,
-    ``value_codes int32 [P, D, G·bv/32]``, ``value_scale``/``value_min [P, G, D/Gv]``, ``positions int32 [P, G]``."""
+    """``P`` pages. Shapes: ``key_codes uint8 [P, G, D·bk/8]``, ``key_scale``/``key_min [P, D]``,
+    ``value_codes uint8 [P, D, G·bv/8]``, ``value_scale``/``value_min [P, G, D/Gv]``, ``positions int32 [P, G]``,
+    ``used int32 [P]`` (slots holding a token, always the first ones)."""
 
     key_codes: torch.Tensor
     key_scale: torch.Tensor
@@ -57,6 +61,7 @@ class PackedPages:
     value_scale: torch.Tensor
     value_min: torch.Tensor
     positions: torch.Tensor
+    used: torch.Tensor
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -87,12 +92,12 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     value_codes = quantize_codes(values, value_scale, value_min, fmt.value_bits).reshape(pages, group, dim) * used
     pages = PackedPages(pack_codes(key_codes.transpose(1, 2), fmt.key_bits), key_scale[..., 0], key_min[..., 0],
                         pack_codes(value_codes.transpose(1, 2), fmt.value_bits), value_scale[..., 0], value_min[..., 0],
-                        positions.to(torch.int32))
+                        positions.to(torch.int32), used[..., 0].sum(-1, dtype=torch.int32))
     return pages.map(torch.Tensor.contiguous)                 # kernels index them as dense arrays
 
 
 def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``keys, values [P, G, D]`` in ``dtype`` (empty slots hold garbage; mask them by position)."""
+    """``keys, values [P, G, D]`` in ``dtype`` (empty slots hold garbage; mask them by ``used``)."""
     shape = (pages.count, fmt.group, pages.key_scale.shape[-1])
     keys = pages.key_scale.new_empty(shape, dtype=dtype)
     values = pages.key_scale.new_empty(shape, dtype=dtype)

@@ -10,24 +10,21 @@ Rules every implementation follows, so that the torch path and the kernels agree
   one element is at most ``s/2`` plus the 16-bit rounding of ``m``.
 * rounding is ``floor(v + 0.5)`` (Triton's interpreter has no ``rint``);
 * a constant group gets ``s = tiny`` (the dtype's smallest normal number): codes 0, ``x̂ = m``.
-* packing is LSB-first into int32 words: element ``j`` of a word sits at bits ``[j·b, (j+1)·b)`` (KIVI's order).
+* packing is into bytes in **split order** (``pack_codes``): field ``j`` of byte ``k`` holds element ``k + j·m`` of
+  a row of ``m`` bytes, the order the fused decode kernel unpacks straight into dot operands (layout 2; layout 1
+  was KIVI's LSB-first int32 words).
 """
 from __future__ import annotations
 
-import sys
-
 import torch
-
-if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
-    raise ImportError("kvpipe's packed KV format assumes a little-endian machine")
 
 BITS = (2, 4, 8)
 
 
-def codes_per_word(bits: int) -> int:
+def fields_per_byte(bits: int) -> int:
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    return 32 // bits
+    return 8 // bits
 
 
 def check_finite(x: torch.Tensor, what: str, scale_dtype: torch.dtype) -> None:
@@ -74,35 +71,27 @@ def dequantize_into(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Ten
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``int32 [..., n]`` codes (``n`` a multiple of ``32 // bits``) into ``int32 [..., n·bits/32]``."""
-    per = codes_per_word(bits)
-    if codes.shape[-1] % per:
-        raise ValueError(f"cannot pack {codes.shape[-1]} codes into words of {per}")
-    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
-    words = fields << shifts                                   # int32 shifts wrap, as on the GPU
-    packed = words[..., 0]
-    for j in range(1, per):
-        packed = packed | words[..., j]
-    return packed
+    """Pack ``[..., n]`` codes (``n`` a multiple of ``8 // bits``) into ``uint8 [..., n·bits/8]``, split order.
 
-
-def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: ``int32 [..., w]`` → ``uint8 [..., w·32/bits]``.
-
-    LSB-first packing on a little-endian machine (x86, ARM, CUDA) puts codes ``j·8/bits`` to
-    ``(j+1)·8/bits - 1`` in byte ``j``. So ``(words >> s) & 0x0F0F0F0F`` (4-bit; ``0x03030303`` for 2-bit)
-    leaves, in every byte, the code at offset ``s`` of that byte: whole-word operations, then one interleave.
+    With ``F = 8 // bits`` fields per byte and ``m = n / F`` bytes, field ``j`` of byte ``k`` (bits ``[j·b,
+    (j+1)·b)``) holds element ``k + j·m``: the low nibbles of a row of bytes are the first half of the row, the high
+    nibbles the second half (int2: four quarters). Unpacking a byte tile then yields ``F`` tiles that are each a
+    contiguous slice of the row, already in the order a dot product over the row wants them, with no interleave.
     """
-    codes_per_word(bits)                                                          # validates bits
-    per_byte = 8 // bits
-    if words.numel() == 0:                       # an empty view may not be reinterpretable as bytes
-        return words.new_empty(*words.shape[:-1], words.shape[-1] * 4 * per_byte, dtype=torch.uint8)
-    words = words.contiguous()
-    if bits == 8:
-        return words.view(torch.uint8)
-    mask = int.from_bytes(bytes([2 ** bits - 1]) * 4, "little")
-    mask = mask - 2 ** 32 if mask >= 2 ** 31 else mask                                # as an int32 constant
-    fields = [((words >> shift) if shift else words) & mask for shift in range(0, 8, bits)]
-    codes = torch.stack([f.view(torch.uint8) for f in fields], -1)                   # [..., 4w, per_byte]
-    return codes.view(*words.shape[:-1], words.shape[-1] * 4 * per_byte)
+    per = fields_per_byte(bits)
+    if codes.shape[-1] % per:
+        raise ValueError(f"cannot pack {codes.shape[-1]} codes into bytes of {per}")
+    fields = codes.to(torch.int32).reshape(*codes.shape[:-1], per, codes.shape[-1] // per)
+    packed = fields[..., 0, :]
+    for j in range(1, per):
+        packed = packed | (fields[..., j, :] << (bits * j))
+    return packed.to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: ``uint8 [..., m]`` → ``uint8 [..., m·8/bits]``."""
+    per = fields_per_byte(bits)
+    if per == 1:
+        return packed.clone()
+    mask = 2 ** bits - 1
+    return torch.cat([(packed >> (bits * j)) & mask for j in range(per)], -1)

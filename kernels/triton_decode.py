@@ -1,33 +1,35 @@
-"""Fused decode attention over packed KIVI pages, the full-precision residual and the uncompressed tail.
+"""Fused decode attention over packed pages (layout 2), the full-precision residual and the uncompressed tail.
 
-One query token per sequence, in the flash-decoding shape (splits of the cache, then a merge):
+One query token per sequence, one launch per layer, grid ``(B·Hkv, splits + 2)``. Program ``(bh, s)`` holds
+**all query heads of KV head bh** (``BLOCK_H`` = the GQA group, rounded up to a power of two: ``tl.dot`` pads
+small M inside the MMA), so every packed byte is read and unpacked once per group.
 
-* stage 1, grid ``(B·Hkv, NS + 2)``: program ``(bh, s)`` holds **all query heads of KV head bh**, padded to
-  ``BLOCK_H >= 16`` rows so that both products are ``tl.dot`` (tensor cores; GQA: each packed tile is read and
-  unpacked once per group). Splits ``s < NS`` share out the head's pages (per-head page counts, so heads of
-  different lengths after eviction just get different bounds); split ``NS`` runs over the residual, split
-  ``NS + 1`` over the tail. Pages are walked in tiles of ``min(BLOCK_N, G)`` tokens. Codes are packed along
-  each product's reduction axis (``kernels.pages``), so ``_unpack_rows`` turns loaded bytes into operand rows by
-  joining their fields: Triton moves the packed bytes into the tensor-core operand layout (one small
-  conversion), never an unpacked tile. In 16-bit dots a code becomes ``OFFSET + code`` by OR-ing it into the
-  mantissa of a float (no integer-to-float conversion); the offset's share is subtracted in fp32. Key scales
-  are folded into the query and value scales into the softmax weights, so the codes go to the dots as exact
-  integers. Online softmax in base 2 with fp32 statistics and accumulator; each split writes its normalised
-  output and log-sum-exp.
-* stage 2, grid ``(B·Hq,)``: merges the splits by their log-sum-exps.
+* Splits ``s < splits`` share out the head's pages (per-head page counts: heads of different lengths after
+  eviction get different bounds) and walk them **one page per iteration**. A page's bytes unpack in registers
+  into dot operands (``_fields``: on a GPU a byte permute and masked ORs against the fp16 pattern ``0x6400``
+  turn 4 bytes into 8 exact fp16 numbers ``1024 + 2^(bits·j)·code``). The layout's split order makes each
+  field a contiguous slice of the reduction axis, so field ``j`` of the key bytes meets slice ``j`` of the query
+  and field ``j`` of the value bytes meets chunk ``j`` of the page's softmax weights, with no interleave. The
+  page's key scales (and ``2^-(bits·j)``) are folded into the query once per page, the value scales into the
+  weights; the offset's share and the minima are added in fp32. Empty slots are masked by the page's ``used``
+  count.
+* Split ``splits`` runs over the residual, split ``splits + 1`` over the tail (exact rows, in the model's dtype).
+* Each program writes its normalised output and log-sum-exp (base 2), then arrives at a per-(batch, KV head)
+  counter; the last to arrive merges the partials into the output and resets the counter to 0, so the next
+  launch (or a CUDA graph replay) finds it ready. No second launch.
 
-Dot operands are the query's dtype (fp16, or bf16 with the query split into two bf16 terms for the scores;
-fp32 with IEEE products for fp32 queries), and always fp32 under the interpreter, whose bf16 arithmetic is wrong
-(it truncates instead of rounding). Nothing dequantized is ever written to memory. The torch reference is
-``kernels.attention_reference.decode_attention_reference``.
-
-Its speed on an H200, and what bounds it (instructions per token and latency, from Nsight Compute, not the
-memory bandwidth yet): docs/results.md, GPU check.
+Dot operands are fp16 for fp16 and bf16 queries (the codes are exact there, with more mantissa than bf16 for the
+folded query; the query is rescaled by a power of two per program so no product can overflow) and fp32 with IEEE
+products for fp32 queries, and always fp32 under the interpreter, whose 16-bit arithmetic is wrong; the
+interpreter also cannot run inline PTX, so there ``_fields`` unpacks with plain integer operations into the
+same numbers (``ASM``). Nothing dequantized is ever written to memory. The torch reference is
+``kernels.attention_reference.decode_attention_reference``; ``benchmarks/compile_sm90.py --check`` holds the
+page loop to its instruction budget without a GPU.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,15 +41,89 @@ from kvpipe.kernels.ragged import run_starts
 from kvpipe.kernels.tuning import autotuned, launcher
 
 LOG2E = 1.4426950408889634
-MIN_DOT_ROWS = 16        # tl.dot's smallest M: a GQA group of fewer query heads is padded with masked rows
-DENSE_N = tl.constexpr(16)    # rows per tile over the residual and the tail
+MAGIC = tl.constexpr(0x6400)     # fp16 1024.0: its mantissa step is 1, so OR-ing a code < 1024 in adds it exactly
+DENSE_N = tl.constexpr(16)       # rows per tile over the residual and the tail
 
 
 @triton.jit
-def _online_update(s, v, m_i, l_i, acc, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold scores ``s [BH, N]`` (log2 units, -inf = masked) and values ``v [N, D]`` (dot dtype) in."""
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-    return m_i, l_i, acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=PRECISION)
+def _mm(a, b, PRECISION: tl.constexpr):
+    """``a [M, K] @ b [K, N]`` in fp32; ``tl.dot`` needs K >= 16 (tiny head dims and int2 pages go below)."""
+    K: tl.constexpr = a.shape[1]
+    if K >= 16:
+        return tl.dot(a, b, input_precision=PRECISION)
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _fields_asm(b, BITS: tl.constexpr):
+    """Bytes ``uint8 [R, N]`` → ``8 // BITS`` fp16 tiles, field ``j`` = ``1024 + 2^(BITS·j)·code_j``: per 32-bit
+    word two ``prmt`` spread the bytes over 16-bit lanes, then one ``lop3`` per field and lane pair keeps the
+    field's bits in place and ORs in 0x6400 (Marlin's and BitDecoding's trick; no shift, no conversion)."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi;
+            prmt.b32 lo, $4, 0, 0x4140;
+            prmt.b32 hi, $4, 0, 0x4342;
+            lop3.b32 $0, lo, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, hi, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $2, lo, 0x00F000F0, 0x64006400, 0xEA;
+            lop3.b32 $3, hi, 0x00F000F0, 0x64006400, 0xEA;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif BITS == 2:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi;
+            prmt.b32 lo, $8, 0, 0x4140;
+            prmt.b32 hi, $8, 0, 0x4342;
+            lop3.b32 $0, lo, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $1, hi, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $2, lo, 0x000C000C, 0x64006400, 0xEA;
+            lop3.b32 $3, hi, 0x000C000C, 0x64006400, 0xEA;
+            lop3.b32 $4, lo, 0x00300030, 0x64006400, 0xEA;
+            lop3.b32 $5, hi, 0x00300030, 0x64006400, 0xEA;
+            lop3.b32 $6, lo, 0x00C000C0, 0x64006400, 0xEA;
+            lop3.b32 $7, hi, 0x00C000C0, 0x64006400, 0xEA;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[b],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        return (tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi;
+            prmt.b32 lo, $2, 0, 0x4140;
+            prmt.b32 hi, $2, 0, 0x4342;
+            lop3.b32 $0, lo, 0x00FF00FF, 0x64006400, 0xEA;
+            lop3.b32 $1, hi, 0x00FF00FF, 0x64006400, 0xEA;
+            }""",
+            constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4),)
+
+
+@triton.jit
+def _field_plain(x, BITS: tl.constexpr, J: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr):
+    """Field ``J`` of bytes ``x`` (int16) kept in place, ``OFFSET + 2^(BITS·J)·code``, with plain operations: the
+    fp16 bit trick of ``_fields_asm`` when ``OFFSET`` is 1024, else an integer conversion (fp32 operands)."""
+    bits = x & (((1 << BITS) - 1) << (BITS * J))
+    if OFFSET == 0:
+        return bits.to(DOT)
+    return (bits | MAGIC).to(tl.float16, bitcast=True).to(DOT)
+
+
+@triton.jit
+def _fields(b, BITS: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
+    """Bytes ``[R, N]`` → a tuple of ``8 // BITS`` tiles ``[R, N]`` in ``DOT``: field ``j`` of every byte, in place
+    (``OFFSET + 2^(BITS·j)·code``). In the split order field ``j`` of byte row ``r`` is element ``r + j·R``."""
+    if ASM:
+        return _fields_asm(b, BITS)
+    x = b.to(tl.int16)
+    if BITS == 4:
+        return _field_plain(x, 4, 0, OFFSET, DOT), _field_plain(x, 4, 1, OFFSET, DOT)
+    elif BITS == 2:
+        return (_field_plain(x, 2, 0, OFFSET, DOT), _field_plain(x, 2, 1, OFFSET, DOT),
+                _field_plain(x, 2, 2, OFFSET, DOT), _field_plain(x, 2, 3, OFFSET, DOT))
+    else:
+        return (_field_plain(x, 8, 0, OFFSET, DOT),)
 
 
 @triton.jit
@@ -61,32 +137,56 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _field(x, DOT: tl.constexpr, MAGIC: tl.constexpr):
-    """One code field (int16, at most 8 bits) as a dot operand. ``MAGIC``: the bit pattern of the 16-bit float
-    ``OFFSET`` whose unit is one step of the mantissa; OR-ing the code in gives ``OFFSET + code`` exactly, without
-    an integer-to-float conversion (a quarter-rate instruction that bounded the kernel on an H200)."""
-    if MAGIC:
-        return (x | MAGIC).to(DOT, bitcast=True)
-    return x.to(DOT)
-
-
-@triton.jit
-def _unpack_rows(b, BITS: tl.constexpr, DOT: tl.constexpr, MAGIC: tl.constexpr):
-    """Bytes ``[R, N]`` → codes ``[R·8/BITS, N]``: row ``r·(8/BITS) + j`` is field ``j`` (LSB first) of byte row
-    ``r``. The fields are joined along a new minor axis and merged into rows, so each thread keeps the codes of
-    the bytes it loaded: the conversion into the tensor-core operand layout moves packed bytes, not codes."""
-    R: tl.constexpr = b.shape[0]
-    N: tl.constexpr = b.shape[1]
-    x = b.to(tl.int16)
-    if BITS == 8:
-        return _field(x, DOT, MAGIC)
-    elif BITS == 4:
-        c = tl.join(_field(x & 15, DOT, MAGIC), _field(x >> 4, DOT, MAGIC))             # [R, N, 2]
-        return tl.reshape(tl.permute(c, (0, 2, 1)), (2 * R, N))
-    else:
-        lo = tl.join(_field(x & 3, DOT, MAGIC), _field((x >> 2) & 3, DOT, MAGIC))
-        hi = tl.join(_field((x >> 4) & 3, DOT, MAGIC), _field(x >> 6, DOT, MAGIC))
-        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 2, 1)), (4 * R, N))        # [R, 2(hi), 2(j), N]
+def _page(qn, q_unit, q_power, q_rows, live, key_codes, key_scale, key_min, value_codes, value_scale, value_min, pid, used,
+          m_i, l_i, acc, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
+          KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+          OFFSET: tl.constexpr, ASM: tl.constexpr):
+    """Fold page ``pid`` (its first ``used`` slots) into the online softmax. ``qn`` points at the query rows
+    ``q_rows``, to be scaled by ``q_unit`` (into log2 units, times the power of two ``q_power``, undone in fp32)."""
+    KEY_BYTES: tl.constexpr = D * KBITS // 8      # bytes of one token's key codes = channels per key field
+    CHUNK: tl.constexpr = G * VBITS // 8          # bytes of one channel's value codes = tokens per value field
+    KF: tl.constexpr = 8 // KBITS
+    VF: tl.constexpr = 8 // VBITS
+    VALUE_GROUPS: tl.constexpr = D // GV
+    kb = tl.arange(0, KEY_BYTES)
+    ch = tl.arange(0, D)
+    vb = tl.arange(0, CHUNK)
+    # values: bytes [CHUNK, D] (packed along tokens), field j = tokens j·CHUNK .. (j+1)·CHUNK of the page
+    values = _fields(tl.load(value_codes + pid * (D * CHUNK) + ch[None, :] * CHUNK + vb[:, None]), VBITS, OFFSET,
+                     DOT, ASM)
+    for j in tl.static_range(VF):
+        tok = j * CHUNK + vb
+        # keys of these tokens: bytes [KEY_BYTES, CHUNK] (packed along channels), field i = channels i·KEY_BYTES ..
+        keys = _fields(tl.load(key_codes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None]), KBITS,
+                       OFFSET, DOT, ASM)
+        s = tl.zeros([BLOCK_H, CHUNK], tl.float32)
+        shift = tl.zeros([BLOCK_H], tl.float32)
+        for i in tl.static_range(KF):
+            c = i * KEY_BYTES + kb
+            qi = tl.load(qn + q_rows[:, None] * D + c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+            qi = qi * q_unit
+            # q·k = Σ q·(scale·code + min): the scale (and the field's 2^-(bits·i)) folded into the query
+            folded = (qi * (tl.load(key_scale + pid * D + c).to(tl.float32) / (1 << (KBITS * i)))[None, :]).to(DOT)
+            s += _mm(folded, keys[i], PRECISION)
+            shift += tl.sum(qi * tl.load(key_min + pid * D + c).to(tl.float32)[None, :]
+                            - OFFSET * folded.to(tl.float32), axis=1)
+        s = (s + shift[:, None]) / q_power
+        p, alpha, m_i, l_i = _softmax_step(tl.where((tok < used)[None, :], s, float("-inf")), m_i, l_i)
+        acc = acc * alpha[:, None]
+        # p·v = Σ p·(scale·code + min): each token's scale folded into its weight; groups of GV < D channels get
+        # one masked product each
+        for g in tl.static_range(VALUE_GROUPS):
+            meta = (pid * G + tok) * VALUE_GROUPS + g
+            scale = tl.load(value_scale + meta).to(tl.float32) / (1 << (VBITS * j))
+            pv = (p * scale[None, :]).to(DOT)
+            shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
+            if VALUE_GROUPS == 1:
+                acc += _mm(pv, values[j], PRECISION) + shift[:, None]
+            else:
+                inside = (ch // GV == g)[None, :]
+                acc += _mm(pv, tl.where(inside, values[j], tl.zeros_like(values[j])), PRECISION)
+                acc += tl.where(inside, shift[:, None], 0.0)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -100,130 +200,102 @@ def _dense_rows(q, keys, values, start, n, m_i, l_i, acc, D: tl.constexpr, BLOCK
         offs = (start + rows).to(tl.int64)[:, None] * D + ch[None, :]
         k = tl.load(keys + offs, mask=inside[:, None], other=0.0).to(DOT)
         v = tl.load(values + offs, mask=inside[:, None], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(inside[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT, PRECISION)
+        s = tl.where(inside[None, :], _mm(q, tl.trans(k), PRECISION), float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + _mm(p.to(DOT), v, PRECISION)
     return m_i, l_i, acc
-
-
-# Register caps let two 8-warp or three 4-warp programs share a multiprocessor (compiled for sm_90 without
-# spills: 125 and 168 registers); the kernel is bound by latency at two programs of 4 warps (Nsight Compute).
-_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
-            for n, w, s, r in [(64, 4, 2, 168), (128, 8, 2, 128), (128, 8, 3, 128), (128, 8, 2, None),
-                               (128, 4, 3, None), (64, 4, 3, 168), (64, 8, 2, None), (32, 4, 3, None)]]
 
 
 @triton.jit
-def _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos, pid, t0, m_i, l_i,
-               acc, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-               TILE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
-               MAGIC: tl.constexpr, OFFSET: tl.constexpr):
-    """Fold tokens ``t0 .. t0 + TILE`` of page ``pid`` (``t0`` relative to the page) into the online softmax."""
+def _merge(partial_o, partial_lse, out, rows, live, programs, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The last program of a KV head: merge its ``programs`` partial results by their log-sum-exps into ``out``.
+    Partials are read through L2 (``.cg``): other multiprocessors wrote them, and L1 is not coherent."""
     ch = tl.arange(0, D)
-    tok = t0 + tl.arange(0, TILE)
-    # keys: bytes [D·bk/8, TILE] (packed along channels) → codes [D, TILE], exact small integers (+ OFFSET)
-    KEY_BYTES: tl.constexpr = D * KBITS // 8                    # bytes of one token's key codes
-    kb = tl.arange(0, KEY_BYTES)
-    packed = tl.load(key_bytes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None])    # [bytes, TILE]
-    codes = _unpack_rows(packed, KBITS, DOT, MAGIC)
-    # the page's per-channel scale is folded into the query: q·k = Σ (q·s)·c + Σ q·m, minus the offset's share
-    qs = qv * tl.load(key_scale + pid * D + ch).to(tl.float32)[None, :]
-    hi = qs.to(DOT)
-    s = tl.dot(hi, codes, input_precision=PRECISION)
-    folded = hi.to(tl.float32)
-    if SPLIT_Q:           # bf16: the query goes in as hi + lo, ~16 mantissa bits instead of 8 (two dots, same codes)
-        lo = (qs - folded).to(DOT)
-        s += tl.dot(lo, codes, input_precision=PRECISION)
-        folded += lo.to(tl.float32)
-    minimum = tl.load(key_min + pid * D + ch).to(tl.float32)
-    s += tl.sum(qv * minimum[None, :] - OFFSET * folded, axis=1)[:, None]
-    used = tl.load(page_pos + pid * G + tok) >= 0
-    p, alpha, m_i, l_i = _softmax_step(tl.where(used[None, :], s, float("-inf")), m_i, l_i)
-    acc = acc * alpha[:, None]
-    # values: bytes [TILE·bv/8, D] (packed along tokens) → codes [TILE, D]; a token's scale is folded into its
-    # weight, p·v = Σ (p·s)·c + Σ p·m; groups of GV < D channels get one masked product each
-    VALUE_BYTES: tl.constexpr = G * VBITS // 8                  # bytes of one channel's value codes in a page
-    vb = t0 * VBITS // 8 + tl.arange(0, TILE * VBITS // 8)
-    packed = tl.load(value_bytes + pid * (D * VALUE_BYTES) + ch[None, :] * VALUE_BYTES + vb[:, None])  # [bytes, D]
-    codes = _unpack_rows(packed, VBITS, DOT, MAGIC)
-    VALUE_GROUPS: tl.constexpr = D // GV                        # scale/minimum pairs per token
-    for g in tl.static_range(VALUE_GROUPS):
-        meta = (pid * G + tok) * VALUE_GROUPS + g
-        pv = (p * tl.load(value_scale + meta).to(tl.float32)[None, :]).to(DOT)
-        shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
-        if VALUE_GROUPS == 1:
-            acc += tl.dot(pv, codes, input_precision=PRECISION) + shift[:, None]
-        else:
-            inside = (ch // GV == g)[None, :]
-            acc += tl.dot(pv, tl.where(inside, codes, tl.zeros_like(codes)), input_precision=PRECISION)
-            acc += tl.where(inside, shift[:, None], 0.0)
-    return m_i, l_i, acc
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    merged = tl.zeros([BLOCK_H, D], tl.float32)
+    for split in range(programs):
+        slot = rows * programs + split
+        lse = tl.load(partial_lse + slot, mask=live, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(partial_o + slot[:, None] * D + ch[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)
+        merged = merged * alpha[:, None] + weight[:, None] * o
+        total = total * alpha + weight
+        m = m_new
+    merged = merged / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out + rows[:, None] * D + ch[None, :], merged.to(out.dtype.element_ty), mask=live[:, None])
 
 
-# tail_len grows by one every decode step: specialising on it (==1, %16) would recompile and re-tune the kernel
-# mid-generation (seen on an H200: seconds at the 16th token).
+# num_warps, num_stages, register cap: a page of int4 keys and values at head dim 128 is 16 KB of bytes per stage;
+# the cap lets three 4-warp programs share a multiprocessor (compiled for sm_90 without spills).
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s, maxnreg=r)
+            for w, s, r in [(4, 2, 168), (4, 3, 168), (4, 2, None), (8, 2, 128), (8, 3, None), (2, 2, None)]]
+
+
+# Lengths and split counts change as a decode goes on: specialising on them (==1, %16) would recompile and re-tune
+# the kernel mid-generation (seen on an H200: seconds at the 16th token).
 # work_class (pages per program, a power of two) is only a tuning key: short and long caches tune apart.
 @autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "work_class"])
-@triton.jit(do_not_specialize=["tail_len"])
-def _decode_split_kernel(q, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min, page_pos,
-                         page_start, page_count, res_keys, res_values, res_start, res_len,
-                         tail_keys, tail_values, tail_len, mid_o, mid_lse, qk_scale, work_class,
-                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                         GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, NS: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT_Q: tl.constexpr,
-                         MAGIC: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["tail_len", "splits"])
+def _decode_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_used,
+                   page_start, page_count, res_keys, res_values, res_start, res_len,
+                   tail_keys, tail_values, tail_len, partial_o, partial_lse, arrivals, out, qk_scale, splits,
+                   work_class, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                   GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
+                   DENSE: tl.constexpr, PRECISION: tl.constexpr, OFFSET: tl.constexpr, ASM: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     heads = tl.arange(0, BLOCK_H)
     live = heads < GROUP
     ch = tl.arange(0, D)
     rows = bh * GROUP + heads
-    qv = tl.load(q + rows[:, None] * D + ch[None, :], mask=live[:, None], other=0.0).to(tl.float32) * qk_scale
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    if split < NS:
-        TILE: tl.constexpr = BLOCK_N if BLOCK_N < G else G          # a tile never straddles two pages
+    if split < splits:
         count = tl.load(page_count + bh)
         first = tl.load(page_start + bh).to(tl.int64)
-        per_split = tl.cdiv(count, NS)
+        per_split = tl.cdiv(count, splits)
         lo = tl.minimum(split * per_split, count)
         hi = tl.minimum(lo + per_split, count)
-        for t0 in range(lo * G, hi * G, TILE):
-            m_i, l_i, acc = _page_tile(qv, key_bytes, key_scale, key_min, value_bytes, value_scale, value_min,
-                                       page_pos, first + t0 // G, t0 % G, m_i, l_i, acc, D, G, GV, KBITS, VBITS,
-                                       TILE, DOT, PRECISION, SPLIT_Q, MAGIC, OFFSET)
-    # the exact rows (residual, tail) are short; a narrow tile keeps them from setting the kernel's register count
-    # (with BLOCK_N-wide tiles the kernel spilled at 255 registers, compiled for sm_90)
-    elif split == NS:
-        m_i, l_i, acc = _dense_rows(qv.to(DOT), res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
-                                    m_i, l_i, acc, D, DENSE_N, DOT, PRECISION)
+        # a power of two brings the query's largest element to [0.5, 1): no folded product can overflow fp16
+        top = tl.max(tl.max(tl.abs(tl.load(q + rows[:, None] * D + ch[None, :], mask=live[:, None], other=0.0)
+                                   .to(tl.float32)), axis=1), axis=0) * qk_scale
+        q_power = tl.exp2(-tl.ceil(tl.log2(tl.where(top > 0, top, 1.0))))
+        for page in range(lo, hi):
+            pid = first + page
+            m_i, l_i, acc = _page(q, qk_scale * q_power, q_power, rows, live, key_codes, key_scale, key_min, value_codes, value_scale,
+                                  value_min, pid, tl.load(page_used + pid), m_i, l_i, acc, BLOCK_H, D, G, GV, KBITS,
+                                  VBITS, DOT, PRECISION, OFFSET, ASM)
     else:
-        m_i, l_i, acc = _dense_rows(qv.to(DOT), tail_keys, tail_values, bh * tail_len, tail_len, m_i, l_i, acc, D,
-                                    DENSE_N, DOT, PRECISION)
+        # the exact rows (residual, tail) are short; a narrow tile keeps them from setting the register count
+        qd = (tl.load(q + rows[:, None] * D + ch[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+              * qk_scale).to(DENSE)
+        if split == splits:
+            m_i, l_i, acc = _dense_rows(qd, res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
+                                        m_i, l_i, acc, D, DENSE_N, DENSE, PRECISION)
+        else:
+            m_i, l_i, acc = _dense_rows(qd, tail_keys, tail_values, bh * tail_len, tail_len, m_i, l_i, acc, D,
+                                        DENSE_N, DENSE, PRECISION)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    slot = rows * (NS + 2) + split
-    tl.store(mid_o + slot[:, None] * D + ch[None, :], out, mask=live[:, None])
-    tl.store(mid_lse + slot, lse, mask=live)
+    programs = splits + 2
+    slot = rows * programs + split
+    tl.store(partial_o + slot[:, None] * D + ch[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
+             mask=live[:, None])
+    tl.store(partial_lse + slot, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), mask=live)
+    # every thread's partial is stored before the arrival (barrier), and the arrival releases them to the program
+    # that arrives last, which acquires them before merging
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals + bh, 1, sem="acq_rel")
+    if arrived == programs - 1:
+        _merge(partial_o, partial_lse, out, rows, live, programs, D, BLOCK_H)
+        tl.atomic_xchg(arrivals + bh, 0, sem="relaxed")
 
 
-@triton.jit
-def _merge_kernel(mid_o, mid_lse, out, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
-    row = tl.program_id(0)
-    sp = tl.arange(0, BLOCK_S)
-    ch = tl.arange(0, D)
-    lse = tl.load(mid_lse + row * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
-    o = tl.load(mid_o + (row * SPLITS + sp)[:, None] * D + ch[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
-    total = tl.sum(weight, axis=0)
-    merged = tl.sum(weight[:, None] * o, axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out + row * D + ch, merged.to(out.dtype.element_ty))
-
-
-_launch_split = launcher(_decode_split_kernel)
+_launch = launcher(_decode_kernel)
 
 
 @functools.cache
@@ -232,58 +304,78 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def default_splits(pages: int, heads: int, device: torch.device) -> int:
-    """Page splits per head: about 8 programs per multiprocessor, at most 128 and at most one split per page.
-    On an H200 (docs/results.md) counts from 16 to 128 were within run-to-run noise of each other at 32k-128k
-    tokens; fewer programs than multiprocessors leave the GPU idle. From shapes only: no host synchronisation."""
+    """Page splits per head: about 3 programs per multiprocessor (FlashAttention-2's rule), at least 4 pages per
+    program, at most 128. At 32k tokens of a Llama-3.1-8B layer on 132 multiprocessors: 50 splits of 5 pages at
+    batch 1, 7 at batch 8. From shapes only: no host synchronisation."""
     units = multiprocessors(device) if device.type == "cuda" else 4
-    wanted = triton.cdiv(8 * units, max(heads, 1))
-    return max(1, min(128, wanted, pages // max(heads, 1)))
+    wanted = triton.cdiv(3 * units, max(heads, 1))
+    return max(1, min(128, wanted, pages // (4 * max(heads, 1))))
 
 
-# 16-bit floats whose mantissa step is 1: OFFSET + code is exact for codes below OFFSET (bf16 128: 7 bits, fp16
-# 1024: 10 bits); the kernel subtracts OFFSET's share in fp32.
-_MAGIC = {tl.bfloat16: (0x4300, 128.0), tl.float16: (0x6400, 1024.0)}
-
-
-def code_offsets(dot, fmt: PageFormat) -> dict:
-    """The kernel's ``MAGIC`` bit pattern and its ``OFFSET``, shared by keys and values (0: plain integer
-    conversion)."""
-    magic, offset = _MAGIC.get(dot, (0, 0.0))
-    fits = [bits < 8 or offset > 255 for bits in (fmt.key_bits, fmt.value_bits)]
-    if magic and not all(fits):
-        magic, offset = 0, 0.0        # 8-bit codes in bf16: plain conversion for both sides
-    return {"MAGIC": magic, "OFFSET": offset}
-
-
-def dot_dtype(dtype: torch.dtype):
-    """The dot operands' Triton dtype and fp32 product precision for queries of ``dtype``."""
+def dot_dtypes(dtype: torch.dtype):
+    """``(page dot dtype, dense dot dtype, fp32 product precision, code offset)`` for queries of ``dtype``."""
     if interpreting() or dtype == torch.float32:
-        return tl.float32, "ieee"
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "tf32"   # ignored for 16-bit operands
+        return tl.float32, tl.float32, "ieee", 0
+    dense = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return tl.float16, dense, "tf32", 1024                     # "tf32" is ignored for 16-bit operands
 
 
-@dataclass(frozen=True)
-class DecodeOperands:
-    """What the split kernel reads of one quantized store, in its argument order, prepared once per store: a
-    store never changes once built, and a decode step calls the kernel once per layer, so host time per call is
-    decode time (``decode_operands``)."""
+class DecodeWorkspace:
+    """Partial outputs, log-sum-exps and arrival counters of one store's launches: allocated on the first call
+    (counters zeroed once; every launch leaves them at zero) and reused while the shapes stay."""
 
-    tensors: tuple[torch.Tensor, ...]   # codes (bytes), scales, minima, positions, page starts/counts, residual
+    def __init__(self):
+        self.buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, rows: int, programs: int, dim: int, heads: int, device: torch.device):
+        have = self.buffers
+        if have is None or have[0].shape != (rows, programs, dim) or have[2].numel() != heads \
+                or have[0].device != device:
+            self.buffers = (torch.empty(rows, programs, dim, dtype=torch.float32, device=device),
+                            torch.empty(rows, programs, dtype=torch.float32, device=device),
+                            torch.zeros(heads, dtype=torch.int32, device=device))
+        return self.buffers
+
+    def __getstate__(self) -> dict:
+        return {"buffers": None}            # scratch memory, not cache: a copy grows its own
+
+
+class DecodeOperands(NamedTuple):
+    """What the kernel reads of one quantized store, prepared once per store (a decode step calls the kernel once
+    per layer, so host time per call is decode time). Names are the kernel's argument names."""
+
+    key_codes: torch.Tensor      # uint8 [P, G, D·bk/8]
+    key_scale: torch.Tensor      # [P, D]
+    key_min: torch.Tensor
+    value_codes: torch.Tensor    # uint8 [P, D, G·bv/8]
+    value_scale: torch.Tensor    # [P, G, D/Gv]
+    value_min: torch.Tensor
+    page_used: torch.Tensor      # int32 [P]
+    page_start: torch.Tensor     # int32 [B·Hkv]: each head's first page
+    page_count: torch.Tensor     # int32 [B·Hkv]
+    res_keys: torch.Tensor       # [N, D], ragged per head
+    res_values: torch.Tensor
+    res_start: torch.Tensor      # int32 [B·Hkv]
+    res_len: torch.Tensor        # int32 [B·Hkv]
     fmt: PageFormat
-    heads: int                          # B·Hkv
+    heads: int                   # B·Hkv
     pages: int
+    workspace: DecodeWorkspace
+
+    def kernel_args(self) -> dict:
+        return {name: getattr(self, name) for name in self._fields[:13]}
 
 
 def decode_operands(pages: PackedPages, page_counts: torch.Tensor, fmt: PageFormat, residual_keys: torch.Tensor,
                     residual_values: torch.Tensor, residual_lengths: torch.Tensor) -> DecodeOperands:
     """Args: the packed pages (flat, per head in (row, head) order) and their counts ``int32 [B, Hkv]``; the
     residual ``residual_keys``/``residual_values [N, D]`` ragged per head, ``residual_lengths int32 [B, Hkv]``."""
-    tensors = (pages.key_codes.view(torch.uint8), pages.key_scale, pages.key_min, pages.value_codes.view(torch.uint8),
-               pages.value_scale, pages.value_min, pages.positions, run_starts(page_counts),
-               page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(),
-               residual_values.contiguous(), run_starts(residual_lengths),
-               residual_lengths.flatten().to(torch.int32).contiguous())
-    return DecodeOperands(tensors, fmt, page_counts.numel(), pages.count)
+    return DecodeOperands(pages.key_codes, pages.key_scale, pages.key_min, pages.value_codes, pages.value_scale,
+                          pages.value_min, pages.used, run_starts(page_counts),
+                          page_counts.flatten().to(torch.int32).contiguous(), residual_keys.contiguous(),
+                          residual_values.contiguous(), run_starts(residual_lengths),
+                          residual_lengths.flatten().to(torch.int32).contiguous(), fmt, page_counts.numel(),
+                          pages.count, DecodeWorkspace())
 
 
 def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys: torch.Tensor,
@@ -311,21 +403,18 @@ def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys
     if splits is None:
         splits = default_splits(store.pages, heads, query.device)
     q = query.reshape(batch * q_heads, dim).contiguous()
-    mid_o = q.new_empty(batch * q_heads, splits + 2, dim, dtype=torch.float32)
-    mid_lse = q.new_empty(batch * q_heads, splits + 2, dtype=torch.float32)
-    dot, precision = dot_dtype(query.dtype)
-    work = triton.next_power_of_2(max(1, store.pages // (heads * splits)))
-    _launch_split((heads, splits + 2), (group, dim, fmt, query.dtype, work),
-        q, *store.tensors, tail_keys.contiguous(), tail_values.contiguous(), tail_keys.shape[2], mid_o, mid_lse,
-        scaling * LOG2E, work,
-        GROUP=group, BLOCK_H=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=dim, G=fmt.group,
-        GV=fmt.value_group, KBITS=fmt.key_bits, VBITS=fmt.value_bits, NS=splits, DOT=dot, PRECISION=precision,
-        SPLIT_Q=dot == tl.bfloat16, **code_offsets(dot, fmt))
+    partial_o, partial_lse, arrivals = store.workspace.get(batch * q_heads, splits + 2, dim, heads, query.device)
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
-    _merge_kernel[(batch * q_heads,)](mid_o, mid_lse, out, SPLITS=splits + 2,
-                                      BLOCK_S=triton.next_power_of_2(splits + 2), D=dim)
+    dot, dense, precision, offset = dot_dtypes(query.dtype)
+    work = triton.next_power_of_2(max(1, store.pages // (heads * splits)))
+    _launch((heads, splits + 2), (group, dim, fmt, query.dtype, work),
+            q=q, **store.kernel_args(), tail_keys=tail_keys.contiguous(), tail_values=tail_values.contiguous(),
+            tail_len=tail_keys.shape[2], partial_o=partial_o, partial_lse=partial_lse, arrivals=arrivals, out=out,
+            qk_scale=scaling * LOG2E, splits=splits, work_class=work, GROUP=group,
+            BLOCK_H=triton.next_power_of_2(group), D=dim, G=fmt.group, GV=fmt.value_group, KBITS=fmt.key_bits,
+            VBITS=fmt.value_bits, DOT=dot, DENSE=dense, PRECISION=precision, OFFSET=offset, ASM=not interpreting())
     return out.to(q.dtype).view(batch, q_heads, 1, dim).transpose(1, 2)
 
 
-__all__ = ["DecodeOperands", "decode_operands", "default_splits", "fused_decode_attention"]
+__all__ = ["DecodeOperands", "DecodeWorkspace", "decode_operands", "default_splits", "fused_decode_attention"]

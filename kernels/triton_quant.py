@@ -1,4 +1,4 @@
-"""Triton quantize-and-pack for KIVI pages: one program per page, bit-exact with ``kernels.pages.quantize_pages``.
+"""Triton quantize-and-pack for KIVI pages (layout 2): one program per page, bit-exact with ``kernels.pages.quantize_pages``.
 
 Min/max ranges only (the ``kivi`` method) and float16 scales: the 16-bit rounding direction (scale up, minimum
 down) is done on the bit pattern, which is what the torch reference's ``nextafter`` does.
@@ -48,21 +48,23 @@ def _quantize(x, lo, hi, BITS: tl.constexpr):
 
 @triton.jit
 def _pack_rows(codes, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """``[ROWS, N]`` codes → ``[ROWS, N·BITS/32]`` int32 words, LSB first. Fields are disjoint, so a sum is an OR."""
-    CODES_PER_WORD: tl.constexpr = 32 // BITS
-    fields = tl.reshape(codes, (ROWS, N // CODES_PER_WORD, CODES_PER_WORD))
-    shifts = (tl.arange(0, CODES_PER_WORD) * BITS)[None, None, :]
-    return tl.sum(fields << shifts, axis=2).to(tl.int32)
+    """``[ROWS, N]`` codes → ``[ROWS, N·BITS/8]`` bytes in split order (field ``j`` of byte ``k`` is code
+    ``k + j·N·BITS/8``, ``kernels.quant.pack_codes``). Fields are disjoint, so a sum is an OR."""
+    FIELDS: tl.constexpr = 8 // BITS
+    fields = tl.reshape(codes, (ROWS, FIELDS, N // FIELDS))
+    shifts = (tl.arange(0, FIELDS) * BITS)[None, :, None]
+    return tl.sum(fields << shifts, axis=1).to(tl.uint8)
 
 
 @triton.jit
 def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min, value_codes, value_scale,
-                          value_min, G: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
+                          value_min, page_used, G: tl.constexpr, D: tl.constexpr, GV: tl.constexpr,
                           KBITS: tl.constexpr, VBITS: tl.constexpr):
     page = tl.program_id(0)
     tok = tl.arange(0, G)
     ch = tl.arange(0, D)
     used = tl.load(positions + page * G + tok) >= 0                                   # [G]
+    tl.store(page_used + page, tl.sum(used.to(tl.int32), axis=0))
     offs = page * G * D + tok[:, None] * D + ch[None, :]
     k = tl.load(keys + offs).to(tl.float32)                                          # [G, D]
     first = tl.load(keys + page * G * D + ch).to(tl.float32)                         # slot 0 is always used
@@ -71,10 +73,10 @@ def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min
     k_codes = tl.where(used[:, None], k_codes, 0)
     tl.store(key_scale + page * D + ch, tl.reshape(k_scale, (D,)))
     tl.store(key_min + page * D + ch, tl.reshape(k_min, (D,)))
-    KEY_WORDS: tl.constexpr = D * KBITS // 32                  # int32 words of one token's key codes
-    k_words = _pack_rows(k_codes, G, D, KBITS)                                        # packed along channels
-    words = tl.arange(0, KEY_WORDS)
-    tl.store(key_codes + page * G * KEY_WORDS + tok[:, None] * KEY_WORDS + words[None, :], k_words)
+    KEY_BYTES: tl.constexpr = D * KBITS // 8                   # bytes of one token's key codes
+    k_bytes = _pack_rows(k_codes, G, D, KBITS)                                        # packed along channels
+    kb = tl.arange(0, KEY_BYTES)
+    tl.store(key_codes + page * G * KEY_BYTES + tok[:, None] * KEY_BYTES + kb[None, :], k_bytes)
 
     v = tl.reshape(tl.load(values + offs).to(tl.float32), (G, D // GV, GV))
     v_codes, v_scale, v_min = _quantize(v, tl.min(v, axis=2)[:, :, None], tl.max(v, axis=2)[:, :, None], VBITS)
@@ -83,10 +85,10 @@ def _quantize_page_kernel(keys, values, positions, key_codes, key_scale, key_min
     meta = page * G * VALUE_GROUPS + tok[:, None] * VALUE_GROUPS + tl.arange(0, VALUE_GROUPS)[None, :]
     tl.store(value_scale + meta, tl.reshape(v_scale, (G, VALUE_GROUPS)))
     tl.store(value_min + meta, tl.reshape(v_min, (G, VALUE_GROUPS)))
-    VALUE_WORDS: tl.constexpr = G * VBITS // 32                # int32 words of one channel's value codes
-    v_words = _pack_rows(tl.trans(v_codes), D, G, VBITS)                              # packed along tokens
-    words = tl.arange(0, VALUE_WORDS)
-    tl.store(value_codes + page * D * VALUE_WORDS + ch[:, None] * VALUE_WORDS + words[None, :], v_words)
+    VALUE_BYTES: tl.constexpr = G * VBITS // 8                 # bytes of one channel's value codes
+    v_bytes = _pack_rows(tl.trans(v_codes), D, G, VBITS)                              # packed along tokens
+    vb = tl.arange(0, VALUE_BYTES)
+    tl.store(value_codes + page * D * VALUE_BYTES + ch[:, None] * VALUE_BYTES + vb[None, :], v_bytes)
 
 
 def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -99,13 +101,14 @@ def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: t
         raise ValueError(f"the Triton quantize kernel needs a power-of-two head dimension, got {dim}; use backend: torch")
     keys, values, positions = keys.contiguous(), values.contiguous(), positions.to(torch.int32).contiguous()
     out = PackedPages(
-        keys.new_empty(pages, group, dim * fmt.key_bits // 32, dtype=torch.int32),
+        keys.new_empty(pages, group, dim * fmt.key_bits // 8, dtype=torch.uint8),
         keys.new_empty(pages, dim, dtype=torch.float16), keys.new_empty(pages, dim, dtype=torch.float16),
-        keys.new_empty(pages, dim, group * fmt.value_bits // 32, dtype=torch.int32),
+        keys.new_empty(pages, dim, group * fmt.value_bits // 8, dtype=torch.uint8),
         keys.new_empty(pages, group, dim // fmt.value_group, dtype=torch.float16),
-        keys.new_empty(pages, group, dim // fmt.value_group, dtype=torch.float16), positions)
+        keys.new_empty(pages, group, dim // fmt.value_group, dtype=torch.float16), positions,
+        keys.new_empty(pages, dtype=torch.int32))
     if pages:
         _quantize_page_kernel[(pages,)](keys, values, positions, out.key_codes, out.key_scale, out.key_min,
-                                        out.value_codes, out.value_scale, out.value_min, group, dim,
+                                        out.value_codes, out.value_scale, out.value_min, out.used, group, dim,
                                         fmt.value_group, fmt.key_bits, fmt.value_bits)
     return out

@@ -22,13 +22,25 @@ BITS = [2, 4, 8]
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from(BITS), rows=st.integers(0, 5), words=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
-def test_pack_then_unpack_is_identity(bits, rows, words, seed):
+@given(bits=st.sampled_from(BITS), rows=st.integers(0, 5), width=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_pack_then_unpack_is_identity(bits, rows, width, seed):
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (rows, words * 32 // bits), generator=generator, dtype=torch.int32)
+    codes = torch.randint(0, 2 ** bits, (rows, width * 8 // bits), generator=generator, dtype=torch.int32)
     packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (rows, words)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, width)
     assert torch.equal(unpack_codes(packed, bits).int(), codes)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_packing_is_in_split_order(bits):
+    """Layout 2, written out by hand: field j of byte k (bits j·b ..) holds element k + j·(bytes per row)."""
+    generator = torch.Generator().manual_seed(fresh_seed())
+    fields, width = 8 // bits, 4
+    codes = torch.randint(0, 2 ** bits, (3, width * fields), generator=generator, dtype=torch.int32)
+    packed = pack_codes(codes, bits).int()
+    for k in range(width):
+        for j in range(fields):
+            assert torch.equal((packed[:, k] >> (bits * j)) & (2 ** bits - 1), codes[:, k + j * width])
 
 
 def group_inputs(seed: int, pages: int, group: int, dim: int, kind: str) -> torch.Tensor:
@@ -124,7 +136,7 @@ def test_triton_quantize_and_pack_is_bit_exact(key_bits, value_bits, group, dim,
     want = quantize_pages(keys, values, positions, fmt)
     got = quantize_pages_triton(keys.to(DEVICE), values.to(DEVICE), positions.to(DEVICE), fmt)
     for name, a, b in zip(("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min",
-                           "positions"), want.tensors(), got.tensors()):
+                           "positions", "used"), want.tensors(), got.tensors()):
         assert torch.equal(a, b.cpu()), f"{name} (seed {seed})"
 
 
@@ -226,35 +238,34 @@ if importlib.util.find_spec("triton") is not None:        # a kernel around the 
     import triton
     import triton.language as tl
 
-    from kvpipe.kernels.triton_decode import _unpack_rows, code_offsets
+    from kvpipe.kernels.triton_decode import _fields
 
     @triton.jit
-    def _unpack_kernel(src, out, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
-                       MAGIC: tl.constexpr):
+    def _unpack_kernel(src, out, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
+                       DOT: tl.constexpr, ASM: tl.constexpr):
         rows, cols = tl.arange(0, R), tl.arange(0, N)
-        codes = _unpack_rows(tl.load(src + rows[:, None] * N + cols[None, :]), BITS, DOT, MAGIC)
-        out_rows = tl.arange(0, R * 8 // BITS)
-        tl.store(out + out_rows[:, None] * N + cols[None, :], codes.to(tl.float32))
+        fields = _fields(tl.load(src + rows[:, None] * N + cols[None, :]), BITS, OFFSET, DOT, ASM)
+        for j in tl.static_range(8 // BITS):
+            tl.store(out + (j * R + rows)[:, None] * N + cols[None, :], fields[j].to(tl.float32))
 
 
 @needs_triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_unpacked_codes_are_exact_in_the_dot_dtype(bits, dtype):
-    """The decode kernel's unpack, bytes to operand rows, with the 16-bit ``OFFSET + code`` trick where it is used:
-    every code (and the offset) exact, in the layout of ``unpack_codes`` along the rows."""
-    if DEVICE == "cpu" and dtype == torch.bfloat16 and bits == 8:
-        pytest.skip("the interpreter converts integers to bf16 wrongly (bit patterns, not values); compiled only")
-    dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-    offsets = code_offsets(dot, PageFormat(bits, bits, 32, 16, torch.float16))
-    assert offsets["OFFSET"] == (0 if dtype == torch.float32 or (dtype == torch.bfloat16 and bits == 8)
-                                 else {torch.float16: 1024, torch.bfloat16: 128}[dtype])
+@pytest.mark.parametrize("mode", ["fp16 bit trick", "integer conversion"])
+def test_unpacked_fields_are_exact(bits, mode):
+    """The decode kernel's unpack, bytes to dot operands: field j of a byte tile ``[R, N]`` (packed along R) is the
+    slice ``j·R .. (j+1)·R`` of the codes, kept in place (times ``2^(bits·j)``), plus the fp16 offset 1024 in the
+    bit trick. Compiled on a GPU the trick runs as inline PTX; in the interpreter with the same numerics in plain
+    operations."""
+    offset = 1024 if mode == "fp16 bit trick" else 0
+    dot = tl.float16 if offset and DEVICE == "cuda" else tl.float32
     generator = torch.Generator().manual_seed(fresh_seed())
-    rows, cols = 4, 16
-    words = torch.randint(-2 ** 31, 2 ** 31, (cols, rows // 4), generator=generator, dtype=torch.int64).to(torch.int32)
-    want = unpack_codes(words, bits).T.float() + offsets["OFFSET"]              # [codes along rows, cols]
-    src = words.view(torch.uint8).T.contiguous().to(DEVICE)                     # bytes [rows, cols], rows packed
+    rows, cols = 8, 16
+    codes = torch.randint(0, 2 ** bits, (cols, rows * 8 // bits), generator=generator, dtype=torch.int32)
+    src = pack_codes(codes, bits).T.contiguous().to(DEVICE)                   # bytes [rows, cols], rows packed
+    step = (2 ** (bits * (torch.arange(rows * 8 // bits) // rows))).float()   # field j of row r: element r + j·R
+    want = codes.T.float() * step[:, None] + offset
     got = torch.full((rows * 8 // bits, cols), float("nan"), device=DEVICE)
-    _unpack_kernel[(1,)](src, got, rows, cols, bits, dot, offsets["MAGIC"])
+    _unpack_kernel[(1,)](src, got, rows, cols, bits, offset, dot, DEVICE == "cuda" and offset > 0)
     assert torch.equal(got.cpu(), want)
