@@ -137,12 +137,46 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _page(qn, q_unit, q_power, q_rows, live, key_codes, key_scale, key_min, value_codes, value_scale, value_min, pid, used,
+def _query_slices(q, rows, live, q_unit, D: tl.constexpr, PARTS: tl.constexpr):
+    """The query rows in fp32 times ``q_unit``, cut into ``PARTS`` channel slices (a tuple of ``[BLOCK_H,
+    D / PARTS]``), the channels each key field covers: loaded once per program, folded with each page's scales."""
+    WIDTH: tl.constexpr = D // PARTS
+    base = q + rows[:, None] * D + tl.arange(0, WIDTH)[None, :]
+    if PARTS == 1:
+        return (tl.load(base, mask=live[:, None], other=0.0).to(tl.float32) * q_unit,)
+    elif PARTS == 2:
+        return (tl.load(base, mask=live[:, None], other=0.0).to(tl.float32) * q_unit,
+                tl.load(base + WIDTH, mask=live[:, None], other=0.0).to(tl.float32) * q_unit)
+    else:
+        return (tl.load(base, mask=live[:, None], other=0.0).to(tl.float32) * q_unit,
+                tl.load(base + WIDTH, mask=live[:, None], other=0.0).to(tl.float32) * q_unit,
+                tl.load(base + 2 * WIDTH, mask=live[:, None], other=0.0).to(tl.float32) * q_unit,
+                tl.load(base + 3 * WIDTH, mask=live[:, None], other=0.0).to(tl.float32) * q_unit)
+
+
+@triton.jit
+def _token_chunks(p, PARTS: tl.constexpr):
+    """``p [M, N]`` → a tuple of ``PARTS`` column slices ``[M, N / PARTS]`` (slice ``j`` = columns ``j·N/PARTS ..``)."""
+    M: tl.constexpr = p.shape[0]
+    N: tl.constexpr = p.shape[1]
+    if PARTS == 1:
+        return (p,)
+    elif PARTS == 2:
+        return tl.split(tl.permute(tl.reshape(p, (M, 2, N // 2)), (0, 2, 1)))
+    else:
+        lo, hi = tl.split(tl.permute(tl.reshape(p, (M, 2, 2, N // 4)), (0, 3, 1, 2)))   # column = 2a·N/4 + b·N/4 ..
+        first, third = tl.split(lo)
+        second, fourth = tl.split(hi)
+        return first, second, third, fourth
+
+
+@triton.jit
+def _page(q_slices, q_power, key_codes, key_scale, key_min, value_codes, value_scale, value_min, pid, used,
           m_i, l_i, acc, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, GV: tl.constexpr,
           KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
           OFFSET: tl.constexpr, ASM: tl.constexpr):
-    """Fold page ``pid`` (its first ``used`` slots) into the online softmax. ``qn`` points at the query rows
-    ``q_rows``, to be scaled by ``q_unit`` (into log2 units, times the power of two ``q_power``, undone in fp32)."""
+    """Fold page ``pid`` (its first ``used`` slots) into the online softmax. ``q_slices``: the query's channel
+    slices for the key dots (``_query_slices``) in log2 units times the power of two ``q_power``, which the scores undo in fp32."""
     KEY_BYTES: tl.constexpr = D * KBITS // 8      # bytes of one token's key codes = channels per key field
     CHUNK: tl.constexpr = G * VBITS // 8          # bytes of one channel's value codes = tokens per value field
     KF: tl.constexpr = 8 // KBITS
@@ -150,42 +184,44 @@ def _page(qn, q_unit, q_power, q_rows, live, key_codes, key_scale, key_min, valu
     VALUE_GROUPS: tl.constexpr = D // GV
     kb = tl.arange(0, KEY_BYTES)
     ch = tl.arange(0, D)
-    vb = tl.arange(0, CHUNK)
-    # values: bytes [CHUNK, D] (packed along tokens), field j = tokens j·CHUNK .. (j+1)·CHUNK of the page
-    values = _fields(tl.load(value_codes + pid * (D * CHUNK) + ch[None, :] * CHUNK + vb[:, None]), VBITS, OFFSET,
-                     DOT, ASM)
-    for j in tl.static_range(VF):
-        tok = j * CHUNK + vb
-        # keys of these tokens: bytes [KEY_BYTES, CHUNK] (packed along channels), field i = channels i·KEY_BYTES ..
-        keys = _fields(tl.load(key_codes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None]), KBITS,
-                       OFFSET, DOT, ASM)
-        s = tl.zeros([BLOCK_H, CHUNK], tl.float32)
-        shift = tl.zeros([BLOCK_H], tl.float32)
-        for i in tl.static_range(KF):
-            c = i * KEY_BYTES + kb
-            qi = tl.load(qn + q_rows[:, None] * D + c[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            qi = qi * q_unit
-            # q·k = Σ q·(scale·code + min): the scale (and the field's 2^-(bits·i)) folded into the query
-            folded = (qi * (tl.load(key_scale + pid * D + c).to(tl.float32) / (1 << (KBITS * i)))[None, :]).to(DOT)
-            s += _mm(folded, keys[i], PRECISION)
-            shift += tl.sum(qi * tl.load(key_min + pid * D + c).to(tl.float32)[None, :]
-                            - OFFSET * folded.to(tl.float32), axis=1)
-        s = (s + shift[:, None]) / q_power
-        p, alpha, m_i, l_i = _softmax_step(tl.where((tok < used)[None, :], s, float("-inf")), m_i, l_i)
-        acc = acc * alpha[:, None]
-        # p·v = Σ p·(scale·code + min): each token's scale folded into its weight; groups of GV < D channels get
-        # one masked product each
-        for g in tl.static_range(VALUE_GROUPS):
-            meta = (pid * G + tok) * VALUE_GROUPS + g
-            scale = tl.load(value_scale + meta).to(tl.float32) / (1 << (VBITS * j))
-            pv = (p * scale[None, :]).to(DOT)
-            shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
+    tok = tl.arange(0, G)
+    # keys: bytes [KEY_BYTES, G] (packed along channels), field i = channels i·KEY_BYTES .. (i+1)·KEY_BYTES
+    keys = _fields(tl.load(key_codes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None]), KBITS,
+                   OFFSET, DOT, ASM)
+    # q·k = Σ q·(scale·code + min): the page's scales (and field i's 2^-(bits·i)) folded into the query; the minima
+    # and the offset's share are one sum per row, added in fp32
+    s = tl.zeros([BLOCK_H, G], tl.float32)
+    shift = tl.zeros([BLOCK_H, KEY_BYTES], tl.float32)
+    for i in tl.static_range(KF):
+        c = i * KEY_BYTES + kb
+        qi = q_slices[i]
+        folded = (qi * (tl.load(key_scale + pid * D + c).to(tl.float32) * (1.0 / (1 << (KBITS * i))))[None, :])
+        folded = folded.to(DOT)
+        s += _mm(folded, keys[i], PRECISION)
+        shift += qi * tl.load(key_min + pid * D + c).to(tl.float32)[None, :] - OFFSET * folded.to(tl.float32)
+    s = (s + tl.sum(shift, axis=1)[:, None]) * (1.0 / q_power)
+    p, alpha, m_i, l_i = _softmax_step(tl.where((tok < used)[None, :], s, float("-inf")), m_i, l_i)
+    acc = acc * alpha[:, None]
+    # values: bytes [CHUNK, D] (packed along tokens), field j = tokens j·CHUNK .. (j+1)·CHUNK of the page.
+    # p·v = Σ p·(scale·code + min): each token's scale (and its field's 2^-(bits·j)) folded into its weight
+    values = _fields(tl.load(value_codes + pid * (D * CHUNK) + ch[None, :] * CHUNK + tl.arange(0, CHUNK)[:, None]),
+                     VBITS, OFFSET, DOT, ASM)
+    unit = 1.0 / (1 << (VBITS * (tok // CHUNK))).to(tl.float32)                      # [G]
+    for g in tl.static_range(VALUE_GROUPS):            # groups of GV < D channels: one masked product each
+        meta = (pid * G + tok) * VALUE_GROUPS + g
+        pv = (p * (tl.load(value_scale + meta).to(tl.float32) * unit)[None, :]).to(DOT)
+        shift = tl.sum(p * tl.load(value_min + meta).to(tl.float32)[None, :] - OFFSET * pv.to(tl.float32), axis=1)
+        weights = _token_chunks(pv, VF)
+        for j in tl.static_range(VF):
             if VALUE_GROUPS == 1:
-                acc += _mm(pv, values[j], PRECISION) + shift[:, None]
+                acc += _mm(weights[j], values[j], PRECISION)
             else:
                 inside = (ch // GV == g)[None, :]
-                acc += _mm(pv, tl.where(inside, values[j], tl.zeros_like(values[j])), PRECISION)
-                acc += tl.where(inside, shift[:, None], 0.0)
+                acc += _mm(weights[j], tl.where(inside, values[j], tl.zeros_like(values[j])), PRECISION)
+        if VALUE_GROUPS == 1:
+            acc += shift[:, None]
+        else:
+            acc += tl.where((ch // GV == g)[None, :], shift[:, None], 0.0)
     return m_i, l_i, acc
 
 
@@ -265,9 +301,10 @@ def _decode_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, v
         top = tl.max(tl.max(tl.abs(tl.load(q + rows[:, None] * D + ch[None, :], mask=live[:, None], other=0.0)
                                    .to(tl.float32)), axis=1), axis=0) * qk_scale
         q_power = tl.exp2(-tl.ceil(tl.log2(tl.where(top > 0, top, 1.0))))
+        q_slices = _query_slices(q, rows, live, qk_scale * q_power, D, 8 // KBITS)
         for page in range(lo, hi):
             pid = first + page
-            m_i, l_i, acc = _page(q, qk_scale * q_power, q_power, rows, live, key_codes, key_scale, key_min, value_codes, value_scale,
+            m_i, l_i, acc = _page(q_slices, q_power, key_codes, key_scale, key_min, value_codes, value_scale,
                                   value_min, pid, tl.load(page_used + pid), m_i, l_i, acc, BLOCK_H, D, G, GV, KBITS,
                                   VBITS, DOT, PRECISION, OFFSET, ASM)
     else:

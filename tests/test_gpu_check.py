@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,16 +44,32 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert len(launches) == 4 and all(us > 0 for us in launches.values())
 
 
-def test_decode_kernel_compiles_for_hopper_without_a_gpu():
-    """``benchmarks/compile_sm90.py``: the kernel compiled for sm_90 on this machine, at most a few spilled words at
-    the first configuration, and a page loop found in the machine code (what the script reports between GPU
-    sessions)."""
-    done = subprocess.run([sys.executable, "benchmarks/compile_sm90.py", "--configs", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("BLOCK_N"))
-    registers, stack, per_token = (float(re.search(pattern, line).group(1)) for pattern in
-                                   (r"registers\s+(\d+)", r"stack\s+(\d+)", r"loop\s+([\d.]+)"))
-    assert 0 < registers <= 255 and per_token > 0
-    assert stack <= 16, line                    # a spill of a few words at most (maxnreg caps the first config)
+def offline_compile_missing() -> str | None:
+    """Why Triton cannot compile for sm_90 here, or None: it needs the triton package and the ptxas and cuobjdump
+    its wheel ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return "the triton package is not installed"
+    bindir = Path(spec.origin).parent / "backends" / "nvidia" / "bin"
+    missing = [tool for tool in ("ptxas", "cuobjdump") if not (bindir / tool).exists()]
+    return f"Triton's wheel has no {', '.join(missing)} in {bindir}" if missing else None
+
+
+def test_decode_kernel_meets_its_instruction_budget_on_hopper_without_a_gpu():
+    """``benchmarks/compile_sm90.py --check``, the compiler gate: every shipped configuration compiled for sm_90
+    without spills, no unpacked 16-bit tile through shared memory in the page loop (one known exception, printed),
+    and the int4 page loop at head dim 128, GQA 4 within 0.2 warp instructions per packed byte."""
+    reason = offline_compile_missing()
+    if reason:
+        print(f"compiler gate skipped: {reason}")
+        pytest.skip(reason)
+    done = subprocess.run([sys.executable, "benchmarks/compile_sm90.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)})
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    gated = next(line for line in done.stdout.splitlines() if line.startswith("int4 D128 GQA4 bf16"))
+    per_byte = float(re.search(r"([\d.]+)/byte", gated).group(1))
+    assert 0 < per_byte <= 0.2 and " stack    0 " in gated
+    assert done.stdout.count("/byte") == 16 and "passed" in done.stdout
