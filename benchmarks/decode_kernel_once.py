@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 import kvpipe
-from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
+from kvpipe.kernels.triton_decode import _decode_kernel, fused_decode_attention
 from kvpipe.runtime.quantized_store import QuantizedStore
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     print(f"profiled one launch: {store.nbytes / 1e6:.0f} MB of 4-bit cache, batch {args.batch}, "
-          f"{args.context} tokens; tuned: {getattr(_decode_split_kernel, 'best_config', None)}")
+          f"{args.context} tokens; tuned: {getattr(_decode_kernel, 'best_config', None)}")
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def markdown(report: dict) -> str:
         shape = report["decode_shape"]
         lines += [f"## Decode attention ({shape['q_heads']} query heads, {shape['kv_heads']} KV heads, head dim "
                   f"{shape['head_dim']}, bf16 queries)", "",
-                  table(report["decode"], ["context", "batch", "contender", "us", "MB", "GB/s", "% copy BW",
-                                           "x vs SDPA", "us back to back", "us graph", "note"]), "",
+                  table(report["decode"], ["context", "batch", "contender", "us", "MB", "gbps", "pct_copy_bw",
+                                           "x_vs_sdpa", "us back to back", "us graph", "note"]), "",
                   "`us`: `do_bench` median with L2 flushed between calls; `us back to back`: 100 calls issued "
                   "as a decode loop issues them (the larger of host launch cost and device time); `us graph`: "
                   "device time alone (20 calls in one CUDA graph, replayed).", ""]

@@ -13,7 +13,7 @@ from timing import back_to_back, graph_replay
 from tqdm.auto import tqdm
 
 import kvpipe
-from kvpipe.kernels.triton_decode import _decode_split_kernel, fused_decode_attention
+from kvpipe.kernels.triton_decode import _decode_kernel, default_splits, fused_decode_attention
 from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 
 
@@ -35,7 +35,7 @@ def hqq_quantized_cache(sizes: Sizes, batch: int, keys: torch.Tensor, values: to
     return cache, None
 
 
-SPLIT_SWEEP = (16, 32, 64, 128)
+SPLIT_SWEEP = (0.5, 1, 2)        # times default_splits: whether the heuristic sits near the best count
 
 
 def fused_decode_call(sizes: Sizes, device: torch.device, context: int):
@@ -79,11 +79,13 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
             def fused(store=store):
                 return fused_decode_attention(query, store.decode_operands, empty, empty, scale)
             seconds = time_it(fused)
-            best = getattr(_decode_split_kernel, "best_config", None)      # the autotuner's choice, if it ran
+            best = getattr(_decode_kernel, "best_config", None)      # the autotuner's choice, if it ran
             timings[f"kvpipe fused {name}"] = (seconds, store.nbytes + io, f"tuned: {best}" if best else None)
             launch_costs[f"kvpipe fused {name}"] = fused
             if name == "int4":               # how the split count (default_splits) trades parallelism for merging
-                for splits in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[:1]:
+                chosen = default_splits(store.decode_operands.pages, store.decode_operands.heads, device)
+                for factor in SPLIT_SWEEP if device.type == "cuda" else SPLIT_SWEEP[1:2]:
+                    splits = max(1, round(chosen * factor))
                     sweeps.append({"context": context, "batch": batch, "splits": splits, "us": 1e6 * time_it(
                         lambda s=splits: fused_decode_attention(query, store.decode_operands, empty, empty, scale,
                                                                 splits=s))})
@@ -110,9 +112,9 @@ def decode_attention(sizes: Sizes, device: torch.device, time_it, copy_bw: float
                          "us": seconds * 1e6 if seconds else None, "MB": read / 1e6 if read else None,
                          "us back to back": loop * 1e6 if loop else None,
                          "us graph": graph * 1e6 if graph else None,
-                         "GB/s": read / seconds / 1e9 if seconds and read else None,
-                         "% copy BW": 100 * read / seconds / copy_bw if seconds and read else None,
-                         "x vs SDPA": sdpa / seconds if seconds else None, "note": note})
+                         "gbps": read / seconds / 1e9 if seconds and read else None,
+                         "pct_copy_bw": 100 * read / seconds / copy_bw if seconds and read else None,
+                         "x_vs_sdpa": sdpa / seconds if seconds else None, "note": note})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -85,6 +85,24 @@ def test_loading_refuses_another_pipeline_another_model_and_a_bad_file(tmp_path)
         kvpipe.load_cache(tmp_path / "junk.safetensors", model)
 
 
+def test_a_cache_of_the_old_page_layout_is_refused_with_what_to_do(tmp_path):
+    """Format 1 held KIVI's int32 words; page layout 2 reads bytes in another order, so an old file must not load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    (context,) = prompts(0)
+    with shipped_pipeline("int4", tmp_path).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(context, **cache_arg(model, cache))
+        path = kvpipe.save_cache(cache, tmp_path / "cache.safetensors")
+        with safe_open(str(path), "pt") as file:
+            metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
+        save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**metadata, "format": "kvpipe-cache/1"})
+        with pytest.raises(KVPipeError, match="earlier kvpipe .cache format 1.*compress the context again"):
+            kvpipe.load_cache(tmp_path / "old.safetensors", model)
+
+
 def test_pickling_a_cache_does_not_pickle_the_model(tmp_path):
     model = tiny_model()
     (context,) = prompts(0)

@@ -161,6 +161,9 @@ FUSED_CASES = [
     dict(bits=(4, 4), group=128, vgroup=128, dim=128, gqa=4, residual=0, tail=1, splits=None, dtype=torch.float16),
     dict(bits=(2, 2), group=64, vgroup=128, dim=128, gqa=8, residual=20, tail=2, splits=None, dtype=torch.bfloat16),
     dict(bits=(4, 4), group=64, vgroup=128, dim=256, gqa=2, residual=3, tail=1, splits=None, dtype=torch.bfloat16),
+    # the edges: head dim 16 (key fields of 8 channels), GQA 8 and a group of 5 (padded to 8 rows), pages of 16
+    dict(bits=(4, 4), group=32, vgroup=16, dim=16, gqa=8, residual=0, tail=2, splits=2, dtype=torch.float16),
+    dict(bits=(2, 4), group=16, vgroup=16, dim=64, gqa=5, residual=4, tail=1, splits=5, dtype=torch.float32),
 ]
 
 
@@ -193,6 +196,58 @@ def test_fused_decode_attention_matches_the_reference(case):
     assert bool(torch.isfinite(got).all()), f"seed {seed}"
     error = float((got - want).norm() / want.norm())
     assert error < TOLERANCE[DEVICE][dtype], f"relative error {error:.2e} (seed {seed})"
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [(4, 4), (2, 2), (8, 4)])
+def test_the_fp16_offset_and_its_correction_hold_in_the_interpreter(monkeypatch, bits):
+    """Compiled for 16-bit queries, codes reach the dots as fp16 ``1024 + 2^(bits·j)·code`` and the kernel subtracts
+    the offset's share in fp32. The interpreter normally takes integer operands; here it runs the offset path (plain
+    operations, fp32 dots), so the correction terms are checked on every CI run, not only on a GPU. The offset costs
+    fp32 cancellation (1024 against int2 codes of 0 to 3: ~1.5e-4 measured), hence 5e-4 instead of 1e-5; a wrong
+    correction term is off by far more (the offset's share alone is ~340 times the signal)."""
+    from kvpipe.kernels import triton_decode
+    from kvpipe.kernels.attention_reference import decode_attention_reference
+
+    if not triton_decode.interpreting():
+        pytest.skip("compiled runs take the offset path already (test_fused_decode_attention_matches_the_reference)")
+    monkeypatch.setattr(triton_decode, "dot_dtypes", lambda dtype: (tl.float32, tl.float32, "ieee", 1024))
+    seed = fresh_seed()
+    store = random_store(2, 2, 300, 64, PageFormat(*bits, 64, 32, torch.float16), 5,
+                         torch.tensor([1.0, 0.4, 0.8, 0.6]), torch.float32, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(2, 8, 1, 64, generator=generator) * 3
+    tail = torch.randn(2, 2, 2, 64, generator=generator)
+    got = triton_decode.fused_decode_attention(query, store.decode_operands, tail, tail, 0.125, splits=2)
+    keys, values, _ = store.padded(torch.float32)
+    valid = torch.cat([store.valid(), torch.ones(2, 2, 2, dtype=torch.bool)], -1)
+    want = decode_attention_reference(query, torch.cat([keys, tail], 2), torch.cat([values, tail], 2), valid, 0.125)
+    error = float((got - want).norm() / want.norm())
+    assert error < 5e-4, f"relative error {error:.2e} (seed {seed})"
+
+
+@needs_triton
+@pytest.mark.gpu
+def test_one_launch_merges_and_leaves_its_arrival_counters_at_zero():
+    """The last program of each KV head merges the splits in the same launch and resets the head's counter, so the
+    store's workspace serves the next step (and a CUDA graph replay) as it is: repeated calls, with another split
+    count in between, give the same output each time."""
+    from kvpipe.kernels.triton_decode import fused_decode_attention
+
+    seed = fresh_seed()
+    fmt = PageFormat(4, 4, 32, 16, torch.float16)
+    store = random_store(2, 2, 200, 32, fmt, 3, torch.tensor([0.9, 0.5, 0.7, 1.0]), torch.float32, seed, DEVICE)
+    generator = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(2, 8, 1, 32, generator=generator).to(DEVICE)
+    tail = torch.randn(2, 2, 1, 32, generator=generator).to(DEVICE)
+    first = fused_decode_attention(query, store.decode_operands, tail, tail, 0.2, splits=3)
+    arrivals = store.decode_operands.workspace.buffers[2]
+    assert arrivals.shape == (4,) and not bool(arrivals.any())
+    other = fused_decode_attention(query, store.decode_operands, tail, tail, 0.2, splits=1)
+    again = fused_decode_attention(query, store.decode_operands, tail, tail, 0.2, splits=3)
+    assert torch.equal(first, again), f"seed {seed}"
+    assert float((first - other).norm() / first.norm()) < 1e-5
+    assert not bool(store.decode_operands.workspace.buffers[2].any())
 
 
 def test_quantized_attention_error_against_unquantized_is_bounded():

@@ -28,7 +28,9 @@ from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer
 from kvpipe.runtime.quantized_store import QuantizedStore
 from kvpipe.runtime.store import RaggedStore
 
-FORMAT = "kvpipe-cache/1"
+# 2: page layout 2 (codes in bytes, split order, a used-slot count per page; kernels.pages). Files of format 1 hold
+# KIVI's int32 words, which this version does not read: they are refused with what to do.
+FORMAT = "kvpipe-cache/2"
 INDEX = "kvpipe-cache-index/1"
 RAGGED = ("keys", "values", "positions", "lengths")
 PAGES = tuple(field.name for field in dataclasses.fields(PackedPages))
@@ -94,6 +96,9 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
             tensors = {name: file.get_tensor(name) for name in file.keys()}
     except (OSError, SafetensorError, ValueError) as err:
         raise KVPipeError(f"{path}: not a readable kvpipe cache file ({err})") from None
+    if metadata.get("format") == "kvpipe-cache/1":
+        raise KVPipeError(f"{path} was saved by an earlier kvpipe (cache format 1, quantized pages in the old packed "
+                          f"layout); this version reads format 2 only: compress the context again and save it anew")
     if metadata.get("format") != FORMAT:
         raise KVPipeError(f"{path}: not a kvpipe cache file (format {metadata.get('format')!r}, expected {FORMAT!r})")
     _check_model(path, json.loads(metadata["shape"]), model, session)
