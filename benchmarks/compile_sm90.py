@@ -12,7 +12,7 @@ declared 16-byte aligned, as a launch with fresh torch tensors specialises them.
     python benchmarks/compile_sm90.py --check               # the gate `make test` runs (exit 1 when it fails)
 
 ``--check`` compiles the shipped configurations (head dim 64 and 128, GQA 4 and 8, fp16 and bf16 queries, int4
-and int2, pages of 128) at the first autotuning configuration and fails when the page loop of int4 at head dim
+and int2, pages of 128; int2.yaml's pages of 32 are reported beside, not gated) at the first autotuning configuration and fails when the page loop of int4 at head dim
 128, GQA 4 issues more than ``BUDGET`` warp instructions per packed byte, when any configuration spills, or when
 a 16-bit tile passes through shared memory inside the page loop (only the packed bytes may: an unpacked tile
 there costs a round trip per element; two ways to get one by accident are in kernels.md §6). One exception is
@@ -61,7 +61,8 @@ class Shape:
         return codes + 4 * (self.dim // fmt.value_group) + 4 * self.dim / self.group
 
     def __str__(self) -> str:
-        return f"int{self.bits} D{self.dim} GQA{self.gqa} {self.dtype}"
+        pages = "" if self.group == 128 else f" G{self.group}"
+        return f"int{self.bits} D{self.dim} GQA{self.gqa} {self.dtype}{pages}"
 
 
 SHIPPED = [Shape(bits, dim, gqa, dtype) for bits in (4, 2) for dim in (128, 64) for gqa in (4, 8)
@@ -71,6 +72,11 @@ GATED = Shape(4, 128, 4, "bf16")
 # dot operand is 32, so its unpacked key fields reach the dot through shared memory (reading each row twice to make
 # 32-row operands did not help; packing two tokens' keys into one row is the layout change that would).
 NARROW_KEYS = {shape for shape in SHIPPED if shape.dim * shape.bits // 8 < 32}
+# Reported, not gated: int2.yaml as shipped (KIVI-2's groups of 32 tokens = pages of 32). A value field of such a
+# page covers 8 tokens, below tl.dot's smallest K (16), and value groups of 32 channels split every value product
+# in four: the loop is an order of magnitude over budget. The fix is a layout one (key groups of 32 tokens inside
+# pages of 128), not yet made.
+REPORTED = [Shape(2, 128, 4, "bf16", group=32)]
 
 
 @dataclasses.dataclass
@@ -190,6 +196,9 @@ def check(arch: int) -> int:
             failures.append(f"{shape}: 16-bit tiles through shared memory in the page loop: {report.wide_tiles}")
         if shape == GATED and report.per_byte > BUDGET:
             failures.append(f"{shape}: {report.per_byte:.3f} warp instructions per packed byte (budget {BUDGET})")
+    print("\nReported, not gated (int2.yaml as shipped, pages of 32: see REPORTED):")
+    for shape in REPORTED:
+        print_report(compile_one(shape, _CONFIGS[0], arch))
     print("\n".join(["", "FAILED:", *failures] if failures else ["", f"passed (budget {BUDGET} per byte)"]))
     return 1 if failures else 0
 

@@ -35,7 +35,7 @@ class QuantizeParams(Params):
 @register("quantize", family="quantization")
 class Quantize(StorageStage):
     """KIVI (Liu et al., ICML 2024): keys quantized per channel over groups of tokens, values per token over
-    groups of channels, asymmetric (scale + minimum), codes bit-packed LSB-first into int32 words.
+    groups of channels, asymmetric (scale + minimum), codes packed into bytes in split order (page layout 2).
 
     The cache stores every kept token this way except the newest ``residual`` of each head, and keeps flushing
     whole pages as decoding adds tokens. Stages placed **after** this one see the keys and values as the
