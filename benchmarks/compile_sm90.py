@@ -42,7 +42,7 @@ BUDGET = 0.2          # warp instructions per packed byte of the page loop (int4
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16}
 SCALES = {"key_scale", "key_min", "value_scale", "value_min"}
 INDICES = {"page_used", "page_start", "page_count", "res_start", "res_len", "arrivals"}
-SCALARS = {"tail_len": "i32", "qk_scale": "fp32", "splits": "i32", "work_class": "i32"}
+SCALARS = {"tail_capacity": "i32", "qk_scale": "fp32", "splits": "i32", "work_class": "i32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def compile_one(shape: Shape, config: triton.Config, arch: int) -> Report:
     fmt = PageFormat(shape.bits, shape.bits, shape.group, min(shape.group, shape.dim), None)
     dtype = DTYPES[shape.dtype]
     names = list(inspect.signature(_decode_kernel.fn.fn).parameters)
-    kinds = {"key_codes": "*u8", "value_codes": "*u8", "partial_o": "*fp32", "partial_lse": "*fp32",
+    kinds = {"key_codes": "*u8", "value_codes": "*u8", "tail_len": "*i64", "partial_o": "*fp32", "partial_lse": "*fp32",
              **{n: "*fp16" for n in SCALES}, **{n: "*i32" for n in INDICES},
              **{n: f"*{shape.dtype}" for n in ("q", "res_keys", "res_values", "tail_keys", "tail_values", "out")}}
     constants = dict(GROUP=shape.gqa, BLOCK_H=triton.next_power_of_2(shape.gqa), D=shape.dim, G=shape.group,

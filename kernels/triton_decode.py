@@ -271,14 +271,15 @@ _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s, maxnreg=r)
             for w, s, r in [(4, 2, 168), (4, 3, 168), (4, 2, None), (8, 2, 128), (8, 3, None), (2, 2, None)]]
 
 
-# Lengths and split counts change as a decode goes on: specialising on them (==1, %16) would recompile and re-tune
-# the kernel mid-generation (seen on an H200: seconds at the 16th token).
+# Split counts and tail capacities change as a decode goes on: specialising on them (==1, %16) would recompile and
+# re-tune the kernel mid-generation (seen on an H200: seconds at the 16th token). The tail's length is read from
+# device memory: a decode step passes the same arguments every time, as a CUDA graph replays them.
 # work_class (pages per program, a power of two) is only a tuning key: short and long caches tune apart.
 @autotuned(_CONFIGS, key=["GROUP", "D", "G", "GV", "KBITS", "VBITS", "work_class"])
-@triton.jit(do_not_specialize=["tail_len", "splits"])
+@triton.jit(do_not_specialize=["tail_capacity", "splits"])
 def _decode_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_used,
                    page_start, page_count, res_keys, res_values, res_start, res_len,
-                   tail_keys, tail_values, tail_len, partial_o, partial_lse, arrivals, out, qk_scale, splits,
+                   tail_keys, tail_values, tail_len, tail_capacity, partial_o, partial_lse, arrivals, out, qk_scale, splits,
                    work_class, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                    GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
                    DENSE: tl.constexpr, PRECISION: tl.constexpr, OFFSET: tl.constexpr, ASM: tl.constexpr):
@@ -315,8 +316,8 @@ def _decode_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, v
             m_i, l_i, acc = _dense_rows(qd, res_keys, res_values, tl.load(res_start + bh), tl.load(res_len + bh),
                                         m_i, l_i, acc, D, DENSE_N, DENSE, PRECISION)
         else:
-            m_i, l_i, acc = _dense_rows(qd, tail_keys, tail_values, bh * tail_len, tail_len, m_i, l_i, acc, D,
-                                        DENSE_N, DENSE, PRECISION)
+            m_i, l_i, acc = _dense_rows(qd, tail_keys, tail_values, bh * tail_capacity, tl.load(tail_len), m_i, l_i,
+                                        acc, D, DENSE_N, DENSE, PRECISION)
     empty = l_i == 0.0
     programs = splits + 2
     slot = rows * programs + split
@@ -416,7 +417,8 @@ def decode_operands(pages: PackedPages, page_counts: torch.Tensor, fmt: PageForm
 
 
 def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys: torch.Tensor,
-                           tail_values: torch.Tensor, scaling: float, splits: int | None = None) -> torch.Tensor:
+                           tail_values: torch.Tensor, scaling: float, splits: int | None = None,
+                           tail_length: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over a quantized layer.
 
     Args:
@@ -424,6 +426,8 @@ def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys
         store: the quantized store's pages and residual (``decode_operands``).
         tail_keys, tail_values: ``[B, Hkv, T, D]`` (T may be 0).
         splits: page splits per head (default: ``default_splits``).
+        tail_length: ``int64 [1]`` on the device: how many of the tail's T slots hold tokens (a static tail that
+            decode steps fill in place, ``runtime.tail``); default: all T.
     Returns:
         ``[B, 1, Hq, D]`` in the query's dtype (the layout HF attention functions return).
     """
@@ -443,11 +447,13 @@ def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys
     partial_o, partial_lse, arrivals = store.workspace.get(batch * q_heads, splits + 2, dim, heads, query.device)
     # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: there the last cast is torch's.
     out = torch.empty_like(q, dtype=torch.float32 if interpreting() else q.dtype)
+    if tail_length is None:
+        tail_length = torch.full((1,), tail_keys.shape[2], dtype=torch.int64, device=query.device)
     dot, dense, precision, offset = dot_dtypes(query.dtype)
     work = triton.next_power_of_2(max(1, store.pages // (heads * splits)))
     _launch((heads, splits + 2), (group, dim, fmt, query.dtype, work),
             q=q, **store.kernel_args(), tail_keys=tail_keys.contiguous(), tail_values=tail_values.contiguous(),
-            tail_len=tail_keys.shape[2], partial_o=partial_o, partial_lse=partial_lse, arrivals=arrivals, out=out,
+            tail_len=tail_length, tail_capacity=tail_keys.shape[2], partial_o=partial_o, partial_lse=partial_lse, arrivals=arrivals, out=out,
             qk_scale=scaling * LOG2E, splits=splits, work_class=work, GROUP=group,
             BLOCK_H=triton.next_power_of_2(group), D=dim, G=fmt.group, GV=fmt.value_group, KBITS=fmt.key_bits,
             VBITS=fmt.value_bits, DOT=dot, DENSE=dense, PRECISION=precision, OFFSET=offset, ASM=not interpreting())

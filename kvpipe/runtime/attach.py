@@ -86,13 +86,14 @@ class Session:
         self.binding.forward_running = True
         # observers need padded keys, so an observed forward reads stores through the padded path
         self.binding.fused_decode = self.backend == "triton" and not self.active.observing
+        self.binding.static_decode = not self.active.observing
         if not probing:
             self.last_cache = cache
         return args, kwargs
 
     def after_forward(self, module, args, kwargs, output):
         forward, self.active = self.active, None
-        self.binding.forward_running = self.binding.fused_decode = False
+        self.binding.forward_running = self.binding.fused_decode = self.binding.static_decode = False
         if forward is not None and self.probing is None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
             forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))

@@ -45,6 +45,9 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
     if forward.observing:
         session.observe(forward, module, query, key, value, kwargs.get("scaling"), kwargs.get("position_ids"))
+    if layer.static_tail is not None and query.shape[2] == 1:       # the layer returned its whole static tail
+        mask = static_tail_mask(layer, query, session.base == "eager")
+        return session.base_attention(module, query, key, value, mask, dropout=dropout, **kwargs)
     # Without padding (no HF mask) and with every stored slot valid, the plain causal rule is already right.
     if layer.store is None or (attention_mask is None and layer.store.all_valid):
         return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
@@ -54,11 +57,14 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 def fused_attention(layer, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                     scaling: float | None) -> torch.Tensor:
     """One decode step over a quantized layer with the fused Triton kernel: ``[B, 1, Hq, D]``. The tail (which
-    holds the new token) is passed as is; after compaction it holds real tokens only, so no mask is needed."""
+    holds the new token) is passed as is; after compaction it holds real tokens only, so no mask is needed (a
+    static tail: the kernel reads how many of its slots are filled from the device)."""
     from kvpipe.kernels.triton_decode import fused_decode_attention
 
+    static = layer.static_tail
     return fused_decode_attention(query, layer.store.decode_operands, tail_keys, tail_values,
-                                  scaling if scaling is not None else query.shape[-1] ** -0.5).contiguous()
+                                  scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                  tail_length=static.device_length if static is not None else None).contiguous()
 
 
 def blockwise_attention(session, module, layer, query, key, value, hf_mask, dropout, kwargs):
@@ -82,6 +88,27 @@ def blockwise_attention(session, module, layer, query, key, value, hf_mask, drop
     if len(outputs) == 1:
         return outputs[0], weights[0]
     return torch.cat(outputs, 1), (None if weights[0] is None else torch.cat(weights, 2))
+
+
+def static_tail_mask(layer, query: torch.Tensor, additive: bool) -> torch.Tensor:
+    """Mask ``[B, 1 or Hq, 1, width + capacity]`` for one new token over a compressed layer with a static tail:
+    the store's kept slots, then the tail's filled slots (the new token included). Built on the device from the
+    tail's device-side length: the same shape every step, no host read. Transformers' own mask is not needed:
+    one new token sees every earlier real token, and padding never reaches a store or a decode step's tail."""
+    store, tail = layer.store, layer.static_tail
+    batch, q_heads = query.shape[:2]
+    filled = tail.valid()                                                          # [capacity]
+    if store.all_valid:
+        mask = torch.cat([filled.new_ones(store.width), filled])[None, None, None, :]
+    else:
+        valid = store.valid()                                                      # [B, Hkv, width]
+        heads = valid.shape[1]
+        mask = torch.cat([valid, filled.expand(batch, heads, -1)], -1)
+        mask = mask[:, :, None, None, :].expand(batch, heads, q_heads // heads, 1, mask.shape[-1]).flatten(1, 2)
+    if additive:
+        return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min)
+    return mask
 
 
 def per_head_mask(layer, query: torch.Tensor, hf_mask: torch.Tensor | None, rows: slice,

@@ -6,6 +6,10 @@ Each ``KVPipeLayer`` holds two parts:
   ``QuantizedStore`` (packed low-bit pages + a full-precision residual) when the pipeline quantizes;
 * a *tail* — ``self.keys``/``self.values [B, Hkv, T, D]``, the tokens fed since then, uncompressed. A quantized
   store takes the tail in after every forward that filled at least one page (``settle``), as KIVI flushes.
+  One-token decode steps that no stage observes write into a ``StaticTail`` instead (``runtime.tail``): a
+  buffer of the store's ``tail_capacity`` slots with its length on the device, so that between two flushes
+  every step runs the same operators on the same shapes, with no host read (what a CUDA graph needs).
+  ``self.keys``/``self.values`` then read its filled part.
 
 Before the first compression the layer behaves exactly like ``DynamicLayer`` (so an attached model
 with nothing evicted gives bit-identical outputs). ``get_seq_length()`` is the **logical** number of
@@ -29,8 +33,9 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
-from kvpipe.runtime.quantized_store import Quantization, QuantizedStore, Workspace
-from kvpipe.runtime.store import RaggedStore, storage_bytes
+from kvpipe.runtime.quantized_store import Quantization, Workspace
+from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
+from kvpipe.runtime.tail import StaticTail
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Binding:
     attached: bool = True
     forward_running: bool = False    # the attached decoder's forward is running
     fused_decode: bool = False       # this forward's one-token attention reads quantized stores itself
+    static_decode: bool = False      # this forward's one-token updates may write into static tails (none observes)
 
     def check(self) -> None:
         if not self.attached:
@@ -64,31 +70,81 @@ class KVPipeLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, storage: Storage, binding: Binding | None = None):
+        self._static: StaticTail | None = None
         super().__init__()
         self.storage, self.binding = storage, binding
         self.seen = 0
         self.since_compression = 0     # tokens fed since the last compression (what decode triggers count)
-        self.store: RaggedStore | QuantizedStore | None = None
+        self.store: Store | None = None
+
+    # The tail: a plain tensor pair, or the filled part of a static tail. Assigning one drops the static tail
+    # (transformers' own code assigns them, as do compaction and row selection).
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys if self._static is None else self._static.filled()[0]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._static, self._keys = None, tensor
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values if self._static is None else self._static.filled()[1]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._static, self._values = None, tensor
+
+    @property
+    def static_tail(self) -> StaticTail | None:
+        """The static tail this layer's one-token steps write into, if any."""
+        return self._static
 
     # --- the transformers layer contract -------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]``."""
+        """Append ``[B, Hkv, q, D]`` and return everything to attend over, ``[B, Hkv, width + T, D]`` (a static
+        tail: all its ``capacity`` slots, the empty ones masked by attention)."""
         if self.binding is not None:
             self.binding.check()
+        new = key_states.shape[-2]
+        if self._writes_in_place(key_states):
+            tail = self._static_tail()
+            tail.write(key_states, value_states)
+            self.seen += new
+            self.since_compression += new
+            if self.reads_store_itself(new):
+                return tail.keys, tail.values       # fused decode reads the packed store itself
+            return self.store.attend(tail.keys, tail.values, self.storage.workspace)
         keys, values = super().update(key_states, value_states)
-        self.seen += key_states.shape[-2]
-        self.since_compression += key_states.shape[-2]
-        if self.store is None or self.reads_store_itself(key_states.shape[-2]):
+        self.seen += new
+        self.since_compression += new
+        if self.store is None or self.reads_store_itself(new):
             return keys, values                     # fused decode reads the packed store itself
-        if isinstance(self.store, QuantizedStore):
-            if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-                # a forward with gradients on: the stored part is constants (fresh buffers, not the shared
-                # workspace, which autograd would otherwise hold on to), the new tokens keep their graph
-                with torch.no_grad():
-                    stored = self.store.attend(keys[..., :0, :], values[..., :0, :])
-                return torch.cat([stored[0], keys], -2), torch.cat([stored[1], values], -2)
-            return self.store.attend(keys, values, self.storage.workspace)
-        return self.store.attend(keys, values)
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            # a forward with gradients on: the stored part is constants (fresh buffers, not the shared
+            # workspace, which autograd would otherwise hold on to), the new tokens keep their graph
+            with torch.no_grad():
+                stored = self.store.attend(keys[..., :0, :], values[..., :0, :])
+            return torch.cat([stored[0], keys], -2), torch.cat([stored[1], values], -2)
+        return self.store.attend(keys, values, self.storage.workspace)
+
+    def _writes_in_place(self, key_states: torch.Tensor) -> bool:
+        """One new token over a compressed layer, in a forward no stage observes and without gradients."""
+        return (key_states.shape[-2] == 1 and self.store is not None and self.is_initialized
+                and self.binding is not None and self.binding.static_decode
+                and not (torch.is_grad_enabled() and key_states.requires_grad))
+
+    def _static_tail(self) -> StaticTail:
+        """The static tail, made from the plain tail on the first one-token step after a compression or a longer
+        forward; a plain tail too long for it joins the store first (eager, once)."""
+        if self._static is None:
+            keys, values = self.keys, self.values
+            if keys.shape[-2] >= self.store.tail_capacity:
+                batch, heads, tail, _ = keys.shape
+                self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
+                keys, values = keys[..., :0, :], values[..., :0, :]
+            self._static = StaticTail(keys, values, self.store.tail_capacity)
+        return self._static
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -119,6 +175,8 @@ class KVPipeLayer(DynamicLayer):
     # --- what kvpipe adds -----------------------------------------------------------------------
     @property
     def tail_length(self) -> int:
+        if self._static is not None:
+            return self._static.length
         return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
 
     @property
@@ -167,13 +225,24 @@ class KVPipeLayer(DynamicLayer):
 
     def reads_store_itself(self, query_length: int) -> bool:
         """Whether this step's attention runs the fused Triton kernel over the packed store (one new token, a
-        quantized store, and a binding that says so: triton backend, no stage observing this forward)."""
-        return (query_length == 1 and isinstance(self.store, QuantizedStore) and self.binding is not None
-                and self.binding.fused_decode)
+        store the kernel reads, and a binding that says so: triton backend, no stage observing this forward)."""
+        return (query_length == 1 and self.store is not None and self.store.fused_decode
+                and self.binding is not None and self.binding.fused_decode)
 
     def settle(self) -> None:
-        """After a forward: a quantized store takes in the tail once it holds a whole page (KIVI's flush)."""
-        if isinstance(self.store, QuantizedStore) and self.tail_length >= self.store.quant.fmt.group:
+        """After a forward: a full static tail joins the store and starts over in the same buffers; a quantized
+        store takes in a plain tail once it holds a whole page (KIVI's flush)."""
+        if self.store is None:
+            return
+        if self._static is not None:
+            if self._static.full:
+                keys, values = self._static.filled()
+                batch, heads, tail, _ = keys.shape
+                self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
+                self._static.clear()
+            return
+        joins_at = self.store.joins_tail_at
+        if joins_at is not None and self.tail_length >= joins_at:
             batch, heads, tail, _ = self.keys.shape
             positions = self.tail_positions().expand(batch, heads, tail)
             self.store = self.store.append(self.keys, self.values, positions)
@@ -195,13 +264,17 @@ class KVPipeLayer(DynamicLayer):
         """Bytes of storage this layer really holds."""
         if not self.is_initialized:
             return 0
-        return storage_bytes(self.keys, self.values) + (self.store.nbytes if self.store is not None else 0)
+        tail = (self._static.keys, self._static.values) if self._static is not None else (self.keys, self.values)
+        return storage_bytes(*tail) + (self.store.nbytes if self.store is not None else 0)
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
         index = index.to(self.keys.device)
-        self.keys, self.values = self.keys[index], self.values[index]
+        if self._static is not None:
+            self._static = self._static.select_rows(index)
+        else:
+            self.keys, self.values = self.keys[index], self.values[index]
         if self.store is not None:
             self.store = self.store.select_rows(index)
 
@@ -250,7 +323,10 @@ class KVPipeCache(DynamicCache):
         """A second cache holding the same tokens, driven by the same attach (if any), that can be extended,
         compressed or decoded apart from this one. Tensors are shared, not copied: nothing in a kvpipe cache is
         written in place (appends, compaction and flushes make new tensors), so a fork costs no memory until it
-        diverges."""
+        diverges. A static tail is the exception (decode steps write into it): each fork gets its own copy."""
         twin = copy.copy(self)
         twin.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in twin.layers:
+            if layer.static_tail is not None:
+                layer._static = layer.static_tail.copy()
         return twin

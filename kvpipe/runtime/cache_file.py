@@ -142,7 +142,7 @@ def _own_file(path: Path, shards) -> Path:
 def _store_kind(store) -> str:
     if store is None:
         return "none"
-    return "quantized" if isinstance(store, QuantizedStore) else "ragged"
+    return store.kind
 
 
 def _named(prefix: str, holder, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -98,6 +99,19 @@ class QuantizedStore(ValidSlots):
     page_counts: torch.Tensor         # int32 [B, Hkv]
     residual: RaggedStore
     quant: Quantization
+
+    kind: ClassVar[str] = "quantized"
+    fused_decode: ClassVar[bool] = True
+
+    @property
+    def tail_capacity(self) -> int:
+        """A page: a full static tail is flushed into one (``runtime.tail``)."""
+        return self.quant.fmt.group
+
+    @property
+    def joins_tail_at(self) -> int:
+        """A plain tail is flushed once it holds a whole page (KIVI's flush)."""
+        return self.quant.fmt.group
 
     # --- building --------------------------------------------------------------------------------
     @classmethod

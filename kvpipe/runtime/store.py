@@ -1,14 +1,58 @@
-"""The compressed part of one layer: kept slots stored ragged, per (row, KV head)."""
+"""The compressed part of one layer: the store contract, and kept slots stored ragged, per (row, KV head)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from kvpipe.kernels.ragged import pack_ragged, scatter_runs
+from kvpipe.kernels.ragged import concat_ragged, pack_ragged, scatter_runs
 
 POSITION_DTYPE = torch.int32
+RAGGED_TAIL_SLOTS = 128      # decode steps a ragged store's static tail holds before it joins the store
+
+
+class Store(Protocol):
+    """What a layer's compressed part offers the cache and attention (``RaggedStore``, ``QuantizedStore``). A store
+    never changes once built: every change (``append``, ``select_rows``) makes a new one."""
+
+    kind: ClassVar[str]                  # "ragged" or "quantized": how a cache file names it
+    fused_decode: ClassVar[bool]         # the fused Triton decode kernel reads it (``decode_operands``)
+    lengths: torch.Tensor                # [B, Hkv]: tokens stored per head
+
+    @property
+    def tail_capacity(self) -> int:
+        """Slots of the static tail one-token steps fill before it joins this store (``runtime.tail``)."""
+
+    @property
+    def joins_tail_at(self) -> int | None:
+        """Length at which a plain tail joins this store after a forward (``None``: it stays a tail)."""
+
+    @property
+    def width(self) -> int:
+        """Padded width attention sees."""
+
+    @property
+    def all_valid(self) -> bool: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def valid(self) -> torch.Tensor:
+        """``bool [B, Hkv, width]``."""
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
+
+    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+               workspace: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads: the padded store, then the tail ``[B, Hkv, T, D]``."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> Store:
+        """This store with tokens ``keys``/``values [B, Hkv, T, D]`` at ``positions long [B, Hkv, T]`` added."""
+
+    def select_rows(self, index: torch.Tensor) -> Store: ...
 
 
 def storage_bytes(*tensors: torch.Tensor) -> int:
@@ -54,6 +98,11 @@ class RaggedStore(ValidSlots):
     positions: torch.Tensor
     lengths: torch.Tensor
 
+    kind: ClassVar[str] = "ragged"
+    fused_decode: ClassVar[bool] = False
+    tail_capacity: ClassVar[int] = RAGGED_TAIL_SLOTS
+    joins_tail_at: ClassVar[int | None] = None          # a plain tail stays a tail until the next compression
+
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                     keep: torch.Tensor, pack=pack_ragged) -> RaggedStore:
@@ -90,9 +139,21 @@ class RaggedStore(ValidSlots):
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
         return self._laid_out(self.keys), self._laid_out(self.values), self._laid_out(self.positions.long(), fill=-1)
 
-    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]`` (no host sync)."""
+    def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+               workspace: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]`` (no host sync; a
+        ragged store needs no dequantization workspace)."""
         return self._laid_out(self.keys, tail=tail_keys), self._laid_out(self.values, tail=tail_values)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> RaggedStore:
+        """Tokens ``keys``/``values [B, Hkv, T, D]`` at ``positions long [B, Hkv, T]`` (all real) after each head's
+        slots: a full static tail joining the store (eager, once per ``tail_capacity`` steps)."""
+        dim = keys.shape[-1]
+        added = torch.full_like(self.lengths, keys.shape[2])
+        return RaggedStore(concat_ragged(self.keys, self.lengths, keys.reshape(-1, dim), added),
+                           concat_ragged(self.values, self.lengths, values.reshape(-1, dim), added),
+                           concat_ragged(self.positions, self.lengths, positions.reshape(-1).to(POSITION_DTYPE),
+                                         added), self.lengths + added)
 
     def select_rows(self, index: torch.Tensor) -> RaggedStore:
         """Rows ``index`` (beam reorder, batch selection, repeat): ``index long [B']``."""
