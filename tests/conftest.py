@@ -94,6 +94,19 @@ def smollm():
     return load("smollm2-135m")
 
 
+def kept_bytes_ratio(stats: dict) -> float:
+    """The full cache's bytes over what the kept tokens cost: ``compression_ratio`` with the static decode tails'
+    empty slots (room reserved for the decode steps to come, ``tail_reserve_bytes``) set aside. In the toy contexts
+    of tests (a few hundred tokens) that reserve, 32 to 128 slots a head, is a large share; in real ones it is not."""
+    return stats["kv_bytes_full"] / (stats["kv_bytes"] - stats["tail_reserve_bytes"])
+
+
+def tail_bytes(layer) -> int:
+    """Bytes of a layer's tail in an fp32 model: its tokens, or a static tail's whole buffers."""
+    tail = layer.static_tail.keys if layer.static_tail is not None else layer.keys
+    return tail.numel() * 8
+
+
 def fresh_seed() -> int:
     """A new random seed, printed: pytest shows a failing test's output, so the failure can be replayed."""
     seed = int(torch.seed() % 2**31)

@@ -20,7 +20,7 @@ from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, che
                                      output_projection, rotary_embedding)
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
-from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes
+from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, reserved_bytes
 from kvpipe.runtime.parallel import head_shards
 
 
@@ -243,7 +243,9 @@ class Handle:
         (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
         and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
         protected: a prompt shorter than the sinks and window; 0 when met), ``collective_bytes`` (what the
-        compressions sent between tensor-parallel ranks, all ranks together; 0 in one process).
+        compressions sent between tensor-parallel ranks, all ranks together; 0 in one process),
+        ``tail_reserve_bytes`` (the part of ``kv_bytes`` that static decode tails hold in slots not yet filled:
+        room for the next decode steps, at most a page per layer and head; ``runtime.tail``).
 
         Under tensor parallelism this is a collective: every rank calls it and gets the whole model's numbers
         (bytes summed over ranks, ``kept_tokens`` of every rank's heads in rank order, times the slowest rank's).
@@ -262,9 +264,9 @@ class Handle:
         # on the cache's device: where the tensor-parallel group's backend (gloo: host, nccl: GPU) reduces
         device = layers[0].keys.device if layers else None
         # the whole model's numbers: summed (bytes, shortfall) or the slowest rank's (times) over ranks
-        kv_bytes, full, full_16bit, shortfall, peak, sent = (int(n) for n in shards.sum(torch.tensor(
+        kv_bytes, full, full_16bit, shortfall, peak, sent, reserve = (int(n) for n in shards.sum(torch.tensor(
             [cache_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
-             cache.collective_bytes], dtype=torch.float64, device=device)))
+             cache.collective_bytes, reserved_bytes(cache)], dtype=torch.float64, device=device)))
         seconds = shards.max(torch.tensor([cache.compress_seconds, cache.probe_seconds,
                                            cache.compressing_forward_seconds], dtype=torch.float64,
                                           device=device)).tolist()
@@ -272,6 +274,7 @@ class Handle:
         kept = torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0, 0, 0)
         return {
             "kv_bytes": kv_bytes,
+            "tail_reserve_bytes": reserve,
             "kv_bytes_full": full,
             "kv_bytes_full_16bit": full_16bit,
             "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),

@@ -35,7 +35,7 @@ from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
 from kvpipe.runtime.quantized_store import Quantization, Workspace
 from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
-from kvpipe.runtime.tail import StaticTail
+from kvpipe.runtime.tail import STATIC_TAIL_SLOTS, StaticTail
 
 
 @dataclass
@@ -85,7 +85,8 @@ class KVPipeLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, tensor: torch.Tensor | None) -> None:
-        self._static, self._keys = None, tensor
+        self._drop_static()
+        self._keys = tensor
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -93,7 +94,14 @@ class KVPipeLayer(DynamicLayer):
 
     @values.setter
     def values(self, tensor: torch.Tensor | None) -> None:
-        self._static, self._values = None, tensor
+        self._drop_static()
+        self._values = tensor
+
+    def _drop_static(self) -> None:
+        """Back to a plain tail holding the static tail's tokens (both halves: one of them is about to be set)."""
+        if self._static is not None:
+            self._keys, self._values = self._static.filled()
+            self._static = None
 
     @property
     def static_tail(self) -> StaticTail | None:
@@ -143,7 +151,9 @@ class KVPipeLayer(DynamicLayer):
                 batch, heads, tail, _ = keys.shape
                 self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
                 keys, values = keys[..., :0, :], values[..., :0, :]
-            self._static = StaticTail(keys, values, self.store.tail_capacity)
+            capacity = min(self.store.tail_capacity, max(STATIC_TAIL_SLOTS, 1 << keys.shape[-2].bit_length()))
+            self._static = StaticTail(keys, values, capacity)
+            self._keys = self._values = None
         return self._static
 
     def get_seq_length(self) -> int:
@@ -230,12 +240,15 @@ class KVPipeLayer(DynamicLayer):
                 and self.binding is not None and self.binding.fused_decode)
 
     def settle(self) -> None:
-        """After a forward: a full static tail joins the store and starts over in the same buffers; a quantized
-        store takes in a plain tail once it holds a whole page (KIVI's flush)."""
+        """After a forward: a full static tail grows (twice the slots) up to the store's ``tail_capacity``, then
+        joins the store and starts over in the same buffers; a quantized store takes in a plain tail once it holds a
+        whole page (KIVI's flush)."""
         if self.store is None:
             return
         if self._static is not None:
-            if self._static.full:
+            if self._static.full and self._static.capacity < self.store.tail_capacity:
+                self._static = self._static.grown(min(2 * self._static.capacity, self.store.tail_capacity))
+            elif self._static.full:
                 keys, values = self._static.filled()
                 batch, heads, tail, _ = keys.shape
                 self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
@@ -267,6 +280,14 @@ class KVPipeLayer(DynamicLayer):
         tail = (self._static.keys, self._static.values) if self._static is not None else (self.keys, self.values)
         return storage_bytes(*tail) + (self.store.nbytes if self.store is not None else 0)
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of the static tail's empty slots: held for the decode steps to come (counted in ``nbytes``)."""
+        tail = self._static
+        if tail is None:
+            return 0
+        return (tail.capacity - tail.length) * 2 * tail.keys[:, :, 0].numel() * tail.keys.element_size()
+
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
@@ -283,6 +304,11 @@ def cache_bytes(cache: Cache) -> int:
     """Bytes a cache really holds: a kvpipe cache's stores and tails, or a plain cache's key/value tensors."""
     return sum(layer.nbytes if isinstance(layer, KVPipeLayer) else storage_bytes(layer.keys, layer.values)
                for layer in cache.layers if layer.is_initialized)
+
+
+def reserved_bytes(cache: Cache) -> int:
+    """Bytes a kvpipe cache holds in its static tails' empty slots (part of ``cache_bytes``)."""
+    return sum(layer.reserved_bytes for layer in cache.layers if isinstance(layer, KVPipeLayer))
 
 
 class KVPipeCache(DynamicCache):

@@ -4,12 +4,17 @@ A plain tail grows by concatenation, so every decode step allocates new tensors 
 length, and a CUDA graph cannot replay it. A ``StaticTail`` holds ``capacity`` slots per (row, KV head), allocated
 once; a step writes its token at the slot its **device-side** length names and adds one to that length, in place:
 between two flushes every step runs the same operators on the same shapes and addresses, and reads nothing back on
-the host. The host keeps its own count (each forward adds a known number of tokens) to decide when to flush.
+the host. The host keeps its own count (each forward adds a known number of tokens) to decide when to grow or flush.
 Empty slots hold zeros (masked by attention; zeros, not garbage, so a masked weight of 0 times a value is 0).
 """
 from __future__ import annotations
 
 import torch
+
+# Slots a static tail starts with: it doubles when a decode fills it (eagerly, after that step), up to the store's
+# tail_capacity. Reserved memory is real memory (handle.stats() counts it): a short decode should not reserve a
+# page, and 32 steps in a row replay before the first growth.
+STATIC_TAIL_SLOTS = 32
 
 
 class StaticTail:
@@ -62,6 +67,11 @@ class StaticTail:
     def select_rows(self, index: torch.Tensor) -> StaticTail:
         keys, values = self.filled()
         return StaticTail(keys[index], values[index], self.capacity)
+
+    def grown(self, capacity: int) -> StaticTail:
+        """The same tokens in buffers of ``capacity`` slots (new shapes: a captured step is captured again)."""
+        keys, values = self.filled()
+        return StaticTail(keys, values, capacity)
 
     def copy(self) -> StaticTail:
         """An independent tail holding the same tokens (a fork must not write into this one's buffers)."""
