@@ -46,10 +46,15 @@ class StaticTail:
         """Append one token, ``keys``/``values [B, Hkv, 1, D]``, in place (no allocation, no host read)."""
         if self.full:
             raise RuntimeError("the static tail is full: the layer flushes it after the forward that fills it")
+        self.append_on_device(keys, values)
+        self.length += 1
+
+    def append_on_device(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The device part of ``write``, what a captured step replays: the token goes to the slot the device-side
+        length names, and that length grows by one. The host's count is ``write``'s to keep."""
         self.keys.index_copy_(2, self.device_length, keys)
         self.values.index_copy_(2, self.device_length, values)
         self.device_length += 1
-        self.length += 1
 
     def valid(self) -> torch.Tensor:
         """``bool [capacity]``: which slots hold a token, computed on the device."""
