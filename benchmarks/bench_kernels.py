@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from kvpipe.core.table import render
 from kvpipe.kernels.pages import PageFormat
-from kvpipe.runtime.quantized_store import Quantization, QuantizedStore
+from kvpipe.core.quantization import Quantization
+from kvpipe.runtime.quantized_store import QuantizedStore
 
 
 def make_store(batch, kv_heads, context, dim, fmt, residual, skewed, dtype, device) -> QuantizedStore:

@@ -6,12 +6,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kvpipe.core.quantization import Quantization
 from kvpipe.core.registry import Params, register
 from kvpipe.core.stage_bases import StorageStage
 from kvpipe.errors import KVPipeError
 from kvpipe.kernels.pages import PageFormat, minmax_range
 from kvpipe.kernels.quant import affine_params
-from kvpipe.runtime.quantized_store import Quantization
 
 Bits = Literal[2, 4, 8]
 

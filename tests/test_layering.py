@@ -65,3 +65,11 @@ def test_the_runtime_loads_without_the_evaluation():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_stages_read_configurations_not_the_runtime():
+    """A stage says *what* to do (``kvpipe.core``: its parameters, a storage configuration); the runtime does it.
+    Stages that reach into the runtime (caches, stores, attach) would tie a plugin to its internals."""
+    reaching = [f"{path.relative_to(ROOT)} -> {target}" for path in sorted((ROOT / "stages").glob("*.py"))
+                for target in imports(path, set(modules())) if target.startswith("kvpipe.runtime")]
+    assert not reaching, "stages importing the runtime:\n" + "\n".join(reaching)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from kvpipe.core.quantization import Quantization
 from kvpipe.kernels.pages import PageFormat, quantize_pages
 from kvpipe.runtime import page_packers
 from kvpipe.runtime.page_packers import page_packer, register_page_packer
-from kvpipe.runtime.quantized_store import Quantization
+from kvpipe.runtime.quantized_store import QuantizedStore
 
 from conftest import fresh_seed
 
@@ -34,8 +35,8 @@ def test_a_registered_handler_packs_the_store(monkeypatch):
     keys, values = torch.randn(2, 2, 80, 64, generator=generator), torch.randn(2, 2, 80, 64, generator=generator)
     positions = torch.arange(80).expand(2, 2, 80)
     keep = torch.rand(2, 2, 80, generator=generator) < 0.7
-    mine = Quantization(FP16, residual=8, backend="mine").store(keys, values, positions, keep)
-    reference = Quantization(FP16, residual=8).store(keys, values, positions, keep)
+    mine = QuantizedStore.from_padded(keys, values, positions, keep, Quantization(FP16, residual=8, backend="mine"))
+    reference = QuantizedStore.from_padded(keys, values, positions, keep, Quantization(FP16, residual=8))
     assert calls, "the registered handler was not called"
     for got, want in zip(mine.padded(), reference.padded()):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

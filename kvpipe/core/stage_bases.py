@@ -104,15 +104,12 @@ def within_budget(ctx: CompressionContext, layer: int, protected: torch.Tensor, 
 
 
 class StorageFormat(Protocol):
-    """How kept tokens are stored (``kvpipe.runtime.quantized_store.Quantization`` is one): what a token costs, and
-    the keys and values a store of this format gives back (``[B, Hkv, n, D]``, ``valid bool [B, Hkv, n]``)."""
+    """How kept tokens are stored (``kvpipe.core.quantization.Quantization`` is one): what a token costs. What a
+    store of the format gives back is the runtime's to say (``CompressionContext.preview``)."""
 
     def slot_bytes(self, head_dim: int) -> float: ...
 
     def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float: ...
-
-    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class StorageStage(Stage):
@@ -129,5 +126,8 @@ class StorageStage(Stage):
 
     def __call__(self, ctx: CompressionContext) -> None:
         fmt = self.storage(ctx.layers[0].keys.shape[-1])
-        ctx.layers = [LayerView(*fmt.roundtrip(view.keys, view.values, view.positions, view.valid), view.positions,
-                                view.valid) for view in ctx.layers]
+        if ctx.preview is None:
+            raise RuntimeError("a storage stage runs inside a compression that knows how stores give tokens back "
+                               "(kvpipe.runtime.compressor.compress sets CompressionContext.preview)")
+        ctx.layers = [LayerView(*ctx.preview(fmt, view.keys, view.values, view.positions, view.valid),
+                                view.positions, view.valid) for view in ctx.layers]

@@ -33,7 +33,8 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
-from kvpipe.runtime.quantized_store import Quantization, Workspace
+from kvpipe.core.quantization import Quantization
+from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
 from kvpipe.runtime.tail import STATIC_TAIL_SLOTS, StaticTail
 
@@ -227,7 +228,7 @@ class KVPipeLayer(DynamicLayer):
         """Keep only ``keep & view.valid`` (``bool [B, Hkv, n]``), stored in ``fmt`` (a storage stage's format;
         ``None``: as they are); the rest is freed, not masked."""
         keep = keep & view.valid
-        self.store = (fmt.store(view.keys, view.values, view.positions, keep) if fmt is not None
+        self.store = (QuantizedStore.from_padded(view.keys, view.values, view.positions, keep, fmt) if fmt is not None
                       else RaggedStore.from_padded(view.keys, view.values, view.positions, keep,
                                                    packer(self.storage.backend)))
         self._clear_tail()

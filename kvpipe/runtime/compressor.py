@@ -15,6 +15,7 @@ import torch
 from kvpipe.core.context import CompressionContext, Observation
 from kvpipe.core.plan import Plan
 from kvpipe.runtime.cache import KVPipeCache
+from kvpipe.runtime.quantized_store import roundtrip
 from kvpipe.runtime.store import RaggedStore
 
 # what observing stages recorded in the forward that filled a cache: {stage id: {layer index: value}}
@@ -35,11 +36,18 @@ def observe(pipeline: Plan, obs: Observation) -> dict[str, Any]:
     return recorded
 
 
+def preview(fmt, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``valid`` slots of ``keys``/``values [B, Hkv, n, D]`` as a store of ``fmt`` gives them back (what a
+    compression's storage stage shows the stages after it)."""
+    return roundtrip(keys, values, positions, valid, fmt)
+
+
 def stored_preview(pipeline: Plan, obs: Observation) -> Observation:
     """``obs`` with keys and values as the pipeline's storage will return them."""
     batch, heads, kv, dim = obs.key.shape
     positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
-    keys, values = pipeline.storage_stage.storage(dim).roundtrip(obs.key, obs.value, positions, obs.key_valid)
+    keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, pipeline.storage_stage.storage(dim))
     return dataclasses.replace(obs, key=keys, value=values)
 
 
@@ -78,7 +86,7 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
         full_slot_bytes=2 * head_dim * dtype.itemsize,
         overhead_bytes=fmt.overhead_bytes(head_dim, dtype) if fmt else 0.0, strict=pipeline.spec.strict,
         observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()},
-        shards=cache.shards)
+        shards=cache.shards, preview=preview)
     started, sent = time.perf_counter(), cache.shards.sent_bytes
     for stage in pipeline.stages:
         stage(ctx)

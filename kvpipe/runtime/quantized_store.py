@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from kvpipe.kernels.pages import (GroupRange, PackedPages, PageFormat, dequantize_pages, dequantize_pages_into,
-                                  minmax_range)
+from kvpipe.core.quantization import Quantization
+from kvpipe.kernels.pages import PackedPages, dequantize_pages, dequantize_pages_into
 from kvpipe.kernels.quant import check_finite
 from kvpipe.kernels.ragged import concat_ragged, scatter_runs, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
@@ -57,40 +57,10 @@ class Workspace:
         return {"buffer": None}         # scratch memory: a pickled or copied cache grows its own when it needs it
 
 
-@dataclass(frozen=True)
-class Quantization:
-    """How a layer stores its kept slots: the page format, the residual window, and the range rule."""
-
-    fmt: PageFormat
-    residual: int
-    method: str = "kivi"
-    group_range: GroupRange = minmax_range
-    backend: str = "torch"          # which kernels pack it: the cache's backend (``runtime.page_packers``)
-
-    def pack(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
-        """Pages of ``keys``/``values [P, G, D]`` by the handler registered for this method and backend
-        (``runtime.page_packers``); every handler gives the torch reference's bits (tested)."""
-        return page_packer(self.method, self.backend, self.fmt)(keys, values, positions, self.fmt, self.group_range)
-
-    def slot_bytes(self, head_dim: int) -> float:
-        """Bytes one quantized token costs, metadata included (amortised over its page)."""
-        return self.fmt.page_bytes(head_dim) / self.fmt.group
-
-    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``valid`` slots of ``keys``/``values [B, Hkv, n, D]`` as a store of this format returns them."""
-        return roundtrip(keys, values, positions, valid, self)
-
-    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-              keep: torch.Tensor) -> QuantizedStore:
-        """A store of the ``keep`` slots in this format."""
-        return QuantizedStore.from_padded(keys, values, positions, keep, self)
-
-    def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float:
-        """Most a head can hold beyond ``slot_bytes`` per token: the residual kept unquantized and one partly
-        used page."""
-        full = RaggedStore.slot_bytes(head_dim, dtype)
-        return self.residual * max(full - self.slot_bytes(head_dim), 0) + (self.fmt.group - 1) * self.slot_bytes(head_dim)
+def pack_pages(quant: Quantization, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
+    """Pages of ``keys``/``values [P, G, D]`` by the handler registered for ``quant``'s method and backend
+    (``runtime.page_packers``); every handler gives the torch reference's bits (tested)."""
+    return page_packer(quant.method, quant.backend, quant.fmt)(keys, values, positions, quant.fmt, quant.group_range)
 
 
 @dataclass
@@ -335,7 +305,7 @@ def _quantize_slots(keys, values, positions, into_pages, page, slot, pages: int,
     page_keys[page, slot] = keys[into_pages]
     page_values[page, slot] = values[into_pages]
     page_positions[page, slot] = positions[into_pages].to(POSITION_DTYPE)
-    return quant.pack(page_keys, page_values, page_positions)
+    return pack_pages(quant, page_keys, page_values, page_positions)
 
 
 def _split(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,

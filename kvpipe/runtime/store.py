@@ -7,9 +7,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from kvpipe.core.quantization import POSITION_DTYPE, exact_slot_bytes
 from kvpipe.kernels.ragged import concat_ragged, pack_ragged, scatter_runs
 
-POSITION_DTYPE = torch.int32
 RAGGED_TAIL_SLOTS = 128      # decode steps a ragged store's static tail holds before it joins the store
 
 
@@ -168,4 +168,4 @@ class RaggedStore(ValidSlots):
     @staticmethod
     def slot_bytes(head_dim: int, dtype: torch.dtype) -> int:
         """Bytes one kept slot costs: its key, its value and its position."""
-        return 2 * head_dim * dtype.itemsize + POSITION_DTYPE.itemsize
+        return exact_slot_bytes(head_dim, dtype)
