@@ -12,9 +12,14 @@ Random weights only (no model download is needed or possible): speed does not de
    effective GB/s, % of the device-to-device copy bandwidth measured in the same run, speed-up over SDPA;
 3. **end to end** — a random-weight model with Llama-3.2-1B's shape (16 layers) at a 32k-token prompt, batch 1:
    ``generate()`` decode tokens/s, prefill time and peak CUDA memory for the full cache, ``default`` at keep
-   0.25, ``int4`` and ``value-aware-int4``, side by side in one process.
+   0.25, ``int4`` and ``value-aware-int4``, side by side in one process;
+4. **capacity** — Llama-3.1-8B's shape cut to 4 layers, 32k tokens per sequence, chunked prefill, memory capped at
+   24 GB: the largest batch each cache fits, decode tokens/s there and at a common batch, peak and held memory
+   (the full cache, ``QuantizedCache`` when ``hqq`` is there, kvpipe ``int4``, ``value-aware-int4`` at bytes
+   0.15, ``agnostic-int4``).
 
-The parts live beside this driver: ``gpu_decode.py``, ``gpu_end_to_end.py``, shapes in ``gpu_shapes.py``.
+The parts live beside this driver: ``gpu_decode.py``, ``gpu_end_to_end.py``, ``gpu_capacity.py``, shapes in
+``gpu_shapes.py``.
 Also **launch** costs: the host's cost of one launch back to back (a torch kernel, Triton kernels of 1 and 24
 arguments, kvpipe's fused decode call), which bounds decode at batch 1.
 
@@ -47,8 +52,11 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from gpu_capacity import GPU as GPU_CAPACITY  # noqa: E402
+from gpu_capacity import TINY as TINY_CAPACITY  # noqa: E402
+from gpu_capacity import capacity, capacity_setup  # noqa: E402
 from gpu_decode import decode_attention, fused_decode_call  # noqa: E402
-from gpu_end_to_end import end_to_end  # noqa: E402
+from gpu_end_to_end import end_to_end, random_model  # noqa: E402
 from gpu_launch import launch_costs  # noqa: E402
 from gpu_shapes import GPU, TINY  # noqa: E402
 from timing import copy_bandwidth, timer  # noqa: E402
@@ -56,7 +64,7 @@ from timing import copy_bandwidth, timer  # noqa: E402
 from kvpipe.core.table import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["correctness", "launch", "decode", "end_to_end"]
+PARTS = ["correctness", "launch", "decode", "end_to_end", "capacity"]
 
 
 # --- 0. the machine ----------------------------------------------------------------------------------------------
@@ -140,6 +148,15 @@ def markdown(report: dict) -> str:
                   "`peak_GB`: most CUDA memory above the weights during `generate()` (prefill included: "
                   "compression runs after each prefill forward, so only chunked prefill lowers it); "
                   "`held_after_GB`: what stays allocated with the cache alive.", ""]
+    if report.get("capacity"):
+        lines += [f"## Capacity: {report['capacity_setup']}", "",
+                  table(report["capacity"], ["contender", "max_batch", "x batch", "tokens_per_s", "x tokens_per_s",
+                                             "common_batch", "tokens_per_s_common", "peak_gb", "held_gb",
+                                             "search_s"]), "",
+                  "`max_batch`: the largest power of two whose chunked prefill, compression and decode ran under "
+                  "the memory cap; `tokens_per_s`: decode tokens/s of all sequences together at that batch "
+                  "(`_common`: at the largest batch every contender fits); `peak_gb`/`held_gb`: CUDA memory above "
+                  "the weights, at most during the run and after it.", ""]
     for section, error in report.get("errors", {}).items():
         lines += [f"## {section}: FAILED", "", "```", error.strip()[-3000:], "```", ""]
     return "\n".join(lines)
@@ -163,19 +180,22 @@ def main() -> int:
         parser.error("no CUDA device here; --tiny runs the script on the CPU with toy shapes")
     device = torch.device("cuda" if not args.tiny else "cpu")
     sizes = TINY if args.tiny else GPU
+    capacity_sizes = TINY_CAPACITY if args.tiny else GPU_CAPACITY
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     time_it = timer(device)
     report: dict = {"environment": environment(device), "errors": {},
                     "decode_shape": {"q_heads": sizes.q_heads, "kv_heads": sizes.kv_heads, "head_dim": sizes.head_dim},
                     "e2e_shape": "Llama-3.2-1B shape" if not args.tiny else "toy Llama",
-                    "e2e_tokens": sizes.e2e_context, "split_sweep": [], "launch_context": sizes.contexts[0]}
+                    "e2e_tokens": sizes.e2e_context, "split_sweep": [], "launch_context": sizes.contexts[0],
+                    "capacity_setup": capacity_setup(capacity_sizes)}
     copy_bw = copy_bandwidth(device, time_it, sizes.copy_numel)
     report["copy_GB_s"] = copy_bw / 1e9
     parts = {"correctness": lambda: correctness(args.out, args.select),
              "launch": lambda: launch_costs(device, fused_decode_call(sizes, device, sizes.contexts[0])),
              "decode": lambda: decode_attention(sizes, device, time_it, copy_bw, report["split_sweep"]),
-             "end_to_end": lambda: end_to_end(sizes, device, args.out)}
+             "end_to_end": lambda: end_to_end(sizes, device, args.out),
+             "capacity": lambda: capacity(capacity_sizes, device, random_model)}
     for name in args.only:
         try:                      # one part failing must not lose the others' numbers
             report[name] = parts[name]()

@@ -25,10 +25,11 @@ class Clock:
         return scores
 
 
-def random_model(sizes: Sizes, device: torch.device):
+def random_model(shape: dict, device: torch.device):
+    """A random-weight Llama of ``shape`` (LlamaConfig fields), bf16 on a GPU, fp32 on the CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**sizes.e2e_config, attn_implementation="sdpa", pad_token_id=0, eos_token_id=None,
+    config = LlamaConfig(**shape, attn_implementation="sdpa", pad_token_id=0, eos_token_id=None,
                          bos_token_id=1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -136,7 +137,7 @@ def chunked(pipeline, chunk: int):
 
 
 def end_to_end(sizes: Sizes, device: torch.device, out: Path) -> list[dict]:
-    model = random_model(sizes, device)
+    model = random_model(sizes.e2e_config, device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, sizes.e2e_config["vocab_size"] - 1, (1, sizes.e2e_context), generator=generator).to(device)
     # Chunked prefill: generate() feeds the prompt in chunks and the pipeline compresses after each, so the whole

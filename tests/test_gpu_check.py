@@ -34,8 +34,15 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert end_to_end["int4"]["kv_GB"] < end_to_end["full cache"]["kv_GB"]
     # compressing after the prefill forward leaves the peak where the full cache's is; chunked prefill lowers it
     assert end_to_end["int4"]["x KV peak"] > 0.9 and end_to_end[chunked]["x KV peak"] < 0.5
+    capacity = {row["contender"]: row for row in report["capacity"]}
+    assert {"full bf16 cache", "kvpipe int4", "kvpipe value-aware-int4 @ bytes 0.15", "kvpipe agnostic-int4"} <= set(capacity)
+    for row in capacity.values():            # the schema the committed JSON carries
+        assert row["max_batch"] >= 1 and row["tokens_per_s"] > 0 and row["held_gb"] > 0 and row["peak_gb"] > 0
+    # under one byte cap, 4-bit pages fit more sequences than the full cache
+    assert capacity["kvpipe int4"]["max_batch"] > capacity["full bf16 cache"]["max_batch"]
     text = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Correctness", "## Host cost of a launch", "## Decode attention", "## End to end"):
+    for heading in ("## Correctness", "## Host cost of a launch", "## Decode attention", "## End to end",
+                    "## Capacity"):
         assert heading in text
     assert (tmp_path / "profile.txt").stat().st_size > 0
     host = (tmp_path / "host_profile.txt").read_text()
