@@ -42,7 +42,7 @@ class Capacity:
 
 GPU = Capacity(dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                    rope_theta=500000.0, tie_word_embeddings=True), 32768, 4096, 16, 24.0, 256)
+                    rope_theta=500000.0, tie_word_embeddings=True), 32768, 4096, 16, 24.0, 128)
 TINY = Capacity(dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
                 256, 64, 3, 1e-3, 16)

@@ -23,7 +23,8 @@ The parts live beside this driver: ``gpu_decode.py``, ``gpu_end_to_end.py``, ``g
 Also **launch** costs: the host's cost of one launch back to back (a torch kernel, Triton kernels of 1 and 24
 arguments, kvpipe's fused decode call), which bounds decode at batch 1.
 
-Writes ``gpu_check.json``, ``gpu_check.md``, ``pytest.log``, ``profile.txt`` (torch profiler, a few decode
+Writes ``gpu_check.json`` (and the same as ``<device>-<yyyy-mm-dd>.json``, to commit under ``docs/bench/gpu/``),
+``gpu_check.md``, ``pytest.log``, ``profile.txt`` (torch profiler, a few decode
 steps of the full cache and of ``int4``) and ``host_profile.txt`` (cProfile of 16 warm decode forwards per
 end-to-end contender) into ``--out`` and prints the Markdown.
 ``--tiny`` runs the same script on the CPU (Triton's interpreter, toy shapes): the numbers mean nothing
@@ -162,8 +163,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def committed_name(report: dict) -> str:
+    """``<device>-<yyyy-mm-dd>.json``, the name the report is committed under in ``docs/bench/gpu/``."""
+    device = re.sub(r"[^a-z0-9]+", "-", (report["environment"].get("gpu") or "cpu-tiny").lower()).strip("-")
+    return f"{device}-{time.strftime('%Y-%m-%d')}.json"
+
+
 def write(report: dict, out: Path) -> str:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    data = json.dumps(report, indent=1, default=str)
+    (out / "gpu_check.json").write_text(data)
+    (out / committed_name(report)).write_text(data)          # commit this one as docs/bench/gpu/<its name>
     text = markdown(report)
     (out / "gpu_check.md").write_text(text)
     return text
