@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kvpipe.runtime import cache as cache_module
+
 from conftest import left_padded_batch, shipped_pipeline, tiny_model
 from test_host_syncs import OWN_CODE, READS_A_VALUE, ROOT
 
@@ -71,9 +73,12 @@ class StepRecorder(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["int4", "default", "value-aware-int4"])
-def test_decode_steps_between_flushes_are_the_same_step(name, backend, tmp_path):
+def test_decode_steps_between_flushes_are_the_same_step(name, backend, tmp_path, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
+    # a tail that holds every recorded step from the start (by default it starts smaller and doubles: a growth is
+    # a new shape, like a flush, and the steps between two of them are what a graph replays)
+    monkeypatch.setattr(cache_module, "STATIC_TAIL_SLOTS", 2 * STEPS)
     model = tiny_model()
     ids, mask = left_padded_batch(40)
     with shipped_pipeline(name, tmp_path, backend=backend).attach(model) as handle, torch.inference_mode():
@@ -101,9 +106,7 @@ def test_decode_steps_between_flushes_are_the_same_step(name, backend, tmp_path)
 
 def test_a_static_tail_decodes_as_the_plain_one_through_a_flush(tmp_path):
     """The same tokens with static tails and with plain ones (a compressed cache, greedy decoding past a page, so
-    the static tail fills, joins the store and starts over), on a padded batch."""
-    from kvpipe.runtime import cache as cache_module
-
+    the static tail grows, fills, joins the store and starts over), on a padded batch."""
     model = tiny_model()
     ids, mask = left_padded_batch(40)
     generated = {}

@@ -13,8 +13,8 @@ import torch
 
 # Slots a static tail starts with: it doubles when a decode fills it (eagerly, after that step), up to the store's
 # tail_capacity. Reserved memory is real memory (handle.stats() counts it): a short decode should not reserve a
-# page, and 32 steps in a row replay before the first growth.
-STATIC_TAIL_SLOTS = 32
+# page. The steps between two growths (16, 32, 64, then whole pages) replay as one.
+STATIC_TAIL_SLOTS = 16
 
 
 class StaticTail:
