@@ -202,7 +202,7 @@ class CompressionContext:
     shards: HeadShards = LOCAL                                     # this rank's share of the KV heads
     slots: dict[str, list] = field(default_factory=dict)          # latest value of each slot
     by_stage: dict[str, dict[str, list]] = field(default_factory=dict)  # what each stage wrote
-    # (format, keys, values [B, Hkv, n, D], positions, valid [B, Hkv, n]) -> the keys and values a store of that
+    # (keys, values [B, Hkv, n, D], positions, valid [B, Hkv, n], format) -> the keys and values a store of that
     # format gives back: the runtime's to compute (kvpipe.runtime.compressor sets it), what storage stages show
     # the stages after them
     preview: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None

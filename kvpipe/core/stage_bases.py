@@ -129,5 +129,5 @@ class StorageStage(Stage):
         if ctx.preview is None:
             raise RuntimeError("a storage stage runs inside a compression that knows how stores give tokens back "
                                "(kvpipe.runtime.compressor.compress sets CompressionContext.preview)")
-        ctx.layers = [LayerView(*ctx.preview(fmt, view.keys, view.values, view.positions, view.valid),
+        ctx.layers = [LayerView(*ctx.preview(view.keys, view.values, view.positions, view.valid, fmt),
                                 view.positions, view.valid) for view in ctx.layers]

@@ -119,12 +119,9 @@ class KVPipeLayer(DynamicLayer):
         if self._writes_in_place(key_states):
             tail = self._static_tail()
             tail.write(key_states, value_states)
-            self.seen += new
-            self.since_compression += new
-            if self.reads_store_itself(new):
-                return tail.keys, tail.values       # fused decode reads the packed store itself
-            return self.store.attend(tail.keys, tail.values, self.storage.workspace)
-        keys, values = super().update(key_states, value_states)
+            keys, values = tail.keys, tail.values
+        else:
+            keys, values = super().update(key_states, value_states)
         self.seen += new
         self.since_compression += new
         if self.store is None or self.reads_store_itself(new):
@@ -149,8 +146,7 @@ class KVPipeLayer(DynamicLayer):
         if self._static is None:
             keys, values = self.keys, self.values
             if keys.shape[-2] >= self.store.tail_capacity:
-                batch, heads, tail, _ = keys.shape
-                self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
+                self._join_tail(keys, values)
                 keys, values = keys[..., :0, :], values[..., :0, :]
             capacity = min(self.store.tail_capacity, max(STATIC_TAIL_SLOTS, 1 << keys.shape[-2].bit_length()))
             self._static = StaticTail(keys, values, capacity)
@@ -250,17 +246,18 @@ class KVPipeLayer(DynamicLayer):
             if self._static.full and self._static.capacity < self.store.tail_capacity:
                 self._static = self._static.grown(min(2 * self._static.capacity, self.store.tail_capacity))
             elif self._static.full:
-                keys, values = self._static.filled()
-                batch, heads, tail, _ = keys.shape
-                self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
+                self._join_tail(*self._static.filled())
                 self._static.clear()
             return
         joins_at = self.store.joins_tail_at
         if joins_at is not None and self.tail_length >= joins_at:
-            batch, heads, tail, _ = self.keys.shape
-            positions = self.tail_positions().expand(batch, heads, tail)
-            self.store = self.store.append(self.keys, self.values, positions)
+            self._join_tail(self.keys, self.values)
             self._clear_tail()
+
+    def _join_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The tail's tokens ``keys``/``values [B, Hkv, T, D]`` (all of them) go into the store."""
+        batch, heads, tail, _ = keys.shape
+        self.store = self.store.append(keys, values, self.tail_positions().expand(batch, heads, tail))
 
     def _clear_tail(self) -> None:
         self.keys, self.values = self.keys[..., :0, :].clone(), self.values[..., :0, :].clone()
@@ -278,16 +275,13 @@ class KVPipeLayer(DynamicLayer):
         """Bytes of storage this layer really holds."""
         if not self.is_initialized:
             return 0
-        tail = (self._static.keys, self._static.values) if self._static is not None else (self.keys, self.values)
-        return storage_bytes(*tail) + (self.store.nbytes if self.store is not None else 0)
+        tail = self._static.nbytes if self._static is not None else storage_bytes(self.keys, self.values)
+        return tail + (self.store.nbytes if self.store is not None else 0)
 
     @property
     def reserved_bytes(self) -> int:
         """Bytes of the static tail's empty slots: held for the decode steps to come (counted in ``nbytes``)."""
-        tail = self._static
-        if tail is None:
-            return 0
-        return (tail.capacity - tail.length) * 2 * tail.keys[:, :, 0].numel() * tail.keys.element_size()
+        return self._static.reserved_bytes if self._static is not None else 0
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:

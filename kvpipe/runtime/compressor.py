@@ -36,13 +36,6 @@ def observe(pipeline: Plan, obs: Observation) -> dict[str, Any]:
     return recorded
 
 
-def preview(fmt, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``valid`` slots of ``keys``/``values [B, Hkv, n, D]`` as a store of ``fmt`` gives them back (what a
-    compression's storage stage shows the stages after it)."""
-    return roundtrip(keys, values, positions, valid, fmt)
-
-
 def stored_preview(pipeline: Plan, obs: Observation) -> Observation:
     """``obs`` with keys and values as the pipeline's storage will return them."""
     batch, heads, kv, dim = obs.key.shape
@@ -86,7 +79,7 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
         full_slot_bytes=2 * head_dim * dtype.itemsize,
         overhead_bytes=fmt.overhead_bytes(head_dim, dtype) if fmt else 0.0, strict=pipeline.spec.strict,
         observed_by={sid: [by_layer[i] for i in sorted(by_layer)] for sid, by_layer in observed.items()},
-        shards=cache.shards, preview=preview)
+        shards=cache.shards, preview=roundtrip)
     started, sent = time.perf_counter(), cache.shards.sent_bytes
     for stage in pipeline.stages:
         stage(ctx)

@@ -121,7 +121,7 @@ class QuantizedStore(ValidSlots):
         pages = int(self.page_counts.flatten()[0]) if self.page_counts.numel() else 0
         if pages == 0:
             return []
-        used = (self.pages.positions >= 0).sum(-1).view(-1, pages)                       # [B·Hkv, pages]
+        used = self.pages.used.view(-1, pages)                                            # [B·Hkv, pages]
         if used.shape[0] and not bool((used == used[:1]).all()):
             return None
         runs, first, group = [], 0, self.quant.fmt.group

@@ -56,6 +56,16 @@ class StaticTail:
         self.values.index_copy_(2, self.device_length, values)
         self.device_length += 1
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold, empty slots included."""
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of the empty slots."""
+        return self.nbytes * (self.capacity - self.length) // self.capacity
+
     def valid(self) -> torch.Tensor:
         """``bool [capacity]``: which slots hold a token, computed on the device."""
         return self._slots < self.device_length
