@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -53,12 +54,15 @@ class Shape:
     dtype: str
     group: int = 128
 
+    @property
+    def fmt(self) -> PageFormat:
+        """The pages a ``quantize`` stage of these bits and group makes (value groups capped at the head dim)."""
+        return PageFormat(self.bits, self.bits, self.group, min(self.group, self.dim), torch.float16)
+
     def packed_bytes_per_token(self) -> float:
-        """Bytes the page loop reads per token and KV head: codes, value scales and minima per token, key scales
-        and minima per channel shared by the page (fp16 scales; the per-page used count is negligible)."""
-        fmt = PageFormat(self.bits, self.bits, self.group, min(self.group, self.dim), None)
-        codes = 2 * self.dim * self.bits / 8
-        return codes + 4 * (self.dim // fmt.value_group) + 4 * self.dim / self.group
+        """Bytes the page loop reads per token and KV head: a page's bytes (``PageFormat.page_bytes``) without the
+        positions, which the kernel never reads (its used count, 4 bytes a page, is counted)."""
+        return (self.fmt.page_bytes(self.dim) - 4 * self.group) / self.group
 
     def __str__(self) -> str:
         pages = "" if self.group == 128 else f" G{self.group}"
@@ -109,15 +113,12 @@ def loop_mix(sass: str) -> collections.Counter:
 
 
 def page_loop_lines() -> set[int]:
-    """Source lines of the page path (``_page`` and the unpack helpers only it calls) in the kernel's file: an op
-    inlined from a helper both paths share carries its caller's line too."""
+    """Source lines of the page path (``_page``) in the kernel's file: an op inlined from a helper (the unpack in
+    ``kernels.triton_unpack``, a dot) carries the line of its call in ``_page`` too."""
     from kvpipe.kernels import triton_decode
 
-    lines = set()
-    for kernel in (triton_decode._page, triton_decode._fields, triton_decode._fields_asm, triton_decode._field_plain):
-        source, first = inspect.getsourcelines(kernel.fn)
-        lines |= set(range(first, first + len(source)))
-    return lines
+    source, first = inspect.getsourcelines(triton_decode._page.fn)
+    return set(range(first, first + len(source)))
 
 
 def wide_shared_tiles(ttgir: str, rows: int) -> list[str]:
@@ -147,7 +148,7 @@ def wide_shared_tiles(ttgir: str, rows: int) -> list[str]:
 
 
 def compile_one(shape: Shape, config: triton.Config, arch: int) -> Report:
-    fmt = PageFormat(shape.bits, shape.bits, shape.group, min(shape.group, shape.dim), None)
+    fmt = shape.fmt
     dtype = DTYPES[shape.dtype]
     names = list(inspect.signature(_decode_kernel.fn.fn).parameters)
     kinds = {"key_codes": "*u8", "value_codes": "*u8", "tail_len": "*i64", "partial_o": "*fp32", "partial_lse": "*fp32",

@@ -86,9 +86,11 @@ def decode_run(model, batch: int, sizes: Capacity, pipeline, extra: dict, device
             row["held_gb"] = (torch.cuda.memory_allocated(device) - base) / 1e9
         else:                   # the cache's own bytes, the only memory measured on the CPU
             cache = out.past_key_values
-            held = (handle.stats(cache)["kv_bytes"] if handle is not None
-                    else sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
-            peak = handle.stats(cache)["kv_bytes_peak"] if handle is not None else held
+            if handle is not None:
+                stats = handle.stats(cache)
+                held, peak = stats["kv_bytes"], stats["kv_bytes_peak"]
+            else:
+                held = peak = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
             row |= {"peak_gb": peak / 1e9, "held_gb": held / 1e9}
             if row["peak_gb"] > sizes.memory_gb:
                 return None
@@ -108,9 +110,10 @@ def capacity(sizes: Capacity, device: torch.device, model_factory) -> list[dict]
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, sizes.memory_gb * 1e9 / total), device)
     model = model_factory(sizes.config, device)
+    competing = contenders(sizes)
     rows = []
     try:
-        for name, pipeline, extra in tqdm(contenders(sizes), desc="capacity"):
+        for name, pipeline, extra in tqdm(competing, desc="capacity"):
             best, batch, started = None, 1, time.perf_counter()
             while batch <= sizes.largest:
                 row = decode_run(model, batch, sizes, pipeline, extra, device)
@@ -121,7 +124,7 @@ def capacity(sizes: Capacity, device: torch.device, model_factory) -> list[dict]
             rows.append(best or {"contender": name, "max_batch": 0, "note": "batch 1 does not fit"})
             rows[-1]["search_s"] = time.perf_counter() - started
         common = min(row["max_batch"] for row in rows)
-        for (name, pipeline, extra), row in zip(contenders(sizes), rows):
+        for (name, pipeline, extra), row in zip(competing, rows):
             at_common = decode_run(model, common, sizes, pipeline, extra, device) if common else None
             row |= {"common_batch": common, "tokens_per_s_common": at_common["tokens_per_s"] if at_common else None}
         full = rows[0]

@@ -6,8 +6,8 @@ small M inside the MMA), so every packed byte is read and unpacked once per grou
 
 * Splits ``s < splits`` share out the head's pages (per-head page counts: heads of different lengths after
   eviction get different bounds) and walk them **one page per iteration**. A page's bytes unpack in registers
-  into dot operands (``_fields``: on a GPU a byte permute and masked ORs against the fp16 pattern ``0x6400``
-  turn 4 bytes into 8 exact fp16 numbers ``1024 + 2^(bits·j)·code``). The layout's split order makes each
+  into dot operands (``kernels.triton_unpack``: on a GPU a byte permute and masked ORs against the fp16 pattern
+  ``0x6400`` turn 4 bytes into 8 exact fp16 numbers ``1024 + 2^(bits·j)·code``). The layout's split order makes each
   field a contiguous slice of the reduction axis, so field ``j`` of the key bytes meets slice ``j`` of the query
   and field ``j`` of the value bytes meets chunk ``j`` of the page's softmax weights, with no interleave. The
   page's key scales (and ``2^-(bits·j)``) are folded into the query once per page, the value scales into the
@@ -21,8 +21,8 @@ small M inside the MMA), so every packed byte is read and unpacked once per grou
 Dot operands are fp16 for fp16 and bf16 queries (the codes are exact there, with more mantissa than bf16 for the
 folded query; the query is rescaled by a power of two per program so no product can overflow) and fp32 with IEEE
 products for fp32 queries, and always fp32 under the interpreter, whose 16-bit arithmetic is wrong; the
-interpreter also cannot run inline PTX, so there ``_fields`` unpacks with plain integer operations into the
-same numbers (``ASM``). Nothing dequantized is ever written to memory. The torch reference is
+interpreter also cannot run inline PTX, so there the unpack takes plain integer operations to the same numbers
+(``ASM``). Nothing dequantized is ever written to memory. The torch reference is
 ``kernels.attention_reference.decode_attention_reference``; ``benchmarks/compile_sm90.py --check`` holds the
 page loop to its instruction budget without a GPU.
 """
@@ -38,10 +38,10 @@ import triton.language as tl
 from kvpipe.kernels.interpreter import interpreting
 from kvpipe.kernels.pages import PackedPages, PageFormat
 from kvpipe.kernels.ragged import run_starts
+from kvpipe.kernels.triton_unpack import fields
 from kvpipe.kernels.tuning import autotuned, launcher
 
 LOG2E = 1.4426950408889634
-MAGIC = tl.constexpr(0x6400)     # fp16 1024.0: its mantissa step is 1, so OR-ing a code < 1024 in adds it exactly
 DENSE_N = tl.constexpr(16)       # rows per tile over the residual and the tail
 
 
@@ -52,78 +52,6 @@ def _mm(a, b, PRECISION: tl.constexpr):
     if K >= 16:
         return tl.dot(a, b, input_precision=PRECISION)
     return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-
-
-@triton.jit
-def _fields_asm(b, BITS: tl.constexpr):
-    """Bytes ``uint8 [R, N]`` → ``8 // BITS`` fp16 tiles, field ``j`` = ``1024 + 2^(BITS·j)·code_j``: per 32-bit
-    word two ``prmt`` spread the bytes over 16-bit lanes, then one ``lop3`` per field and lane pair keeps the
-    field's bits in place and ORs in 0x6400 (Marlin's and BitDecoding's trick; no shift, no conversion)."""
-    if BITS == 4:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi;
-            prmt.b32 lo, $4, 0, 0x4140;
-            prmt.b32 hi, $4, 0, 0x4342;
-            lop3.b32 $0, lo, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $1, hi, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $2, lo, 0x00F000F0, 0x64006400, 0xEA;
-            lop3.b32 $3, hi, 0x00F000F0, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    elif BITS == 2:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi;
-            prmt.b32 lo, $8, 0, 0x4140;
-            prmt.b32 hi, $8, 0, 0x4342;
-            lop3.b32 $0, lo, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $1, hi, 0x00030003, 0x64006400, 0xEA;
-            lop3.b32 $2, lo, 0x000C000C, 0x64006400, 0xEA;
-            lop3.b32 $3, hi, 0x000C000C, 0x64006400, 0xEA;
-            lop3.b32 $4, lo, 0x00300030, 0x64006400, 0xEA;
-            lop3.b32 $5, hi, 0x00300030, 0x64006400, 0xEA;
-            lop3.b32 $6, lo, 0x00C000C0, 0x64006400, 0xEA;
-            lop3.b32 $7, hi, 0x00C000C0, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[b],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        return (tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi;
-            prmt.b32 lo, $2, 0, 0x4140;
-            prmt.b32 hi, $2, 0, 0x4342;
-            lop3.b32 $0, lo, 0x00FF00FF, 0x64006400, 0xEA;
-            lop3.b32 $1, hi, 0x00FF00FF, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4),)
-
-
-@triton.jit
-def _field_plain(x, BITS: tl.constexpr, J: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr):
-    """Field ``J`` of bytes ``x`` (int16) kept in place, ``OFFSET + 2^(BITS·J)·code``, with plain operations: the
-    fp16 bit trick of ``_fields_asm`` when ``OFFSET`` is 1024, else an integer conversion (fp32 operands)."""
-    bits = x & (((1 << BITS) - 1) << (BITS * J))
-    if OFFSET == 0:
-        return bits.to(DOT)
-    return (bits | MAGIC).to(tl.float16, bitcast=True).to(DOT)
-
-
-@triton.jit
-def _fields(b, BITS: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr, ASM: tl.constexpr):
-    """Bytes ``[R, N]`` → a tuple of ``8 // BITS`` tiles ``[R, N]`` in ``DOT``: field ``j`` of every byte, in place
-    (``OFFSET + 2^(BITS·j)·code``). In the split order field ``j`` of byte row ``r`` is element ``r + j·R``."""
-    if ASM:
-        return _fields_asm(b, BITS)
-    x = b.to(tl.int16)
-    if BITS == 4:
-        return _field_plain(x, 4, 0, OFFSET, DOT), _field_plain(x, 4, 1, OFFSET, DOT)
-    elif BITS == 2:
-        return (_field_plain(x, 2, 0, OFFSET, DOT), _field_plain(x, 2, 1, OFFSET, DOT),
-                _field_plain(x, 2, 2, OFFSET, DOT), _field_plain(x, 2, 3, OFFSET, DOT))
-    else:
-        return (_field_plain(x, 8, 0, OFFSET, DOT),)
 
 
 @triton.jit
@@ -186,7 +114,7 @@ def _page(q_slices, q_power, key_codes, key_scale, key_min, value_codes, value_s
     ch = tl.arange(0, D)
     tok = tl.arange(0, G)
     # keys: bytes [KEY_BYTES, G] (packed along channels), field i = channels i·KEY_BYTES .. (i+1)·KEY_BYTES
-    keys = _fields(tl.load(key_codes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None]), KBITS,
+    keys = fields(tl.load(key_codes + pid * (G * KEY_BYTES) + tok[None, :] * KEY_BYTES + kb[:, None]), KBITS,
                    OFFSET, DOT, ASM)
     # q·k = Σ q·(scale·code + min): the page's scales (and field i's 2^-(bits·i)) folded into the query; the minima
     # and the offset's share are one sum per row, added in fp32
@@ -204,7 +132,7 @@ def _page(q_slices, q_power, key_codes, key_scale, key_min, value_codes, value_s
     acc = acc * alpha[:, None]
     # values: bytes [CHUNK, D] (packed along tokens), field j = tokens j·CHUNK .. (j+1)·CHUNK of the page.
     # p·v = Σ p·(scale·code + min): each token's scale (and its field's 2^-(bits·j)) folded into its weight
-    values = _fields(tl.load(value_codes + pid * (D * CHUNK) + ch[None, :] * CHUNK + tl.arange(0, CHUNK)[:, None]),
+    values = fields(tl.load(value_codes + pid * (D * CHUNK) + ch[None, :] * CHUNK + tl.arange(0, CHUNK)[:, None]),
                      VBITS, OFFSET, DOT, ASM)
     unit = 1.0 / (1 << (VBITS * (tok // CHUNK))).to(tl.float32)                      # [G]
     for g in tl.static_range(VALUE_GROUPS):            # groups of GV < D channels: one masked product each

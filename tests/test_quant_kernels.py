@@ -294,15 +294,15 @@ if importlib.util.find_spec("triton") is not None:        # a kernel around the 
     import triton
     import triton.language as tl
 
-    from kvpipe.kernels.triton_decode import _fields
+    from kvpipe.kernels.triton_unpack import fields
 
     @triton.jit
     def _unpack_kernel(src, out, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr,
                        DOT: tl.constexpr, ASM: tl.constexpr):
         rows, cols = tl.arange(0, R), tl.arange(0, N)
-        fields = _fields(tl.load(src + rows[:, None] * N + cols[None, :]), BITS, OFFSET, DOT, ASM)
+        tiles = fields(tl.load(src + rows[:, None] * N + cols[None, :]), BITS, OFFSET, DOT, ASM)
         for j in tl.static_range(8 // BITS):
-            tl.store(out + (j * R + rows)[:, None] * N + cols[None, :], fields[j].to(tl.float32))
+            tl.store(out + (j * R + rows)[:, None] * N + cols[None, :], tiles[j].to(tl.float32))
 
 
 @needs_triton
