@@ -21,3 +21,12 @@ class BudgetError(KVPipeError, ValueError):
 
 class UnsupportedModelError(KVPipeError, ValueError):
     """The model, its attention implementation or the cache handed to it cannot be used with kvpipe."""
+
+
+class FileError(KVPipeError, ValueError):
+    """A file handed to kvpipe (a saved cache, its index, a gate file) is refused. ``str(err)`` is one line:
+    ``FILE: field: what is wrong``."""
+
+    def __init__(self, path, field: str, message: str):
+        self.path, self.field = path, field
+        super().__init__(f"{path}: {field + ': ' if field else ''}{message}")

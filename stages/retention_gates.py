@@ -33,6 +33,10 @@ class RetentionGatesStage(Stage):
     Params = RetentionGateParams
     writes = ("scores",)
 
+    def __init__(self, params: RetentionGateParams, node_id: str | None = None):
+        super().__init__(params, node_id)
+        self.loaded         # the gate file is read and checked at build(), not at the first compression
+
     @cached_property
     def loaded(self) -> tuple[RetentionGates, dict]:
         return RetentionGates.load(self.params.gates)
@@ -44,7 +48,7 @@ class RetentionGatesStage(Stage):
     @property
     def predicts_scores(self) -> bool:
         """Distilled gates predict the score itself (files before distillation record no target: KL)."""
-        return self.loaded[1].get("target", "kl") == "reconstruction"
+        return self.loaded[1]["target"] == "reconstruction"
 
     def __call__(self, ctx: CompressionContext) -> None:
         first = ctx.layers[0].keys

@@ -99,7 +99,7 @@ def test_a_cache_of_the_old_page_layout_is_refused_with_what_to_do(tmp_path):
         with safe_open(str(path), "pt") as file:
             metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
         save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**metadata, "format": "kvpipe-cache/1"})
-        with pytest.raises(KVPipeError, match="earlier kvpipe .cache format 1.*compress the context again"):
+        with pytest.raises(KVPipeError, match="earlier kvpipe .kvpipe-cache/1.*compress the context again"):
             kvpipe.load_cache(tmp_path / "old.safetensors", model)
 
 

@@ -140,17 +140,42 @@ def test_shipped_gates_load_for_smollm2_and_generate(smollm):
     assert kept_bytes_ratio(stats) > 1.5
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "pickled", "bad metadata", "wrong shapes", "nan weights"])
-def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
-    import pickle
+@pytest.mark.parametrize("shared", [True, False])
+def test_parameter_shapes_are_those_of_the_built_gates(shared):
+    gates = RetentionGates(3, 2, 8, hidden=5, shared=shared)
+    built = {name: tuple(p.shape) for name, p in gates.named_parameters()}
+    assert RetentionGates.parameter_shapes(3, 2, 8, 5, shared) == built
 
+
+BROKEN = {"empty": "not a valid kvpipe retention gate file", "truncated": "not a valid kvpipe retention gate file",
+          "pickled": "not a valid kvpipe retention gate file", "bad metadata": "shape: invalid JSON",
+          "wrong shapes": "shape.hidden: Field required", "nan weights": "holds NaN or inf",
+          "huge shape": "missing: gates of this shape have 4098 tensors", "record list": "record: expected a JSON object",
+          "record string": "record: expected a JSON object", "record target": "record.target: Input should be",
+          "deep record": "record: JSON nested deeper", "float tensor": "readouts.0.weight: F16 .2, 8. where the shape metadata needs F32",
+          "extra tensor": "evil: not a tensor of retention gates"}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
+    """Each fails before the gates are built (a 180-byte file claiming 1024 layers once took 99 s and 3.4 GB)."""
+    import json
+    import pickle
+    import time
+
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kvpipe.errors import KVPipeError
+    from kvpipe.errors import FileError
     from kvpipe.learned.gates import RetentionGates
 
     good = tiny_gates_file(tmp_path)
+    with safe_open(good, "pt") as file:
+        metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}
     path = tmp_path / f"{kind.replace(' ', '-')}.safetensors"
+    edits = {"huge shape": {"shape": json.dumps({"layers": 1024, "heads": 1024, "head_dim": 4096, "hidden": 8192})},
+             "record list": {"record": "[1, 2]"}, "record string": {"record": '"kl"'},
+             "record target": {"record": '{"target": "nonsense"}'}, "deep record": {"record": "[" * 50000 + "]" * 50000}}
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":
@@ -161,11 +186,34 @@ def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
         save_file({"w": torch.ones(2)}, str(path), metadata={"shape": "{not json"})
     elif kind == "wrong shapes":
         save_file({"w": torch.ones(2)}, str(path), metadata={"shape": '{"layers": 2, "heads": 2, "head_dim": 16}'})
+    elif kind in edits:
+        save_file(tensors, str(path), metadata={**metadata, **edits[kind]})
+    elif kind == "float tensor":
+        save_file({**tensors, "readouts.0.weight": tensors["readouts.0.weight"].half()}, str(path), metadata)
+    elif kind == "extra tensor":
+        save_file({**tensors, "evil": torch.ones(3)}, str(path), metadata)
     else:
         gates, _ = RetentionGates.load(good)
         with torch.no_grad():
             next(gates.parameters())[0] = float("nan")
         gates.save(str(path), {"note": "poisoned"})
-    with pytest.raises(KVPipeError, match="not a valid kvpipe retention gate file|NaN or inf") as err:
+    started = time.perf_counter()
+    with pytest.raises(FileError, match=BROKEN[kind]) as err:
         RetentionGates.load(path)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(path))
+    assert time.perf_counter() - started < 2
+
+
+def test_a_bad_gate_file_fails_at_build_naming_the_yaml_line_and_the_file(tmp_path):
+    """Not at the first compressing forward: build() reads the gate file."""
+    from kvpipe.errors import SpecError
+
+    (tmp_path / "gates.safetensors").write_bytes(b"junk")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nbudget: {keep: 0.5}\nstages:\n  - stage: retention_gates\n"
+                        f"    params: {{gates: {tmp_path / 'gates.safetensors'}}}\n  - uniform\n  - topk\n")
+    with pytest.raises(SpecError, match=r"p.yaml:5:\d+: stages\[0\].params: .*gates.safetensors: not a valid"):
+        kvpipe.build(pipeline)
+    pipeline.write_text(pipeline.read_text().replace(str(tmp_path / "gates.safetensors"), "missing.safetensors"))
+    with pytest.raises(SpecError, match=r"stages\[0\].params: no retention gate file 'missing.safetensors'"):
+        kvpipe.build(pipeline)

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from kvpipe.core.registry import Stage, get_stage
 from kvpipe.core.spec import PipelineSpec, did_you_mean, first_error
 from kvpipe.core.yaml_source import YamlSource
+from kvpipe.errors import KVPipeError
 
 
 def build_graph(spec: PipelineSpec, source: YamlSource) -> nx.DiGraph:
@@ -23,7 +24,11 @@ def build_graph(spec: PipelineSpec, source: YamlSource) -> nx.DiGraph:
             raise first_error(err, source, ("stages", i, "params"), cls.Params) from None
         if entry.node_id in graph:
             raise source.error(("stages", i), f"duplicate stage id {entry.node_id!r}; give one of them an `id:`")
-        graph.add_node(entry.node_id, stage=cls(params, entry.node_id), index=i)
+        try:        # a stage may read a file its params name (gates): a bad one is this entry's mistake
+            stage = cls(params, entry.node_id)
+        except KVPipeError as err:
+            raise source.error(("stages", i, "params"), str(err)) from None
+        graph.add_node(entry.node_id, stage=stage, index=i)
 
     ids = list(graph)
     for i, entry in enumerate(spec.stages):

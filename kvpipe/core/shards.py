@@ -11,10 +11,13 @@ a compression's traffic can be reported.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from kvpipe.errors import KVPipeError
 
 
 @dataclass(eq=False)            # identity: a group handle, not a value (and a valid dataclass default)
@@ -60,6 +63,32 @@ class HeadShards:
             import torch.distributed as dist
 
             dist.barrier(group=self.group)
+
+    @contextmanager
+    def agreeing(self, what: str) -> Iterator[None]:
+        """Run the block on every rank and agree on its outcome: if it raised on any rank, every rank raises (that
+        rank its own error, the others a ``KVPipeError`` naming it), so no rank goes on alone into a collective the
+        others never join. One all-reduce of a flag; nothing in one process."""
+        try:
+            yield
+        except BaseException:
+            self.agree(failed=True, what=what)
+            raise
+        self.agree(failed=False, what=what)
+
+    def agree(self, failed: bool, what: str) -> None:
+        """Tell every rank whether this one failed at ``what``; raise here if another did (``failed`` ranks
+        return: they raise their own error)."""
+        if not self.split:
+            return
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        first = torch.tensor([self.rank if failed else self.world], device=device)
+        dist.all_reduce(first, dist.ReduceOp.MIN, group=self.group)
+        if not failed and int(first) < self.world:
+            raise KVPipeError(f"rank {int(first)} of {self.world} failed while {what} (its own error says why); "
+                              "this rank stopped with it")
 
     def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         out = x.clone()

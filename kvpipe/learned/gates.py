@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kvpipe.errors import KVPipeError
@@ -54,6 +54,19 @@ class RetentionGates(nn.Module):
         inner, readout = self.inner[layer].to(x.device), self.readout(layer).to(x.device)
         return nn.functional.logsigmoid(readout(inner(x), heads))
 
+    @staticmethod
+    def parameter_shapes(layers: int, heads: int, head_dim: int, hidden: int, shared: bool = True
+                         ) -> dict[str, tuple[int, ...]]:
+        """The name and shape of every parameter of such gates, without building them (a gate file is checked
+        against this before anything is allocated)."""
+        shapes = {}
+        for layer in range(layers):
+            shapes |= {f"inner.{layer}.0.weight": (hidden, 2 * head_dim), f"inner.{layer}.0.bias": (hidden,),
+                       f"inner.{layer}.2.weight": (hidden, hidden), f"inner.{layer}.2.bias": (hidden,)}
+        for readout in range(1 if shared else layers):
+            shapes |= {f"readouts.{readout}.weight": (heads, hidden), f"readouts.{readout}.bias": (heads,)}
+        return shapes
+
     def readout(self, layer: int) -> nn.Module:
         return self.readouts[0 if self.shared else layer]
 
@@ -74,27 +87,18 @@ class RetentionGates(nn.Module):
 
     @classmethod
     def load(cls, source: str | Path) -> tuple[RetentionGates, dict]:
-        """``(gates, record)`` from a shipped name (``smollm2-135m``) or a ``.safetensors`` path."""
+        """``(gates, record)`` from a shipped name (``smollm2-135m``) or a ``.safetensors`` path, checked before
+        anything is built (``learned.gate_file``)."""
+        from kvpipe.learned.gate_file import read_gate_file
+
         path = SHIPPED.get(str(source), Path(source))
         if not path.is_file():
             raise KVPipeError(f"no retention gate file {source!r}: give a .safetensors path or one of "
                               f"{sorted(SHIPPED)}")
-        from safetensors import safe_open
-        try:        # truncated, empty, pickled or foreign files, bad metadata: one clear error, never a traceback
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-            if "shape" not in meta:
-                raise ValueError("no 'shape' metadata")
-            gates = cls(**json.loads(meta["shape"]))
-            gates.load_state_dict(load_file(str(path)))
-            record = json.loads(meta.get("record", "{}"))
-        except Exception as err:  # safetensors raises its own error types; all mean "not a gate file"
-            raise KVPipeError(f"{path} is not a valid kvpipe retention gate file ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); train one with "
-                              "`kvpipe train-gates`") from None
-        if not all(bool(torch.isfinite(p).all()) for p in gates.parameters()):
-            raise KVPipeError(f"{path}: the retention gates hold NaN or inf weights; retrain them")
-        return gates.eval().requires_grad_(False), record
+        shape, record, tensors = read_gate_file(path)
+        gates = cls(**shape.model_dump())
+        gates.load_state_dict(tensors)
+        return gates.eval().requires_grad_(False), record.model_dump()
 
 
 class _Readout(nn.Module):

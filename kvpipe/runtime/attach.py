@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, che
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
 from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, reserved_bytes
+from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
 
 
@@ -45,20 +47,37 @@ class Session:
         self.pipeline, self.model = pipeline, model
         # probing stages' prompts are encoded now, so a missing tokenizer fails at attach, not mid-generate
         self.probe_prompts = {stage.id: stage.prompt_ids(tokenizer) for stage in pipeline.probers}
-        self.probing: probe.Probe | None = None         # set while a probe forward runs
+        self.threads = threading.local()                # per-forward state: each thread runs its own forwards
         self.decoder = find_decoder(model)
         self.base = model.config._attn_implementation
-        self.active: ForwardState | None = None
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
-        self.binding = Binding(type(model).__name__, attached=False)        # the caches' view of this attach
+        self.binding = Binding(type(model).__name__, model_identity(model), attached=False)        # the caches' view of this attach
         self.cache_kwarg = cache_keyword(self.decoder)
         self.shards = head_shards(model)                # one process's heads, or a tensor-parallel rank's
 
     @property
     def attached(self) -> bool:
         return self.binding.attached
+
+    # What the forward running in this thread works with: two threads may run forwards on two caches at once.
+    @property
+    def active(self) -> ForwardState | None:
+        return getattr(self.threads, "active", None)
+
+    @active.setter
+    def active(self, forward: ForwardState | None) -> None:
+        self.threads.active = forward
+
+    @property
+    def probing(self) -> probe.Probe | None:
+        """The probe whose forward runs in this thread, if any."""
+        return getattr(self.threads, "probing", None)
+
+    @probing.setter
+    def probing(self, running: probe.Probe | None) -> None:
+        self.threads.probing = running
 
     # --- hooks ----------------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):

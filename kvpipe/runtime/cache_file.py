@@ -2,14 +2,19 @@
 
 A context compressed once can be saved and asked questions later, in another process. The file holds, per
 layer, the uncompressed tail and the store (kept keys/values and their positions and per-head lengths, or the
-packed pages, page counts and the residual), and as metadata the tokens seen, the model's shape and the
-pipeline the cache was compressed with. Loading needs the model with **that** pipeline attached: the store's
-format (bits, groups, range method) and later compressions come from it; a model of another shape or another
-pipeline is refused with the difference named.
+packed pages, page counts and the residual), and as metadata the tokens seen, the model's shape and identity
+(``runtime.model_identity``) and the pipeline the cache was compressed with. Loading needs **that** model with
+**that** pipeline attached: the store's format (bits, groups, range method) and later compressions come from it.
 
-Under tensor parallelism each rank saves its own heads to ``<stem>.rank<r>-of-<n>.safetensors`` beside ``path``,
-and rank 0 writes ``path`` itself as a small JSON index naming them; loading reads the index and each rank its
-own file (the same number of ranks is needed).
+A file is untrusted input. Loading checks the metadata against a bounded schema (``runtime.cache_meta``), then the
+tensors' names, dtypes and shapes from the header before anything is allocated, then their values
+(``runtime.cache_tensors``); another model, another pipeline or an altered file is refused with a
+``FileError`` naming the file and the field.
+
+Under tensor parallelism each rank saves its own heads to ``<stem>.rank<r>-of-<n>.safetensors`` beside ``path``
+(the file records its rank), and rank 0 writes ``path`` itself as a small JSON index naming them; loading reads
+the index and each rank its own file (the same number of ranks is needed). Ranks agree on the outcome: when one
+rank's part fails, every rank raises.
 """
 from __future__ import annotations
 
@@ -21,34 +26,34 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvpipe.errors import KVPipeError, UnsupportedModelError
+from kvpipe.core.untrusted import MAX_JSON_CHARS
+from kvpipe.errors import FileError, KVPipeError, UnsupportedModelError
 from kvpipe.kernels.pages import PackedPages
 from kvpipe.runtime.adapters import kv_shape
 from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer
+from kvpipe.runtime.cache_meta import FORMAT, INDEX, CacheMeta, parse_cache_meta, parse_index
+from kvpipe.runtime.cache_tensors import PAGES, RAGGED, check_header, check_values, layer_patterns
+from kvpipe.runtime.model_identity import config_differences
 from kvpipe.runtime.quantized_store import QuantizedStore
 from kvpipe.runtime.store import RaggedStore
 
-# 2: page layout 2 (codes in bytes, split order, a used-slot count per page; kernels.pages). Files of format 1 hold
-# KIVI's int32 words, which this version does not read: they are refused with what to do.
-FORMAT = "kvpipe-cache/2"
-INDEX = "kvpipe-cache-index/1"
-RAGGED = ("keys", "values", "positions", "lengths")
-PAGES = tuple(field.name for field in dataclasses.fields(PackedPages))
-
 
 def save_cache(cache: KVPipeCache, path: str | Path) -> Path:
-    """Write ``cache`` (a kvpipe cache, compressed or not) to ``path`` as safetensors; returns the path.
-    Under tensor parallelism every rank calls it: each writes its shard, rank 0 the index at ``path``."""
+    """Write ``cache`` (a kvpipe cache, compressed or not, of the model attached now) to ``path`` as safetensors;
+    returns the path. Under tensor parallelism every rank calls it: each writes its shard, rank 0 the index."""
     if not isinstance(cache, KVPipeCache):
         raise KVPipeError(f"save_cache writes kvpipe caches; this is a {type(cache).__name__}")
+    binding = cache.binding
+    if binding is None or not binding.attached:
+        raise UnsupportedModelError("save_cache needs the cache's model with its pipeline attached: the file records "
+                                    "which model filled the cache; save it before detach()")
     path, shards = Path(path), cache.shards
-    if not shards.split:
-        return _save_file(cache, path)
     names = [_shard_path(path, rank, shards.world).name for rank in range(shards.world)]
-    _save_file(cache, path.with_name(names[shards.rank]))
-    if shards.rank == 0:
-        path.write_text(json.dumps({"format": INDEX, "ranks": shards.world, "shards": names}))
-    shards.barrier()                                # every shard is on disk when save_cache returns
+    own = path.with_name(names[shards.rank]) if shards.split else path
+    with shards.agreeing(f"saving the cache to {path}"):
+        _save_file(cache, own, binding.identity)
+        if shards.split and shards.rank == 0:
+            _write(path, lambda: path.write_text(json.dumps({"format": INDEX, "ranks": shards.world, "shards": names})))
     return path
 
 
@@ -56,7 +61,14 @@ def _shard_path(path: Path, rank: int, world: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix or '.safetensors'}")
 
 
-def _save_file(cache: KVPipeCache, path: Path) -> Path:
+def _write(path: Path, write) -> None:
+    try:
+        write()
+    except (OSError, SafetensorError) as err:
+        raise KVPipeError(f"{path}: cannot write the cache there ({err})") from None
+
+
+def _save_file(cache: KVPipeCache, path: Path, identity: dict) -> None:
     layers = [layer for layer in cache.layers if layer.is_initialized]
     if len(layers) != len(cache.layers):
         raise KVPipeError("this cache holds no tokens yet (or not in every layer); prefill it before saving")
@@ -64,7 +76,7 @@ def _save_file(cache: KVPipeCache, path: Path) -> Path:
     for index, layer in enumerate(layers):
         prefix = f"layers.{index}"
         tensors[f"{prefix}.tail.keys"], tensors[f"{prefix}.tail.values"] = layer.keys, layer.values
-        kind = _store_kind(layer.store)
+        kind = "none" if layer.store is None else layer.store.kind
         if kind == "ragged":
             tensors |= _named(f"{prefix}.store", layer.store, RAGGED)
         elif kind == "quantized":
@@ -72,46 +84,55 @@ def _save_file(cache: KVPipeCache, path: Path) -> Path:
             tensors[f"{prefix}.page_counts"] = layer.store.page_counts
             tensors |= _named(f"{prefix}.residual", layer.store.residual, RAGGED)
         described.append({"seen": layer.seen, "since_compression": layer.since_compression, "store": kind})
-    first = layers[0].keys
-    metadata = {"format": FORMAT, "layers": json.dumps(described), "compressed_by": cache.compressed_by or "",
-                "shape": json.dumps(_shape(len(layers), first.shape[1], first.shape[-1], first.dtype)),
-                "backend": cache.storage.backend}
+    batch, kv_heads, _, head_dim = layers[0].keys.shape
+    shape = {"layers": len(layers), "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim,
+             "dtype": str(layers[0].keys.dtype).removeprefix("torch.")}
+    metadata = {"format": FORMAT, "rank": str(cache.shards.rank), "world": str(cache.shards.world),
+                "shape": json.dumps(shape), "model": json.dumps(identity), "layers": json.dumps(described),
+                "compressed_by": cache.compressed_by or "", "backend": cache.storage.backend}
     # to the host, each tensor its own copy: safetensors refuses views that share a storage
-    save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}, str(path),
-              metadata)
-    return path
+    host = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    _write(path, lambda: save_file(host, str(path), metadata))
 
 
 def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
-    """The cache saved at ``path``, driven by the pipeline attached to ``model`` (attach the pipeline the cache
-    was compressed with first). Each layer's tensors go to the device of that layer of the model."""
+    """The cache saved at ``path``, driven by the pipeline attached to ``model`` (the model that filled it, with
+    the pipeline it was compressed with). Each layer's tensors go to the device of that layer of the model."""
     session = getattr(model, "_kvpipe_session", None)
     if session is None:
         raise UnsupportedModelError("load_cache needs a model with a kvpipe pipeline attached (the one the cache "
                                     "was compressed with): kvpipe.build(pipeline).attach(model), then load_cache")
-    path = _own_file(Path(path), session.shards)
+    with session.shards.agreeing(f"loading the cache {path}"):
+        cache = _load_file(_own_file(Path(path), session.shards), model, session)
+    session.last_cache = cache
+    return cache
+
+
+def _load_file(path: Path, model: torch.nn.Module, session) -> KVPipeCache:
     try:
         with safe_open(str(path), "pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except (OSError, SafetensorError, ValueError) as err:
-        raise KVPipeError(f"{path}: not a readable kvpipe cache file ({err})") from None
-    if metadata.get("format") == "kvpipe-cache/1":
-        raise KVPipeError(f"{path} was saved by an earlier kvpipe (cache format 1, quantized pages in the old packed "
-                          f"layout); this version reads format 2 only: compress the context again and save it anew")
-    if metadata.get("format") != FORMAT:
-        raise KVPipeError(f"{path}: not a kvpipe cache file (format {metadata.get('format')!r}, expected {FORMAT!r})")
-    _check_model(path, json.loads(metadata["shape"]), model, session)
-    _check_pipeline(path, metadata["compressed_by"], session.pipeline)
-    cache = session.new_cache()
-    decoder_layers = session.decoder.layers
-    for index, (layer, described) in enumerate(zip(cache.layers, json.loads(metadata["layers"]))):
-        device = next(decoder_layers[index].parameters()).device
-        prefix = f"layers.{index}."
-        own = {name.removeprefix(prefix): t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
-        _restore(layer, own, described, session.pipeline)
-    cache.compressed_by = metadata["compressed_by"] or None
-    session.last_cache = cache
+            meta = parse_cache_meta(path, file.metadata() or {})
+            _check_rank(path, meta, session.shards)
+            _check_model(path, meta, model, session)
+            fmt = _check_pipeline(path, meta, session.pipeline)
+            header = {name: (file.get_slice(name).get_dtype(), tuple(file.get_slice(name).get_shape()))
+                      for name in file.keys()}
+            patterns = [layer_patterns(meta, layer, fmt) for layer in meta.layers]
+            for index, layer_patterns_ in enumerate(patterns):
+                check_header(path, index, header, layer_patterns_)
+            known = {f"layers.{index}.{name}" for index, names in enumerate(patterns) for name in names}
+            if unknown := sorted(header.keys() - known):
+                raise FileError(path, unknown[0], "not a tensor of any layer; the file was altered")
+            cache = session.new_cache()
+            decoder_layers = session.decoder.layers
+            for index, (layer, described) in enumerate(zip(cache.layers, meta.layers)):
+                own = {name: file.get_tensor(f"layers.{index}.{name}") for name in patterns[index]}
+                check_values(path, index, described, own, fmt)
+                device = next(decoder_layers[index].parameters()).device
+                _restore(layer, {name: t.to(device) for name, t in own.items()}, described, session.pipeline)
+    except (OSError, SafetensorError) as err:
+        raise FileError(path, "", f"not a readable kvpipe cache file ({err})") from None
+    cache.compressed_by = meta.compressed_by or None
     return cache
 
 
@@ -119,64 +140,88 @@ def _own_file(path: Path, shards) -> Path:
     """The file this process reads: ``path`` itself, or its rank's shard when ``path`` is an index."""
     try:
         with open(path, "rb") as file:
-            is_index = file.read(1) == b"{"       # a safetensors file starts with its header's 8-byte length
+            start = file.read(MAX_JSON_CHARS + 1)
     except OSError as err:
-        raise KVPipeError(f"{path}: cannot read it ({err})") from None
-    if not is_index:
+        raise FileError(path, "", f"cannot read it ({err})") from None
+    if not start.startswith(b"{"):       # a safetensors file starts with its header's 8-byte length
         if shards.split:
-            raise KVPipeError(f"{path} holds a cache saved by one process; this model is split over {shards.world} "
-                              "tensor-parallel ranks: load it into the model loaded without tp_plan")
+            raise FileError(path, "", f"holds a cache saved by one process; this model is split over "
+                                           f"{shards.world} tensor-parallel ranks: load it into the model loaded "
+                                           "without tp_plan")
         return path
     try:
-        index = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KVPipeError(f"{path}: neither a kvpipe cache file nor its index ({err})") from None
-    if index.get("format") != INDEX:
-        raise KVPipeError(f"{path}: not a kvpipe cache index (format {index.get('format')!r}, expected {INDEX!r})")
-    if index["ranks"] != shards.world:
-        raise KVPipeError(f"{path} was saved by {index['ranks']} tensor-parallel ranks and this model is split over "
-                          f"{shards.world}; load it with {index['ranks']} ranks")
-    return path.with_name(index["shards"][shards.rank])
-
-
-def _store_kind(store) -> str:
-    if store is None:
-        return "none"
-    return store.kind
+        index = parse_index(path, start.decode())
+    except UnicodeDecodeError as err:
+        raise FileError(path, "", f"neither a kvpipe cache file nor its index ({err})") from None
+    if index.ranks != shards.world:
+        raise FileError(path, "ranks", f"saved by {index.ranks} tensor-parallel ranks and this model is split "
+                                            f"over {shards.world}; load it with {index.ranks} ranks")
+    expected = [_shard_path(path, rank, index.ranks).name for rank in range(index.ranks)]
+    if index.shards != expected:
+        raise FileError(path, "shards", f"names {index.shards[:4]}, where kvpipe writes {expected[:4]}")
+    return path.with_name(expected[shards.rank])
 
 
 def _named(prefix: str, holder, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{name}": getattr(holder, name) for name in names}
 
 
-def _shape(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict:
-    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch.")}
+def _check_rank(path: Path, meta: CacheMeta, shards) -> None:
+    if (meta.rank, meta.world) != (shards.rank, shards.world):
+        raise FileError(path, "rank", f"holds the heads of rank {meta.rank} of {meta.world}; this process is "
+                                           f"rank {shards.rank} of {shards.world}")
 
 
-def _check_model(path: Path, saved: dict, model: torch.nn.Module, session) -> None:
+def _check_model(path: Path, meta: CacheMeta, model: torch.nn.Module, session) -> None:
+    """The attached model is the one that filled the cache: the same shape, configuration and weights."""
     kv_heads, head_dim = kv_shape(model)
-    dtype = next(model.parameters()).dtype
-    # a tensor-parallel rank holds (and saved) its share of the heads
-    here = _shape(len(session.decoder.layers), kv_heads // session.shards.world, head_dim, dtype)
-    differ = [f"{key} {saved[key]} (this model: {here[key]})" for key in here if saved.get(key) != here[key]]
-    if differ:
-        raise UnsupportedModelError(f"{path} was saved from a model of another shape: " + ", ".join(differ))
+    here = {"layers": len(session.decoder.layers), "kv_heads": kv_heads // session.shards.world,  # a rank's share
+            "head_dim": head_dim, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    saved = meta.shape.model_dump()
+    if differ := [f"{key} {saved[key]} (this model: {here[key]})" for key in here if saved[key] != here[key]]:
+        raise UnsupportedModelError(f"{path}: shape: saved from a model of another shape: " + ", ".join(differ))
+    if len(meta.layers) != meta.shape.layers:
+        raise FileError(path, "layers", f"{len(meta.layers)} entries for a model of {meta.shape.layers} layers")
+    here = session.binding.identity
+    if differ := config_differences(meta.model.config, here["config"]):
+        raise UnsupportedModelError(f"{path}: model.config: saved from another model: " + ", ".join(differ))
+    if meta.model.fingerprint != here["fingerprint"]:
+        raise UnsupportedModelError(f"{path}: model.fingerprint: saved from a model with the same configuration but "
+                                    "other weights; load it into the model that filled it")
+    if len({layer.seen for layer in meta.layers}) != 1:
+        raise FileError(path, "layers", "the layers saw different numbers of tokens")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and meta.layers[0].seen > positions:
+        raise FileError(path, "layers", f"seen={meta.layers[0].seen} is beyond the {positions} positions of "
+                                             "this model")
 
 
-def _check_pipeline(path: Path, saved: str, pipeline) -> None:
-    if saved and saved != pipeline.spec.model_dump_json():
-        raise KVPipeError(f"{path} was compressed by another pipeline than the attached one ({pipeline.source}); "
-                          f"attach the pipeline it was saved with: {saved}")
+def _check_pipeline(path: Path, meta: CacheMeta, pipeline):
+    """The attached pipeline is the one that compressed the cache; returns its page format (``None``: no
+    quantization)."""
+    compressed = any(layer.store != "none" for layer in meta.layers)
+    if compressed and not meta.compressed_by:
+        raise FileError(path, "compressed_by", "empty, but the layers hold compressed stores")
+    if meta.compressed_by and meta.compressed_by != pipeline.spec.model_dump_json():
+        raise KVPipeError(f"{path}: compressed_by: compressed by another pipeline than the attached one "
+                          f"({pipeline.source}); attach the pipeline it was saved with: {meta.compressed_by[:2000]}")
+    stored = "quantized" if pipeline.storage_stage is not None else "ragged"
+    if wrong := [index for index, layer in enumerate(meta.layers) if layer.store not in ("none", stored)]:
+        raise FileError(path, f"layers.{wrong[0]}.store", f"{meta.layers[wrong[0]].store}, where the attached "
+                                                               f"pipeline stores {stored}")
+    if pipeline.storage_stage is None:
+        return None
+    return pipeline.storage_stage.storage(meta.shape.head_dim).fmt
 
 
-def _restore(layer: KVPipeLayer, tensors: dict[str, torch.Tensor], described: dict, pipeline) -> None:
+def _restore(layer: KVPipeLayer, tensors: dict[str, torch.Tensor], described, pipeline) -> None:
     keys, values = tensors["tail.keys"], tensors["tail.values"]
     layer.lazy_initialization(keys, values)
     layer.keys, layer.values = keys, values
-    layer.seen, layer.since_compression = described["seen"], described["since_compression"]
-    if described["store"] == "ragged":
+    layer.seen, layer.since_compression = described.seen, described.since_compression
+    if described.store == "ragged":
         layer.store = RaggedStore(*(tensors[f"store.{name}"] for name in RAGGED))
-    elif described["store"] == "quantized":
+    elif described.store == "quantized":
         quant = dataclasses.replace(pipeline.storage_stage.storage(keys.shape[-1]), backend=layer.storage.backend)
         layer.store = QuantizedStore(PackedPages(*(tensors[f"pages.{name}"] for name in PAGES)),
                                      tensors["page_counts"], RaggedStore(*(tensors[f"residual.{n}"] for n in RAGGED)),
