@@ -26,6 +26,18 @@ def run_starts(lengths: torch.Tensor) -> torch.Tensor:
     return (flat.cumsum(0) - flat).to(torch.int32)
 
 
+def run_places(lengths: torch.Tensor, total: int,
+               first_place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each entry of a flat ragged tensor goes in a left-aligned layout: ``(run, place)``, two ``long
+    [total]``, the entry's (row·H + head) and its place in that head's run (plus ``first_place [B·H]`` when
+    given). ``lengths [B, H]`` sum to ``total`` (the flat tensor's length, known on the host), so nothing waits on
+    the device: laid out per decode step, these cost two small kernels and no memory held between steps."""
+    flat = lengths.flatten().long()
+    runs = torch.repeat_interleave(torch.arange(flat.numel(), device=flat.device), flat, output_size=total)
+    places = torch.arange(total, device=flat.device) - (flat.cumsum(0) - flat)[runs]
+    return runs, places if first_place is None else places + first_place[runs].long()
+
+
 def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``pack_ragged`` for a left-aligned layout.
 

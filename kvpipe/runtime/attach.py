@@ -22,6 +22,7 @@ from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, che
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
 from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, reserved_bytes
+from kvpipe.runtime.held import held_bytes
 from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
 
@@ -253,7 +254,10 @@ class Handle:
     def stats(self, cache: KVPipeCache | None = None) -> dict:
         """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
 
-        Returns ``kv_bytes``, ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
+        Returns ``kv_bytes`` (the keys and values held, with their positions and lengths), ``held_bytes`` (every
+        byte of tensor storage the cache keeps alive, each storage once: ``kv_bytes`` plus what it derived to run
+        fast, such as validity masks, the decode kernel's buffers and the dequantization workspace;
+        ``runtime.held``), ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
         dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
         (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
         ``compress_seconds`` (time spent in the compression phase, observation excluded), ``probe_seconds`` and
@@ -283,8 +287,8 @@ class Handle:
         # on the cache's device: where the tensor-parallel group's backend (gloo: host, nccl: GPU) reduces
         device = layers[0].keys.device if layers else None
         # the whole model's numbers: summed (bytes, shortfall) or the slowest rank's (times) over ranks
-        kv_bytes, full, full_16bit, shortfall, peak, sent, reserve = (int(n) for n in shards.sum(torch.tensor(
-            [cache_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
+        kv_bytes, held, full, full_16bit, shortfall, peak, sent, reserve = (int(n) for n in shards.sum(torch.tensor(
+            [cache_bytes(cache), held_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
              cache.collective_bytes, reserved_bytes(cache)], dtype=torch.float64, device=device)))
         seconds = shards.max(torch.tensor([cache.compress_seconds, cache.probe_seconds,
                                            cache.compressing_forward_seconds], dtype=torch.float64,
@@ -293,6 +297,7 @@ class Handle:
         kept = torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0, 0, 0)
         return {
             "kv_bytes": kv_bytes,
+            "held_bytes": held,
             "tail_reserve_bytes": reserve,
             "kv_bytes_full": full,
             "kv_bytes_full_16bit": full_16bit,
