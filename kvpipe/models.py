@@ -58,8 +58,8 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as err:
-        raise KVPipeError(f"could not load model {name!r}: {err}. Use 'smollm2-135m' (embedded) "
+    except (OSError, ValueError) as err:      # a folder with no model in it: transformers says ValueError
+        raise KVPipeError(f"could not load model {name!r}: {str(err).splitlines()[0]} Use 'smollm2-135m' (embedded) "
                           "or a local path; nothing is downloaded at run time here") from None
     finally:
         hf_logging.set_verbosity(verbosity)

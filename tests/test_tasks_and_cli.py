@@ -186,7 +186,7 @@ def test_counts_below_one_are_refused_by_the_parser(argv, message, capsys):
 
     with pytest.raises(SystemExit) as done:
         main(argv)
-    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert done.value.code == 1 and message in capsys.readouterr().err
 
 
 def test_bench_never_overwrites_a_run(tmp_path):

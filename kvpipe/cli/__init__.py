@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvpipe.cli.arguments import MAX_CASES, MIN_CONTEXT, OneLineParser, count, device, number, writable_folder
 from kvpipe.errors import KVPipeError
 from kvpipe.eval.choices import PROBES
 from kvpipe.eval.choices import TASK_KINDS as KINDS
@@ -24,7 +25,7 @@ A pipeline is YAML:  version: 1 / budget: {keep: 0.5} / stages: [sinks_window, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kvpipe", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compress the KV cache of Hugging Face language models with a declarative pipeline of stages.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pipeline", help="path of a pipeline YAML file (e.g. pipelines/default.yaml)")
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded, default) or a Hugging Face model id / local path")
-    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
-    p.add_argument("--cases", type=positive, default=12, metavar="N", help="number of cases (default 12)")
+    p.add_argument("--context", type=count(MIN_CONTEXT), default=2048, metavar="TOKENS",
+                   help=f"context length, at least {MIN_CONTEXT} (default 2048)")
+    p.add_argument("--cases", type=count(1, MAX_CASES), default=12, metavar="N", help="number of cases (default 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
-    p.add_argument("--questions", type=positive, default=1, metavar="N",
+    p.add_argument("--questions", type=count(1, 64), default=1, metavar="N",
                    help="compress once, ask many: each context holds N facts under different keys and each is "
                         "asked on its own fork of the compressed cache (--cases contexts, N answers each); "
                         "question-agnostic only")
@@ -72,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suite", help="suite YAML file (see docs/benchmarks.md for its keys)")
     p.add_argument("--out", metavar="DIR", help="output folder, new or without a run in it (default "
                                                 "bench-results/<suite name>-<date-time>/): a run is never overwritten")
-    p.add_argument("--cases", type=positive, metavar="N", help="override the suite's cases per task and context")
-    p.add_argument("--contexts", type=positive, nargs="+", metavar="TOKENS",
+    p.add_argument("--cases", type=count(1, MAX_CASES), metavar="N",
+                   help="override the suite's cases per task and context")
+    p.add_argument("--contexts", type=count(MIN_CONTEXT), nargs="+", metavar="TOKENS",
                    help="override the suite's context lengths")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="override the suite's tasks")
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
-    p.add_argument("--devices", nargs="+", metavar="DEVICE",
+    p.add_argument("--devices", type=device, nargs="+", metavar="DEVICE",
                    help="where the model runs (cuda:0, cuda:1, cpu; default: where it loads, the CPU); under "
                         "torchrun rank r takes the (r mod count)-th")
     p.add_argument("--no-share", action="store_true",
@@ -95,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                                    "ranking, coupled projection). Writes a table, a JSONL file and a plot.")
     p.add_argument("pipeline", nargs="+", help="pipeline YAML files (each diagnosed on the same cases)")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
-    p.add_argument("--budget", type=float, nargs="+", metavar="KEEP",
+    p.add_argument("--budget", type=number(0, 1, low_open=True), nargs="+", metavar="KEEP",
                    help="override the budget with keep: KEEP (several: one run per budget)")
     p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS,
                    help="needle task kinds (default: single multikey multivalue; vartrack = multi-hop chains)")
-    p.add_argument("--context", type=positive, default=2048, metavar="TOKENS", help="context length (default 2048)")
-    p.add_argument("--cases", type=positive, default=6, metavar="N", help="cases per kind (default 6)")
+    p.add_argument("--context", type=count(MIN_CONTEXT), default=2048, metavar="TOKENS",
+                   help=f"context length, at least {MIN_CONTEXT} (default 2048)")
+    p.add_argument("--cases", type=count(1, MAX_CASES), default=6, metavar="N", help="cases per kind (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
     question_aware_flag(p)
     p.add_argument("--probes", nargs="*", default=list(PROBES), choices=PROBES, metavar="PROBE",
@@ -122,15 +126,16 @@ def main(argv: list[str] | None = None) -> int:
                         "reconstruction: distil the gates from KVzip's reconstruction scores (each step one "
                         "prefill and one re-reading of the context, no backward pass through the model; --budget "
                         "unused); use the result with `global` and `calibration: none`")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=count(16), default=None,
                    help="tokens per sequence (default 512 for kl, 1024 for reconstruction)")
-    for name, default, helptext in (("steps", 300, "optimiser steps"),
-                                    ("budget", 64, "capacity: tokens per KV head on average"),
-                                    ("hidden", 64, "gate MLP width"), ("seed", 0, "seed of data and init"),
-                                    ("checkpoint-every", 50, "steps between checkpoints")):
-        p.add_argument(f"--{name}", type=int, default=default, help=f"{helptext} (default {default})")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
-    p.add_argument("--bias-init", type=float, default=None,
+    for name, default, kind, helptext in (("steps", 300, count(1, 10 ** 7), "optimiser steps"),
+                                          ("budget", 64, count(1), "capacity: tokens per KV head on average"),
+                                          ("hidden", 64, count(1, 8192), "gate MLP width"),
+                                          ("seed", 0, int, "seed of data and init"),
+                                          ("checkpoint-every", 50, count(1, 10 ** 7), "steps between checkpoints")):
+        p.add_argument(f"--{name}", type=kind, default=default, help=f"{helptext} (default {default})")
+    p.add_argument("--lr", type=number(0, 10, low_open=True), default=1e-2, help="AdamW learning rate (default 1e-2)")
+    p.add_argument("--bias-init", type=number(-100, 100), default=None,
                    help="initial readout bias: β = sigmoid(bias) for every token at the start (default for kl 5: "
                         "β ≈ 0.993, a ~150-token memory, the papers' 10 needs far more steps than a CPU run; for "
                         "reconstruction -4: log β ≈ -4, near a typical log score)")
@@ -189,17 +194,6 @@ def question_aware_flag(parser: argparse.ArgumentParser) -> None:
 
 
 QUESTION_ROOM = 64     # positions a task needs past its context: the question and the answer
-
-
-def positive(text: str) -> int:
-    """argparse type: a whole number of at least 1 (``--cases 0`` has nothing to measure)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
 
 
 def _run(args) -> int:
@@ -279,7 +273,7 @@ def output_folder(given: str | None, suite_name: str):
         raise KVPipeError(f"--out {out} is a file; give a folder")
     if (out / "results.jsonl").exists():
         raise KVPipeError(f"{out} already holds a run (results.jsonl); give another --out, or remove it first")
-    return out
+    return writable_folder(out, "--out")              # made now: a run whose results cannot be written never starts
 
 
 def _diagnose(args) -> int:
@@ -287,7 +281,7 @@ def _diagnose(args) -> int:
 
     from kvpipe.eval.diagnose import diagnose, diagnose_cases, full_reference, save, summary
     from kvpipe.eval.protocol import Protocol
-    from kvpipe.models import load
+    from kvpipe.models import check_context, load
     from kvpipe.runtime.pipeline import build
 
     runs = []                                       # built before the model loads: a bad file fails fast
@@ -296,14 +290,16 @@ def _diagnose(args) -> int:
         for keep in args.budget or [None]:
             name = Path(source).stem + (f"-keep{keep}" if keep is not None else "")
             runs.append((name, pipeline.with_budget(keep=keep) if keep is not None else pipeline))
+    out = writable_folder(Path(args.out), "--out")               # before the model loads, not after the run
     model, tokenizer = load(args.model)
+    check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
     work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
     reference = full_reference(protocol, work)
     for name, pipeline in runs:
         records = diagnose(protocol, pipeline, work, reference, tuple(args.probes))
         print(summary(records, name))
-        for path in save(records, Path(args.out), name, plots=not args.no_plots):
+        for path in save(records, out, name, plots=not args.no_plots):
             print(f"wrote {path}")
     return 0
 
@@ -314,16 +310,21 @@ BIAS_INIT = {"kl": 5.0, "reconstruction": -4.0}
 def _train_gates(args) -> int:
     from pathlib import Path
 
-    from kvpipe.learned.train import TrainConfig, train
-    from kvpipe.models import load
+    from kvpipe.learned.train import TrainConfig, checkpoint_state, train
+    from kvpipe.models import check_context, load
 
     context = args.context or (1024 if args.target == "reconstruction" else 512)
     config = TrainConfig(steps=args.steps, context=context, budget=args.budget, lr=args.lr, hidden=args.hidden,
                          bias_init=args.bias_init if args.bias_init is not None else BIAS_INIT[args.target],
                          shared=not args.unshared, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, target=args.target)
+    out = Path(args.out)
+    if args.resume:
+        checkpoint_state(out, config)             # a checkpoint of other gates, or none, fails before the model loads
+    writable_folder(out, "--out")
     model, tokenizer = load(args.model)
-    _, history = train(model, tokenizer, config, Path(args.out), resume=args.resume)
+    check_context(model, context, "--context")
+    _, history = train(model, tokenizer, config, out, resume=args.resume)
     last = history[-10:]
     means = ", ".join(f"{key} {sum(h[key] for h in last) / len(last):.4f}" for key in last[0] if key != "step")
     print(f"trained {len(history)} steps; last 10: {means}; wrote {Path(args.out) / 'gates.safetensors'}")

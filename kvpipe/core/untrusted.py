@@ -14,11 +14,12 @@ MAX_JSON_CHARS = 1 << 20          # what kvpipe writes is a few KB; 1 MB is gene
 MAX_JSON_DEPTH = 8
 
 
-def bounded_json(path: Path | str, field: str, text: str, max_depth: int = MAX_JSON_DEPTH) -> object:
-    """``text`` parsed, once it is known to be at most ``MAX_JSON_CHARS`` long and ``max_depth`` deep (the
-    standard parser recurses: 100,000 brackets would end in a ``RecursionError``)."""
-    if len(text) > MAX_JSON_CHARS:
-        raise FileError(path, field, f"{len(text)} characters of JSON, more than kvpipe writes ({MAX_JSON_CHARS})")
+def bounded_json(path: Path | str, field: str, text: str, max_depth: int = MAX_JSON_DEPTH,
+                 max_chars: int = MAX_JSON_CHARS) -> object:
+    """``text`` parsed, once it is known to be at most ``max_chars`` long and ``max_depth`` deep (the standard
+    parser recurses: 100,000 brackets would end in a ``RecursionError``)."""
+    if len(text) > max_chars:
+        raise FileError(path, field, f"{len(text)} characters of JSON, more than kvpipe writes ({max_chars})")
     if json_depth(text) > max_depth:
         raise FileError(path, field, f"JSON nested deeper than {max_depth} levels; kvpipe writes none so deep")
     try:

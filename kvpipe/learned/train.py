@@ -22,12 +22,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from kvpipe.core.spec import StrictModel
+from kvpipe.core.untrusted import bounded_json, validated
+from kvpipe.errors import FileError
+
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.learned import distill
+from kvpipe.learned.gate_file import read_gate_file
 from kvpipe.learned.gates import RetentionGates
 from kvpipe.runtime.adapters import find_decoder, kv_shape
 
@@ -125,10 +132,15 @@ def train(model, tokenizer, config: TrainConfig, out: Path, resume: bool = False
     optimizer = torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, start = [], 0
     if resume and (out / "state.json").is_file():
-        state = json.loads((out / "state.json").read_text())
-        gates.load_state_dict(load_file(str(out / "gates.safetensors")))
-        _load_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state["optimizer"])
-        history, start = state["history"], state["step"]
+        state = checkpoint_state(out, config)
+        _, _, tensors = read_gate_file(out / "gates.safetensors")
+        try:
+            gates.load_state_dict(tensors)
+            _load_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state.optimizer)
+        except (OSError, SafetensorError, RuntimeError, KeyError, ValueError) as err:
+            raise FileError(out, "optimizer.safetensors", f"does not match the checkpoint's gates ({err}); "
+                                                          "start a new --out") from None
+        history, start = state.history, state.step
     model.requires_grad_(False)
     started = time.perf_counter()
     bar = tqdm(range(start, config.steps), desc="train gates", unit="step", disable=not progress,
@@ -186,6 +198,43 @@ def save_checkpoint(gates: RetentionGates, optimizer, config: TrainConfig, histo
     (out / "state.json").write_text(json.dumps({"step": history[-1]["step"] if history else 0,
                                                 "config": asdict(config), "optimizer": layout,
                                                 "history": history}))
+
+
+class CheckpointState(StrictModel):
+    """``state.json`` of a checkpoint folder."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    step: int = Field(ge=0)
+    config: dict[str, object]
+    optimizer: dict[str, object]
+    history: list[dict[str, int | float]]
+
+
+RESUMED_SETTINGS = ("hidden", "shared", "target")     # what the checkpoint's gates and objective are
+
+
+def checkpoint_state(out: Path, config: TrainConfig) -> CheckpointState:
+    """The checkpoint in ``out``, checked for a run of ``config`` to resume: readable, of gates of the same width,
+    readout and target, and not already past ``config.steps``. Other settings (learning rate, budget, steps) may
+    change between runs."""
+    path = out / "state.json"
+    if not path.is_file():
+        raise FileError(path, "", "no checkpoint to resume here (train without --resume first)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FileError(path, "", f"cannot read it ({err})") from None
+    state = validated(path, CheckpointState, bounded_json(path, "", text, max_chars=1 << 28))
+    for name in RESUMED_SETTINGS:
+        if state.config.get(name) != getattr(config, name):
+            raise FileError(path, f"config.{name}", f"the checkpoint was trained with {name} "
+                                                    f"{state.config.get(name)!r} and this run asks for "
+                                                    f"{getattr(config, name)!r}; resume with the same {name}, or "
+                                                    "train into another --out")
+    if state.step >= config.steps:
+        raise FileError(path, "step", f"the checkpoint has already trained {state.step} steps; give --steps above "
+                                      "that to train on")
+    return state
 
 
 def record(config: TrainConfig, history: list[dict], seconds: float) -> dict:
