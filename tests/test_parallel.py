@@ -122,3 +122,23 @@ def test_pooled_counts_gives_tied_slots_to_the_first_units():
     counts = pooled_counts(scores, valid, None, torch.tensor([5]), torch.tensor([0]))
     # 3 and 2 win, then three slots among the five 1.0s: the first units' first
     assert counts.tolist() == [[3, 2, 0]]
+
+
+def test_a_fault_on_one_rank_raises_on_every_rank_and_the_next_generate_works(tmp_path):
+    """Without agreement, rank 0 waited forever in a collective rank 1 never joined (or gloo aborted on a mismatch)."""
+    tiny_model().save_pretrained(tmp_path / "model")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+                        "KVPIPE_COLLECTIVE_TIMEOUT": "60"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).with_name("tp_faults.py")), str(tmp_path / "model"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    zero, one = (json.loads((tmp_path / f"faults{r}.json").read_text()) for r in range(2))
+    for where in ("compress", "observe"):
+        assert one[where] == {"raised": "KVPipeError", "message": f"injected fault on rank 1 ({where})"}
+        assert zero[where]["raised"] == "PeerFailure", zero[where]
+        assert zero[where]["message"].startswith("rank 1 of 2 failed while compressing the cache")
+        assert zero[f"after {where}"] == one[f"after {where}"] and len(zero[f"after {where}"]) == 3
+    assert one["load"]["raised"] == "FileError" and "faulty.rank1-of-2.safetensors" in one["load"]["message"]
+    assert zero["load"]["raised"] == "PeerFailure" and "failed while loading the cache" in zero["load"]["message"]
+    assert zero["after load"] == one["after load"] == zero["after compress"]

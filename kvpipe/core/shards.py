@@ -11,13 +11,22 @@ a compression's traffic can be reported.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
 
 from kvpipe.errors import KVPipeError
+
+# seconds a rank waits in one of kvpipe's collectives for the others (a dead or stuck rank must not hang the rest)
+COLLECTIVE_TIMEOUT = float(os.environ.get("KVPIPE_COLLECTIVE_TIMEOUT", "600"))
+
+
+class PeerFailure(KVPipeError):
+    """Another tensor-parallel rank failed inside a block the ranks agree on (``HeadShards.agreeing``)."""
 
 
 @dataclass(eq=False)            # identity: a group handle, not a value (and a valid dataclass default)
@@ -28,6 +37,8 @@ class HeadShards:
     rank: int = 0
     world: int = 1
     sent_bytes: int = 0
+    timeout: float = COLLECTIVE_TIMEOUT
+    agreeing_on: str | None = field(default=None, repr=False)     # the block the ranks agree on, if one runs
 
     @property
     def split(self) -> bool:
@@ -53,8 +64,9 @@ class HeadShards:
             return x
         import torch.distributed as dist
 
+        self._peers_alive()
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self._wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True))
         self.sent_bytes += x.numel() * x.element_size()
         return torch.cat(parts, dim)
 
@@ -62,40 +74,65 @@ class HeadShards:
         if self.split:
             import torch.distributed as dist
 
-            dist.barrier(group=self.group)
+            self._wait(dist.barrier(group=self.group, async_op=True))
 
+    # --- agreeing on faults --------------------------------------------------------------------------------
+    # Inside an ``agreeing`` block every collective is preceded by a flag exchange, and a rank that fails sends
+    # its flag instead of going on: the others receive it in their next exchange (at their next collective, or at
+    # the block's end), raise ``PeerFailure``, and every rank has run the same collectives when the block ends.
+    # No rank waits for a collective the others never join, none mixes up two collectives, and the group stays
+    # usable for the next forward.
     @contextmanager
     def agreeing(self, what: str) -> Iterator[None]:
-        """Run the block on every rank and agree on its outcome: if it raised on any rank, every rank raises (that
-        rank its own error, the others a ``KVPipeError`` naming it), so no rank goes on alone into a collective the
-        others never join. One all-reduce of a flag; nothing in one process."""
+        """Run the block on every rank and agree on its outcome: if it raises on any rank, every rank raises (that
+        rank its own error, the others a ``PeerFailure`` naming it). In one process: just the block."""
+        if not self.split or self.agreeing_on is not None:        # nested: the outer block agrees
+            yield
+            return
+        self.agreeing_on = what
         try:
             yield
+        except PeerFailure:
+            raise                              # told by another rank: every rank knows already
         except BaseException:
-            self.agree(failed=True, what=what)
+            self._exchange(failed=True)
             raise
-        self.agree(failed=False, what=what)
+        else:
+            self._exchange(failed=False)
+        finally:
+            self.agreeing_on = None
 
-    def agree(self, failed: bool, what: str) -> None:
-        """Tell every rank whether this one failed at ``what``; raise here if another did (``failed`` ranks
-        return: they raise their own error)."""
-        if not self.split:
-            return
+    def _peers_alive(self) -> None:
+        if self.agreeing_on is not None:
+            self._exchange(failed=False)
+
+    def _exchange(self, failed: bool) -> None:
+        """Tell every rank whether this one failed; raise ``PeerFailure`` here if another did."""
         import torch.distributed as dist
 
         device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
         first = torch.tensor([self.rank if failed else self.world], device=device)
-        dist.all_reduce(first, dist.ReduceOp.MIN, group=self.group)
+        self._wait(dist.all_reduce(first, dist.ReduceOp.MIN, group=self.group, async_op=True))
         if not failed and int(first) < self.world:
-            raise KVPipeError(f"rank {int(first)} of {self.world} failed while {what} (its own error says why); "
-                              "this rank stopped with it")
+            what, self.agreeing_on = self.agreeing_on, None
+            raise PeerFailure(f"rank {int(first)} of {self.world} failed while {what} (its own error says why); "
+                              f"rank {self.rank} stopped with it")
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as err:
+            raise KVPipeError(f"rank {self.rank} of {self.world} waited {self.timeout:g} s for the other ranks in a "
+                              f"kvpipe collective ({str(err).splitlines()[0] if str(err) else 'timed out'}); a rank "
+                              "died or is stuck. KVPIPE_COLLECTIVE_TIMEOUT sets the wait") from None
 
     def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         out = x.clone()
         if self.split:
             import torch.distributed as dist
 
-            dist.all_reduce(out, getattr(dist.ReduceOp, op), group=self.group)
+            self._peers_alive()
+            self._wait(dist.all_reduce(out, getattr(dist.ReduceOp, op), group=self.group, async_op=True))
             self.sent_bytes += out.numel() * out.element_size()
         return out
 

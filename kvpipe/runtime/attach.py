@@ -39,6 +39,8 @@ class ForwardState:
     started: float = 0.0                  # perf_counter() when it began
     sent_bytes: int = 0                   # the shards' sent_bytes when it began (observers may communicate)
     observed: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    fault: BaseException | None = None    # an observation that failed on this rank (tensor parallelism: held back
+                                          # until the ranks agree, so the model's own collectives stay matched)
 
 
 class Session:
@@ -114,14 +116,21 @@ class Session:
     def after_forward(self, module, args, kwargs, output):
         forward, self.active = self.active, None
         self.binding.forward_running = self.binding.fused_decode = self.binding.static_decode = False
+        if forward is not None and forward.fault is not None and self.probing is not None:
+            raise forward.fault            # a probe's forward runs inside the compression the ranks agree on
         if forward is not None and self.probing is None:
             # The cache is largest now, before compression; chunked prefill and decode triggers keep this low.
             forward.cache.peak_bytes = max(forward.cache.peak_bytes, cache_bytes(forward.cache))
             # Storage is not differentiable (codes, kept sets): a forward with gradients on still compresses
             # its cache, and no graph reaches into it.
             with torch.no_grad():
-                if forward.compressing:
-                    self.finish(forward)
+                if forward.compressing or forward.fault is not None:
+                    # every rank compresses, or every rank raises: a fault on one must not leave the others
+                    # waiting in a collective (kvpipe.core.shards)
+                    with self.shards.agreeing("compressing the cache"):
+                        if forward.fault is not None:
+                            raise forward.fault
+                        self.finish(forward)
                 for layer in forward.cache.layers:
                     layer.settle()
         return output
@@ -139,7 +148,14 @@ class Session:
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None,
                           self.shards)
-        self.record(forward, obs)
+        if not self.shards.split:
+            self.record(forward, obs)
+            return
+        if forward.fault is None:       # a rank's fault waits for the forward's end: the other ranks are in its
+            try:                        # collectives, which this rank must join
+                self.record(forward, obs)
+            except Exception as err:    # noqa: BLE001 - raised after the forward, on every rank (after_forward)
+                forward.fault = err
 
     # --- what a compressing forward does; a recording session (kvpipe.runtime.capture) does otherwise ----
     def fires(self, cache: KVPipeCache, new_tokens: int) -> bool:
