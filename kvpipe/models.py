@@ -33,13 +33,40 @@ def launched_by_torchrun() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
-         tensor_parallel: bool = False):
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (or ``None``): the first CUDA device if there is one, else the CPU; otherwise the device named."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """``auto`` (or ``None``): bf16 on a GPU that has it, fp16 on another GPU, the checkpoint's own on the CPU
+    (``None``: fp32 for the embedded GGUF); ``bf16``/``fp16``/``fp32`` or a ``torch.dtype`` as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def load(name: str = "smollm2-135m", dtype: str | torch.dtype | None = None, attn_implementation: str = "sdpa",
+         tensor_parallel: bool = False, device: str | None = "cpu"):
     """``(model, tokenizer)`` in eval mode. ``name``: ``smollm2-135m`` or a HF model id / local path.
 
-    GGUF weights are dequantized by transformers (to fp32 unless ``dtype`` says otherwise). ``tensor_parallel``:
-    in a process started by ``torchrun``, load this rank's shard of the model (transformers' ``tp_plan="auto"``).
+    ``device``: ``cpu`` (default), ``cuda``, ``cuda:1``, ... or ``auto`` (a GPU if there is one). ``dtype``:
+    ``bf16``, ``fp16``, ``fp32``, a ``torch.dtype`` or ``auto`` (bf16 on a GPU; on the CPU the checkpoint's own, fp32
+    for the embedded GGUF, whose weights transformers dequantizes). ``tensor_parallel``: in a process started by
+    ``torchrun``, load this rank's shard of the model (transformers' ``tp_plan="auto"``; ``device`` is then the
+    rank's own).
     """
+    place = resolve_device(device)
+    dtype = resolve_dtype(dtype, place)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -63,6 +90,8 @@ def load(name: str = "smollm2-135m", dtype: torch.dtype | None = None, attn_impl
                           "or a local path; nothing is downloaded at run time here") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not tensor_parallel:
+        model.to(place)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import kvpipe.errors
 import kvpipe.models
 from kvpipe.cli import main
 
@@ -61,3 +62,30 @@ def exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as done:
         return done.code
+
+
+@pytest.mark.parametrize("argv", [["run", "default", "--cases", "1"], ["diagnose", "default", "--cases", "1"],
+                                  ["train-gates", "--steps", "1"], ["bench", "benchmarks/suites/smoke.yaml"]])
+def test_device_and_dtype_reach_the_model_loader(argv, tmp_path, monkeypatch):
+    """Parsed and passed (the CPU's; a GPU's are parsed the same): the loader is asked for them."""
+    asked = {}
+
+    def recording_load(name, **kwargs):
+        asked.update(kwargs)
+        raise kvpipe.errors.KVPipeError("stop here")
+
+    monkeypatch.setattr(kvpipe.models, "load", recording_load)
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).parents[1]
+    argv = [str(root / arg) if arg.endswith(".yaml") else arg for arg in argv]
+    device = ["--devices", "cpu"] if argv[0] == "bench" else ["--device", "cpu"]
+    assert exit_code([*argv, *device, "--dtype", "bf16"]) == 1
+    assert asked["device"] == "cpu" and asked["dtype"] == "bf16"
+
+
+@pytest.mark.real_model
+def test_load_puts_the_model_on_the_device_and_dtype_asked_for():
+    model, _ = kvpipe.models.load("smollm2-135m", device="cpu", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert kvpipe.models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

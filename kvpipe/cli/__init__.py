@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpipe.cli.arguments import MAX_CASES, MIN_CONTEXT, OneLineParser, count, device, number, writable_folder
+from kvpipe.cli.arguments import (MAX_CASES, MIN_CONTEXT, OneLineParser, count, device, model_flags, number,
+                                  writable_folder)
 from kvpipe.errors import KVPipeError
 from kvpipe.eval.choices import PROBES
 from kvpipe.eval.choices import TASK_KINDS as KINDS
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "torchrun (torchrun --nproc-per-node N -m kvpipe run ...) the model is loaded with "
                                    "tensor parallelism, each rank holding and compressing its share of the KV heads "
                                    "under the one budget; N must divide the model's KV heads (3 for SmolLM2-135M).")
-    p.add_argument("pipeline", help="path of a pipeline YAML file (e.g. pipelines/default.yaml)")
+    p.add_argument("pipeline", help="a shipped pipeline's name (agnostic, int4, ...) or a pipeline YAML file")
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded, default) or a Hugging Face model id / local path")
+    model_flags(p)
     p.add_argument("--context", type=count(MIN_CONTEXT), default=2048, metavar="TOKENS",
                    help=f"context length, at least {MIN_CONTEXT} (default 2048)")
     p.add_argument("--cases", type=count(1, MAX_CASES), default=12, metavar="N", help="number of cases (default 12)")
@@ -82,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="override the suite's model")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots (no matplotlib needed)")
     p.add_argument("--devices", type=device, nargs="+", metavar="DEVICE",
-                   help="where the model runs (cuda:0, cuda:1, cpu; default: where it loads, the CPU); under "
-                        "torchrun rank r takes the (r mod count)-th")
+                   help="where the model runs (auto, cuda:0, cuda:1, cpu; default: the CPU); under torchrun rank r "
+                        "takes the (r mod count)-th")
+    model_flags(p, device_flag=False)
     p.add_argument("--no-share", action="store_true",
                    help="let every pipeline run its own prefill instead of compressing one shared prefill per "
                         "case (same results, tested; only to measure what sharing saves)")
@@ -96,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "the failure mode (evidence missing / irrelevant ranked in / coupled evidence "
                                    "split) and the effect of changing one decision (add recovery, value-aware "
                                    "ranking, coupled projection). Writes a table, a JSONL file and a plot.")
-    p.add_argument("pipeline", nargs="+", help="pipeline YAML files (each diagnosed on the same cases)")
+    p.add_argument("pipeline", nargs="+", help="pipeline names or YAML files (each diagnosed on the same cases)")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
+    model_flags(p)
     p.add_argument("--budget", type=number(0, 1, low_open=True), nargs="+", metavar="KEEP",
                    help="override the budget with keep: KEEP (several: one run per budget)")
     p.add_argument("--kinds", nargs="+", default=["single", "multikey", "multivalue"], choices=KINDS,
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "generated needle / multi-key / multi-value / variable-tracking tasks. "
                                    "Checkpoints every --checkpoint-every steps; --resume continues a run.")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a HF model id / path")
+    model_flags(p)
     p.add_argument("--out", default="gates", metavar="DIR", help="checkpoint directory (default gates/); the "
                                                                  "gate file is DIR/gates.safetensors")
     p.add_argument("--target", choices=("kl", "reconstruction"), default="kl",
@@ -207,7 +212,7 @@ def _run(args) -> int:
                           "compressed before any question, so it cannot be combined with --question-aware")
     pipeline = build(args.pipeline)  # fail on a bad spec before loading anything
     rank, ranks = launched_by_torchrun()                     # under torchrun: one model, its heads split
-    model, tokenizer = load(args.model, tensor_parallel=ranks > 1)
+    model, tokenizer = load(args.model, tensor_parallel=ranks > 1, device=args.device, dtype=args.dtype)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
     if args.questions == 1:
@@ -245,9 +250,8 @@ def _bench(args) -> int:
     shard = launched()                             # under torchrun: this rank's share of the cases
     # so does an output folder that would overwrite a run; every rank writes into rank 0's
     out = Path(agreed(str(output_folder(args.out, suite.name)) if shard.rank == 0 else "", shard))
-    model, tokenizer = load(suite.model)
-    if args.devices:
-        model.to(args.devices[shard.rank % len(args.devices)])
+    devices = args.devices or ["cpu"]
+    model, tokenizer = load(suite.model, device=devices[shard.rank % len(devices)], dtype=args.dtype)
     for context in suite.contexts:               # before any task runs
         check_context(model, context + QUESTION_ROOM, f"suite context {context} (plus the question and answer)")
     check_fidelity(suite, tokenizer)
@@ -291,7 +295,7 @@ def _diagnose(args) -> int:
             name = Path(source).stem + (f"-keep{keep}" if keep is not None else "")
             runs.append((name, pipeline.with_budget(keep=keep) if keep is not None else pipeline))
     out = writable_folder(Path(args.out), "--out")               # before the model loads, not after the run
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
     check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
     protocol = Protocol(model, tokenizer, args.question_aware)
     work = diagnose_cases(tokenizer, args.kinds, args.context, args.cases, args.seed)
@@ -322,7 +326,7 @@ def _train_gates(args) -> int:
     if args.resume:
         checkpoint_state(out, config)             # a checkpoint of other gates, or none, fails before the model loads
     writable_folder(out, "--out")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
     check_context(model, context, "--context")
     _, history = train(model, tokenizer, config, out, resume=args.resume)
     last = history[-10:]

@@ -62,9 +62,11 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
 
 
 def device(text: str) -> str:
-    """argparse type: a device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    """argparse type: ``auto`` or a device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
     import torch
 
+    if text == "auto":
+        return text
     try:
         parsed = torch.device(text)
     except (RuntimeError, ValueError):
@@ -79,6 +81,17 @@ def device(text: str) -> str:
     elif parsed.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{text}: kvpipe runs on cpu, cuda or mps devices")
     return text
+
+
+def model_flags(parser: argparse.ArgumentParser, device_flag: bool = True) -> None:
+    """``--device`` and ``--dtype``, the same in every command that loads a model."""
+    if device_flag:
+        parser.add_argument("--device", type=device, default="auto", metavar="DEVICE",
+                            help="where the model runs: auto (default: the first GPU if there is one, else the CPU), "
+                                 "cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="the model's dtype: auto (default: bf16 on a GPU, fp32 for the embedded model on the "
+                             "CPU), bf16, fp16, fp32")
 
 
 def writable_folder(path: Path, option: str) -> Path:

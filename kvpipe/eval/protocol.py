@@ -84,25 +84,35 @@ class Protocol:
         """``long [1, n]``: what is prefilled, and so compressed, before the rest of the prompt is read."""
         return case.ids[:, :-1] if self.question_aware else case.prefix_ids
 
+    def _on_model(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` on the device of the model's input embeddings (cases are made on the host)."""
+        return ids.to(self.model.get_input_embeddings().weight.device)
+
+    def _seconds_since(self, started: float) -> float:
+        """Wall time since ``started``, once a GPU has finished what was queued (timings are not launch times)."""
+        if self.model.get_input_embeddings().weight.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
     def prefill(self, case: TaskCase, cache) -> float:
         """Feed the compressed part into ``cache``; returns the seconds it took."""
         with torch.inference_mode():
             started = time.perf_counter()
-            self.model(self.compressed_part(case), **cache_arg(self.model, cache))
-            return time.perf_counter() - started
+            self.model(self._on_model(self.compressed_part(case)), **cache_arg(self.model, cache))
+            return self._seconds_since(started)
 
     def score(self, case: TaskCase, cache, reference: torch.Tensor) -> Score:
         """Teacher-force the rest of the prompt and ``reference [k]`` after the prefilled ``cache`` (which is
         extended: pass a fork to keep it)."""
-        rest = case.ids[:, self.compressed_part(case).shape[1]:]
-        inputs = torch.cat([rest, reference[None, :-1]], -1)
+        rest = self._on_model(case.ids[:, self.compressed_part(case).shape[1]:])
+        inputs = torch.cat([rest, self._on_model(reference[None, :-1])], -1)
         with torch.inference_mode():
             logits = self.model(inputs, **cache_arg(self.model, cache)).logits[0, rest.shape[1] - 1:]
-        return Score.of(logits, reference)
+        return Score.of(logits, reference.to(logits.device))
 
     def generate(self, case: TaskCase, cache) -> tuple[str, torch.Tensor, float]:
         """Greedy answer resumed from the prefilled ``cache``: ``(text, token ids [k], tokens/s)``."""
-        ids = case.ids
+        ids = self._on_model(case.ids)
         with torch.inference_mode():
             started = time.perf_counter()
             # An explicit mask: SmolLM2's pad token is its <|im_end|>, which the chat prompt contains, and
@@ -110,8 +120,8 @@ class Protocol:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(self.model, cache),
                                       max_new_tokens=case.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
-            seconds = time.perf_counter() - started
-        new = out[0, ids.shape[1]:]
+            seconds = self._seconds_since(started)
+        new = out[0, ids.shape[1]:].cpu()
         return self.decode(new), new, len(new) / seconds
 
     def ask(self, case: TaskCase, cache, measure: Callable[[Any], int] = cache_bytes,
