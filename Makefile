@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 CONTEXT ?= 1024
 CASES   ?= 4
 
-.PHONY: setup demo test test-tf52 docs clean
+.PHONY: setup demo test test-fast test-tf52 docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ demo: $(VENV)/.demo-installed
 
 # pytest exits 5 when it collected nothing; that must fail, not pass.
 test: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25 tests
+
+# Minutes, not a quarter of an hour: no real model, no GPU (the real-model tests stay in `make test` and CI).
+test-fast: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=10 -m "not real_model and not cuda" tests
 
 # The oldest transformers kvpipe supports, with kvpress (0.5.5 pins transformers<5.3) for the peer tests:
 # the attach/cache tests, the real-model tests and the bench runner with kvpress presses beside pipelines.
