@@ -326,6 +326,7 @@ class Handle:
             "probe_vs_forward": seconds[1] / max(seconds[2], 1e-9),
             "kv_bytes_peak": max(peak, kv_bytes),
             "budget_met": shortfall == 0,
+            "layers_kept_whole": cache.layers_kept_whole,
             "budget_shortfall": shortfall,
             "collective_bytes": sent,
         }

@@ -141,8 +141,8 @@ class KVPipeLayer(DynamicLayer):
         if self.binding is not None:
             self.binding.check()
         new = key_states.shape[-2]
-        if self._writes_in_place(key_states):
-            tail = self._static_tail()
+        tail = self._static_tail() if self._writes_in_place(key_states) else None
+        if tail is not None:
             tail.write(key_states, value_states)
             keys, values = tail.keys, tail.values
         else:
@@ -165,18 +165,28 @@ class KVPipeLayer(DynamicLayer):
                 and self.binding is not None and self.binding.static_decode
                 and not (torch.is_grad_enabled() and key_states.requires_grad))
 
-    def _static_tail(self) -> StaticTail:
+    def _static_tail(self) -> StaticTail | None:
         """The static tail, made from the plain tail on the first one-token step after a compression or a longer
-        forward; a plain tail too long for it joins the store first (eager, once)."""
+        forward (a plain tail too long for it joins the store first, eager, once); ``None`` when its empty slots
+        would make the layer larger than an uncompressed one (a store that saved fewer slots than a tail holds)."""
         if self._static is None:
             keys, values = self.keys, self.values
+            capacity = min(self.store.tail_capacity, max(STATIC_TAIL_SLOTS, 1 << keys.shape[-2].bit_length()))
+            if not self._fits(capacity, upcoming=1):
+                return None
             if keys.shape[-2] >= self.store.tail_capacity:
                 self._join_tail(keys, values)
                 keys, values = keys[..., :0, :], values[..., :0, :]
-            capacity = min(self.store.tail_capacity, max(STATIC_TAIL_SLOTS, 1 << keys.shape[-2].bit_length()))
             self._static = StaticTail(keys, values, capacity)
             self._keys = self._values = None
         return self._static
+
+    def _fits(self, capacity: int, upcoming: int = 0) -> bool:
+        """Whether the store and a static tail of ``capacity`` slots hold no more bytes than an uncompressed layer of
+        the tokens seen (plus ``upcoming`` being fed): what ``kv_bytes`` must never exceed."""
+        batch, heads, _, dim = self.keys.shape
+        slot = batch * heads * 2 * dim * self.keys.dtype.itemsize
+        return self.store.nbytes + capacity * slot <= (self.seen + upcoming) * slot
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -263,16 +273,22 @@ class KVPipeLayer(DynamicLayer):
 
     def settle(self) -> None:
         """After a forward: a full static tail grows (twice the slots) up to the store's ``tail_capacity``, then
-        joins the store and starts over in the same buffers; a quantized store takes in a plain tail once it holds a
-        whole page (KIVI's flush)."""
+        joins the store and starts over in the same buffers (each only while the layer stays no larger than an
+        uncompressed one); a quantized store takes in a plain tail once it holds a whole page (KIVI's flush)."""
         if self.store is None:
             return
         if self._static is not None:
-            if self._static.full and self._static.capacity < self.store.tail_capacity:
-                self._static = self._static.grown(min(2 * self._static.capacity, self.store.tail_capacity))
-            elif self._static.full:
-                self._join_tail(*self._static.filled())
+            if not self._static.full:
+                return
+            bigger = min(2 * self._static.capacity, self.store.tail_capacity)
+            if bigger > self._static.capacity and self._fits(bigger):
+                self._static = self._static.grown(bigger)
+                return
+            self._join_tail(*self._static.filled())
+            if self._fits(self._static.capacity):
                 self._static.clear()
+            else:                       # no room for its empty slots: back to a plain tail, exact bytes
+                self._clear_tail()
             return
         joins_at = self.store.joins_tail_at
         if joins_at is not None and self.tail_length >= joins_at:
@@ -340,6 +356,7 @@ class KVPipeCache(DynamicCache):
     compress_seconds: float       # time spent compressing (observation excluded)
     peak_bytes: int               # most bytes held after any forward, before that forward's compression
     budget_shortfall: int         # slots kept beyond the budget at the last compression (protected ones)
+    layers_kept_whole: int        # layers the last compression left uncompressed: storing them would have cost more
     compressed_by: str | None     # the spec (JSON) of the pipeline that compressed it; None: never compressed
     compressing_forward_seconds: float   # time of the forwards that ended in a compression (before it)
     probe_seconds: float          # time probing stages spent re-reading the context (kvpipe.runtime.probe)
@@ -355,7 +372,7 @@ class KVPipeCache(DynamicCache):
         """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place)."""
         self.storage, self.binding, self.shards, self.collective_bytes = storage, binding, shards, 0
         self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
-        self.compress_seconds, self.peak_bytes, self.budget_shortfall = 0.0, 0, 0
+        self.compress_seconds, self.peak_bytes, self.budget_shortfall, self.layers_kept_whole = 0.0, 0, 0, 0
         self.compressed_by = None
         self.compressing_forward_seconds, self.probe_seconds = 0.0, 0.0
 

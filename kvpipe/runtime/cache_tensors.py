@@ -92,9 +92,9 @@ def check_values(path: Path, index: int, layer: LayerMeta, tensors: dict[str, to
     tail = tensors["tail.keys"].shape[2]
     stored_below = layer.seen - tail                  # every stored position comes before the tail's tokens
     if layer.store == "none":
-        if tail != layer.seen or layer.since_compression != layer.seen:
+        if tail != layer.seen:
             raise FileError(path, prefix + "tail.keys", f"an uncompressed layer holds every token it saw; this "
-                                                             f"one holds {tail} of seen={layer.seen}")
+                                                        f"one holds {tail} of seen={layer.seen}")
         return
     if not tail <= layer.since_compression <= layer.seen:
         raise FileError(path, prefix + "since_compression", f"{layer.since_compression} is not between the tail's "

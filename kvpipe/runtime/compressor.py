@@ -16,7 +16,7 @@ from kvpipe.core.context import CompressionContext, Observation
 from kvpipe.core.plan import Plan
 from kvpipe.runtime.cache import KVPipeCache
 from kvpipe.runtime.quantized_store import roundtrip
-from kvpipe.runtime.store import RaggedStore
+from kvpipe.runtime.store import RaggedStore, storage_bytes
 
 # what observing stages recorded in the forward that filled a cache: {stage id: {layer index: value}}
 Observed = dict[str, dict[int, Any]]
@@ -91,9 +91,30 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     # only a preview of the store, and quantizing twice would add error for nothing.
     keeps = ctx.slots.get("keep", [view.valid for view in views])
     values = ctx.slots.get("values", [view.values for view in views])        # refit values, if a stage did
+    wholes = [(layer.keys, layer.values) if layer.store is None else None for layer in layers]
     for layer, view, keep, value in zip(layers, views, keeps, values):
         layer.compact(dataclasses.replace(view, values=value), keep, fmt)
+    _keep_whole_what_saved_nothing(cache, wholes)
     cache.compress_seconds += time.perf_counter() - started
     cache.collective_bytes += cache.shards.sent_bytes - sent
     cache.budget_shortfall = ctx.shortfall
     cache.compressed_by = pipeline.spec.model_dump_json()     # what a saved cache must be loaded under
+
+
+def _keep_whole_what_saved_nothing(cache: KVPipeCache, wholes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+    """A cache compressed for the first time whose stores hold no fewer bytes than its tokens did (a short prompt:
+    every token protected, or pages, scales and positions outweighing what was evicted) goes back to what it was,
+    so a cache is never larger than the full one. Decided for the whole model (every layer, summed over
+    tensor-parallel ranks): transformers builds one attention mask for all layers, which must agree on whether
+    they are compressed, and every rank decides alike. ``cache.layers_kept_whole`` counts the layers kept."""
+    cache.layers_kept_whole = 0
+    if any(whole is None for whole in wholes):           # compressed before: compressing again only shrinks it
+        return
+    sizes = torch.tensor([sum(layer.nbytes for layer in cache.layers), sum(storage_bytes(*w) for w in wholes)],
+                         dtype=torch.float64, device=wholes[0][0].device)     # gloo reduces on the host, nccl not
+    stored, whole = cache.shards.sum(sizes).tolist()
+    if stored >= whole:
+        for layer, (keys, values) in zip(cache.layers, wholes):
+            layer.store = None
+            layer.keys, layer.values = keys, values
+        cache.layers_kept_whole = len(cache.layers)
