@@ -10,7 +10,7 @@ the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import ConfigDict, Field
@@ -36,10 +36,10 @@ class GateRecord(StrictModel):
     target: Literal["kl", "reconstruction"] = "kl"
 
 
-def read_gate_file(path: Path) -> tuple[GateShape, GateRecord, dict[str, torch.Tensor]]:
-    """``(shape, record, tensors)`` of the gate file at ``path``, every part checked."""
-    from kvpipe.learned.gates import RetentionGates
-
+def read_gate_file(path: Path, parameter_shapes: Callable[..., dict[str, tuple[int, ...]]]
+                   ) -> tuple[GateShape, GateRecord, dict[str, torch.Tensor]]:
+    """``(shape, record, tensors)`` of the gate file at ``path``, every part checked; ``parameter_shapes(**shape)``
+    names the gates' parameters and their shapes (``RetentionGates.parameter_shapes``)."""
     try:
         with safe_open(str(path), "pt") as file:
             meta = file.metadata() or {}
@@ -47,7 +47,7 @@ def read_gate_file(path: Path) -> tuple[GateShape, GateRecord, dict[str, torch.T
                 raise FileError(path, "shape", "missing: not a kvpipe retention gate file")
             shape = validated(path, GateShape, bounded_json(path, "shape", meta["shape"]), "shape")
             record = validated(path, GateRecord, bounded_json(path, "record", meta.get("record", "{}")), "record")
-            expected = RetentionGates.parameter_shapes(**shape.model_dump())
+            expected = parameter_shapes(**shape.model_dump())
             header = {name: (file.get_slice(name).get_dtype(), tuple(file.get_slice(name).get_shape()))
                       for name in file.keys()}
             if missing := sorted(expected.keys() - header.keys()):

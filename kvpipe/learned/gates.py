@@ -95,7 +95,7 @@ class RetentionGates(nn.Module):
         if not path.is_file():
             raise KVPipeError(f"no retention gate file {source!r}: give a .safetensors path or one of "
                               f"{sorted(SHIPPED)}")
-        shape, record, tensors = read_gate_file(path)
+        shape, record, tensors = read_gate_file(path, cls.parameter_shapes)
         gates = cls(**shape.model_dump())
         gates.load_state_dict(tensors)
         return gates.eval().requires_grad_(False), record.model_dump()

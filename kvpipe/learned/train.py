@@ -133,7 +133,7 @@ def train(model, tokenizer, config: TrainConfig, out: Path, resume: bool = False
     history, start = [], 0
     if resume and (out / "state.json").is_file():
         state = checkpoint_state(out, config)
-        _, _, tensors = read_gate_file(out / "gates.safetensors")
+        _, _, tensors = read_gate_file(out / "gates.safetensors", RetentionGates.parameter_shapes)
         try:
             gates.load_state_dict(tensors)
             _load_optimizer(optimizer, load_file(str(out / "optimizer.safetensors")), state.optimizer)
