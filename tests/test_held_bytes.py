@@ -47,3 +47,20 @@ def test_held_bytes_is_the_reachable_storage_and_close_to_the_kv(tmp_path, name)
     reachable = storage_reachable(cache)
     assert abs(stats["held_bytes"] - reachable) <= 0.02 * reachable, (stats["held_bytes"], reachable)
     assert stats["kv_bytes"] <= stats["held_bytes"] <= 1.05 * stats["kv_bytes"], stats
+
+
+def test_stats_is_typed_reads_as_a_dict_and_its_reference_page_is_current(tmp_path):
+    from pathlib import Path
+
+    from kvpipe.runtime.stats import Stats, stats_reference
+
+    model = tiny_model()
+    with shipped_pipeline("default", tmp_path).attach(model) as handle, torch.inference_mode():
+        cache = handle.cache()
+        model(torch.randint(2, 250, (1, 300)), **cache_arg(model, cache))
+        stats = handle.stats(cache)
+    assert isinstance(stats, Stats) and stats["kv_bytes"] == stats.kv_bytes == dict(stats)["kv_bytes"] > 0
+    assert set(stats) == set(stats.dict()) and len(stats) == len(Stats.__dataclass_fields__)
+    assert stats.kv_bytes <= stats.held_bytes and stats.compression_ratio > 1 and stats.layers_kept_whole == 0
+    page = (Path(__file__).parents[1] / "docs" / "stats.md").read_text()
+    assert page.endswith(stats_reference()), "regenerate the table of docs/stats.md from kvpipe.runtime.stats"

@@ -25,6 +25,7 @@ from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, res
 from kvpipe.runtime.held import held_bytes
 from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
+from kvpipe.runtime.stats import Stats
 
 
 @dataclass
@@ -267,24 +268,9 @@ class Handle:
         session.last_cache = cache
         return cache
 
-    def stats(self, cache: KVPipeCache | None = None) -> dict:
-        """Memory held by ``cache`` (default: the last one used), measured from the tensors' storage.
-
-        Returns ``kv_bytes`` (the keys and values held, with their positions and lengths), ``held_bytes`` (every
-        byte of tensor storage the cache keeps alive, each storage once: ``kv_bytes`` plus what it derived to run
-        fast, such as validity masks, the decode kernel's buffers and the dequantization workspace;
-        ``runtime.held``), ``kv_bytes_full`` (an uncompressed cache of the same tokens in the model's
-        dtype), ``kv_bytes_full_16bit`` (the same in bf16/fp16, what a GPU deployment holds), ``compression_ratio``
-        (full / held), ``kept_tokens`` (``long [layers, B, Hkv]``), ``seen_tokens`` and
-        ``compress_seconds`` (time spent in the compression phase, observation excluded), ``probe_seconds`` and
-        ``probe_vs_forward`` (time probing stages spent re-reading the context, and that as a multiple of the
-        compressing forwards' own time, ``compressing_forward_seconds``; 0 without such stages), ``kv_bytes_peak``
-        (the most the cache held after any forward, measured before that forward's compression), ``budget_met``
-        and ``budget_shortfall`` (slots kept beyond the budget at the last compression because they were
-        protected: a prompt shorter than the sinks and window; 0 when met), ``collective_bytes`` (what the
-        compressions sent between tensor-parallel ranks, all ranks together; 0 in one process),
-        ``tail_reserve_bytes`` (the part of ``kv_bytes`` that static decode tails hold in slots not yet filled:
-        room for the next decode steps, at most a page per layer and head; ``runtime.tail``).
+    def stats(self, cache: KVPipeCache | None = None) -> Stats:
+        """Memory held by ``cache`` (default: the last one used) and the time spent compressing it: a ``Stats``
+        (``kvpipe.runtime.stats``; every field documented there and in ``docs/stats.md``), readable as a dict too.
 
         Under tensor parallelism this is a collective: every rank calls it and gets the whole model's numbers
         (bytes summed over ranks, ``kept_tokens`` of every rank's heads in rank order, times the slowest rank's).
@@ -311,22 +297,11 @@ class Handle:
                                           device=device)).tolist()
         # on the CPU: layers may sit on several devices (device_map), and stats are read on the host
         kept = torch.stack([layer.kept_slots().cpu() for layer in layers]) if layers else torch.empty(0, 0, 0)
-        return {
-            "kv_bytes": kv_bytes,
-            "held_bytes": held,
-            "tail_reserve_bytes": reserve,
-            "kv_bytes_full": full,
-            "kv_bytes_full_16bit": full_16bit,
-            "compression_ratio": full / kv_bytes if kv_bytes else float("nan"),
-            "kept_tokens": shards.gather(kept, dim=2),                                 # [layers, B, Hkv]
-            "seen_tokens": cache.get_seq_length(),
-            "compress_seconds": seconds[0],
-            "probe_seconds": seconds[1],
-            "compressing_forward_seconds": seconds[2],
-            "probe_vs_forward": seconds[1] / max(seconds[2], 1e-9),
-            "kv_bytes_peak": max(peak, kv_bytes),
-            "budget_met": shortfall == 0,
-            "layers_kept_whole": cache.layers_kept_whole,
-            "budget_shortfall": shortfall,
-            "collective_bytes": sent,
-        }
+        return Stats(
+            kv_bytes=kv_bytes, held_bytes=held, tail_reserve_bytes=reserve, kv_bytes_full=full,
+            kv_bytes_full_16bit=full_16bit, compression_ratio=full / kv_bytes if kv_bytes else float("nan"),
+            kept_tokens=shards.gather(kept, dim=2), seen_tokens=cache.get_seq_length(),
+            compress_seconds=seconds[0], probe_seconds=seconds[1], compressing_forward_seconds=seconds[2],
+            probe_vs_forward=seconds[1] / max(seconds[2], 1e-9), kv_bytes_peak=max(peak, kv_bytes),
+            budget_met=shortfall == 0, layers_kept_whole=cache.layers_kept_whole, budget_shortfall=shortfall,
+            collective_bytes=sent)
