@@ -11,8 +11,9 @@ import transformers
 print(f"smoke: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}",
       flush=True)
 
-import kvpipe  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvpipe  # noqa: E402
 
 config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, attn_implementation="sdpa",

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from timing import copy_bandwidth, timer
 from tqdm.auto import tqdm
 
+from kvpipe.core.quantization import Quantization
 from kvpipe.core.table import render
 from kvpipe.kernels.pages import PageFormat
-from kvpipe.core.quantization import Quantization
 from kvpipe.runtime.quantized_store import QuantizedStore
 
 

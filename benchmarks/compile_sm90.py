@@ -12,11 +12,12 @@ declared 16-byte aligned, as a launch with fresh torch tensors specialises them.
     python benchmarks/compile_sm90.py --check               # the gate `make test` runs (exit 1 when it fails)
 
 ``--check`` compiles the shipped configurations (head dim 64 and 128, GQA 4 and 8, fp16 and bf16 queries, int4
-and int2, pages of 128; int2.yaml's pages of 32 are reported beside, not gated) at the first autotuning configuration and fails when the page loop of int4 at head dim
-128, GQA 4 issues more than ``BUDGET`` warp instructions per packed byte, when any configuration spills, or when
-a 16-bit tile passes through shared memory inside the page loop (only the packed bytes may: an unpacked tile
-there costs a round trip per element; two ways to get one by accident are in kernels.md §6). One exception is
-printed as known (``NARROW_KEYS``: int2 at head dim 64).
+and int2, pages of 128; int2.yaml's pages of 32 are reported beside, not gated) at the first autotuning
+configuration and fails when the page loop of int4 at head dim 128, GQA 4 issues more than ``BUDGET`` warp
+instructions per packed byte, when any configuration spills, or when a 16-bit tile passes through shared memory
+inside the page loop (only the packed bytes may: an unpacked tile there costs a round trip per element; two ways
+to get one by accident are in kernels.md §6). One exception is printed as known (``NARROW_KEYS``: int2 at head
+dim 64).
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ def compile_one(shape: Shape, config: triton.Config, arch: int) -> Report:
     per_token = sum(mix.values()) * config.num_warps / shape.group
     registers, stack = (int(re.search(rf"{field}:(\d+)", usage).group(1)) for field in ("REG", "STACK"))
     return Report(shape, str(config), registers, stack, compiled.metadata.shared, per_token,
-                  per_token / shape.packed_bytes_per_token(), wide_shared_tiles(compiled.asm["ttgir"], constants["BLOCK_H"]),
+                  per_token / shape.packed_bytes_per_token(),
+                  wide_shared_tiles(compiled.asm["ttgir"], constants["BLOCK_H"]),
                   ", ".join(f"{op} {n}" for op, n in mix.most_common(6)))
 
 

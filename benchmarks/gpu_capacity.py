@@ -124,7 +124,7 @@ def capacity(sizes: Capacity, device: torch.device, model_factory) -> list[dict]
             rows.append(best or {"contender": name, "max_batch": 0, "note": "batch 1 does not fit"})
             rows[-1]["search_s"] = time.perf_counter() - started
         common = min(row["max_batch"] for row in rows)
-        for (name, pipeline, extra), row in zip(competing, rows):
+        for (_, pipeline, extra), row in zip(competing, rows):
             at_common = decode_run(model, common, sizes, pipeline, extra, device) if common else None
             row |= {"common_batch": common, "tokens_per_s_common": at_common["tokens_per_s"] if at_common else None}
         full = rows[0]

@@ -104,7 +104,8 @@ def _page(q_slices, q_power, key_codes, key_scale, key_min, value_codes, value_s
           KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
           OFFSET: tl.constexpr, ASM: tl.constexpr):
     """Fold page ``pid`` (its first ``used`` slots) into the online softmax. ``q_slices``: the query's channel
-    slices for the key dots (``_query_slices``) in log2 units times the power of two ``q_power``, which the scores undo in fp32."""
+    slices for the key dots (``_query_slices``) in log2 units times the power of two ``q_power``, which the scores
+    undo in fp32."""
     KEY_BYTES: tl.constexpr = D * KBITS // 8      # bytes of one token's key codes = channels per key field
     CHUNK: tl.constexpr = G * VBITS // 8          # bytes of one channel's value codes = tokens per value field
     KF: tl.constexpr = 8 // KBITS
@@ -207,7 +208,8 @@ _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s, maxnreg=r)
 @triton.jit(do_not_specialize=["tail_capacity", "splits"])
 def _decode_kernel(q, key_codes, key_scale, key_min, value_codes, value_scale, value_min, page_used,
                    page_start, page_count, res_keys, res_values, res_start, res_len,
-                   tail_keys, tail_values, tail_len, tail_capacity, partial_o, partial_lse, arrivals, out, qk_scale, splits,
+                   tail_keys, tail_values, tail_len, tail_capacity, partial_o, partial_lse, arrivals, out, qk_scale,
+                   splits,
                    work_class, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                    GV: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, DOT: tl.constexpr,
                    DENSE: tl.constexpr, PRECISION: tl.constexpr, OFFSET: tl.constexpr, ASM: tl.constexpr):
@@ -381,7 +383,8 @@ def fused_decode_attention(query: torch.Tensor, store: DecodeOperands, tail_keys
     work = triton.next_power_of_2(max(1, store.pages // (heads * splits)))
     _launch((heads, splits + 2), (group, dim, fmt, query.dtype, work),
             q=q, **store.kernel_args(), tail_keys=tail_keys.contiguous(), tail_values=tail_values.contiguous(),
-            tail_len=tail_length, tail_capacity=tail_keys.shape[2], partial_o=partial_o, partial_lse=partial_lse, arrivals=arrivals, out=out,
+            tail_len=tail_length, tail_capacity=tail_keys.shape[2], partial_o=partial_o, partial_lse=partial_lse,
+            arrivals=arrivals, out=out,
             qk_scale=scaling * LOG2E, splits=splits, work_class=work, GROUP=group,
             BLOCK_H=triton.next_power_of_2(group), D=dim, G=fmt.group, GV=fmt.value_group, KBITS=fmt.key_bits,
             VBITS=fmt.value_bits, DOT=dot, DENSE=dense, PRECISION=precision, OFFSET=offset, ASM=not interpreting())

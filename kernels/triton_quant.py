@@ -1,4 +1,5 @@
-"""Triton quantize-and-pack for KIVI pages (layout 2): one program per page, bit-exact with ``kernels.pages.quantize_pages``.
+"""Triton quantize-and-pack for KIVI pages (layout 2): one program per page, bit-exact with
+``kernels.pages.quantize_pages``.
 
 Min/max ranges only (the ``kivi`` method) and float16 scales: the 16-bit rounding direction (scale up, minimum
 down) is done on the bit pattern, which is what the torch reference's ``nextafter`` does.
@@ -98,7 +99,8 @@ def quantize_pages_triton(keys: torch.Tensor, values: torch.Tensor, positions: t
         raise ValueError("the Triton quantize kernel stores float16 scales; use scale_dtype: float16 or backend: torch")
     pages, group, dim = keys.shape
     if dim & (dim - 1):
-        raise ValueError(f"the Triton quantize kernel needs a power-of-two head dimension, got {dim}; use backend: torch")
+        raise ValueError(f"the Triton quantize kernel needs a power-of-two head dimension, got {dim}; "
+                         "use backend: torch")
     keys, values, positions = keys.contiguous(), values.contiguous(), positions.to(torch.int32).contiguous()
     out = PackedPages(
         keys.new_empty(pages, group, dim * fmt.key_bits // 8, dtype=torch.uint8),

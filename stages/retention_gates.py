@@ -1,8 +1,6 @@
 """Learned retention gates (TrimKV / DBTrimKV, Bui et al., arXiv 2512.03324 and 2605.09649)."""
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from pydantic import Field
 
@@ -35,11 +33,8 @@ class RetentionGatesStage(Stage):
 
     def __init__(self, params: RetentionGateParams, node_id: str | None = None):
         super().__init__(params, node_id)
-        self.loaded         # the gate file is read and checked at build(), not at the first compression
-
-    @cached_property
-    def loaded(self) -> tuple[RetentionGates, dict]:
-        return RetentionGates.load(self.params.gates)
+        # the gate file is read and checked at build(), not at the first compression
+        self.loaded: tuple[RetentionGates, dict] = RetentionGates.load(params.gates)
 
     @property
     def gates(self) -> RetentionGates:

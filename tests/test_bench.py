@@ -167,7 +167,8 @@ def test_several_questions_on_one_compressed_context_answer_as_each_asked_alone(
     for c, cases in enumerate(make_question_sets(tokenizer, 256, 2, 3)):
         for q, case in enumerate(cases):
             alone = protocol.ask_pipeline(pipeline, case)
-            asked = next(r for r in records if (r["case"], r["question"], r["contender"]) == (c, q, "default @ keep=0.5"))
+            asked = next(r for r in records
+                         if (r["case"], r["question"], r["contender"]) == (c, q, "default @ keep=0.5"))
             assert asked["answer"] == alone.text and asked["kv_bytes"] == alone.kv_bytes
     full = {(r["case"], r["question"]): r["answer"] for r in records if r["family"] == "full"}
     kept = [r for r in records if r["contender"] == "keep everything @ own"]

@@ -150,9 +150,11 @@ def test_parameter_shapes_are_those_of_the_built_gates(shared):
 BROKEN = {"empty": "not a valid kvpipe retention gate file", "truncated": "not a valid kvpipe retention gate file",
           "pickled": "not a valid kvpipe retention gate file", "bad metadata": "shape: invalid JSON",
           "wrong shapes": "shape.hidden: Field required", "nan weights": "holds NaN or inf",
-          "huge shape": "missing: gates of this shape have 4098 tensors", "record list": "record: expected a JSON object",
+          "huge shape": "missing: gates of this shape have 4098 tensors",
+          "record list": "record: expected a JSON object",
           "record string": "record: expected a JSON object", "record target": "record.target: Input should be",
-          "deep record": "record: JSON nested deeper", "float tensor": "readouts.0.weight: F16 .2, 8. where the shape metadata needs F32",
+          "deep record": "record: JSON nested deeper",
+          "float tensor": "readouts.0.weight: F16 .2, 8. where the shape metadata needs F32",
           "extra tensor": "evil: not a tensor of retention gates"}
 
 
@@ -175,7 +177,8 @@ def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
     path = tmp_path / f"{kind.replace(' ', '-')}.safetensors"
     edits = {"huge shape": {"shape": json.dumps({"layers": 1024, "heads": 1024, "head_dim": 4096, "hidden": 8192})},
              "record list": {"record": "[1, 2]"}, "record string": {"record": '"kl"'},
-             "record target": {"record": '{"target": "nonsense"}'}, "deep record": {"record": "[" * 50000 + "]" * 50000}}
+             "record target": {"record": '{"target": "nonsense"}'},
+             "deep record": {"record": "[" * 50000 + "]" * 50000}}
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":

@@ -35,7 +35,8 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     # compressing after the prefill forward leaves the peak where the full cache's is; chunked prefill lowers it
     assert end_to_end["int4"]["x KV peak"] > 0.9 and end_to_end[chunked]["x KV peak"] < 0.5
     capacity = {row["contender"]: row for row in report["capacity"]}
-    assert {"full bf16 cache", "kvpipe int4", "kvpipe value-aware-int4 @ bytes 0.15", "kvpipe agnostic-int4"} <= set(capacity)
+    expected = {"full bf16 cache", "kvpipe int4", "kvpipe value-aware-int4 @ bytes 0.15", "kvpipe agnostic-int4"}
+    assert expected <= set(capacity)
     for row in capacity.values():            # the schema the committed JSON carries
         assert row["max_batch"] >= 1 and row["tokens_per_s"] > 0 and row["held_gb"] > 0 and row["peak_gb"] > 0
     # under one byte cap, 4-bit pages fit more sequences than the full cache

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_gates_file, tiny_model
 from kvpipe.core.allocation import kth_largest, order_keys, pooled_counts
+
+from conftest import tiny_gates_file, tiny_model
 from tp_worker import run, scenarios
 
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -71,6 +72,7 @@ def test_each_rank_saves_its_heads_and_loads_them_back(tensor_parallel):
 
     import kvpipe
     from kvpipe.errors import KVPipeError
+
     from tp_worker import scenarios
 
     _, ranks, folder = tensor_parallel
@@ -103,7 +105,8 @@ def test_pooled_budgets_talk_in_histograms_not_tokens(tensor_parallel):
     """A global budget's traffic is a few histograms per compression, whatever the context length."""
     _, ranks, _ = tensor_parallel
     sent = ranks[0]["global-zscore"]["stats"]["collective_bytes"]
-    assert 0 < sent < 4 * 2 * 256 * 4 + 4096        # 4 rounds of [B, 256] int32 counts per rank, tie counts, z-score sums
+    # 4 rounds of [B, 256] int32 counts per rank, tie counts, z-score sums
+    assert 0 < sent < 4 * 2 * 256 * 4 + 4096
 
 
 def test_kth_largest_is_a_sort():

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvpipe.core.quantization import Quantization
 from kvpipe.kernels.pages import PageFormat, dequantize_pages, quantize_pages
 from kvpipe.kernels.quant import pack_codes, unpack_codes
-from kvpipe.core.quantization import Quantization
 from kvpipe.runtime.quantized_store import QuantizedStore
 
 from conftest import fresh_seed

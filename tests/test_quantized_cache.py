@@ -213,8 +213,8 @@ def test_layout_skips_unused_page_slots_only_when_heads_align(counts):
     """A compaction leaves a partly used page; later flushes put whole pages after it. Aligned heads see a
     hole-free layout (no mask needed); ragged heads keep holes, marked invalid. Either way the valid slots,
     in order, are exactly the stored tokens, dequantized."""
-    from kvpipe.kernels.pages import PageFormat
     from kvpipe.core.quantization import Quantization
+    from kvpipe.kernels.pages import PageFormat
     torch.manual_seed(3)
     batch, heads, n, dim, group = 2, 3, 50, 16, 8
     quant = Quantization(PageFormat(key_bits=8, value_bits=8, group=group, value_group=dim,

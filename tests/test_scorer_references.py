@@ -22,7 +22,8 @@ def observation(batch=1, q_heads=4, kv_heads=2, q=6, kv=6, dim=8, model_dim=12, 
     generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     return Observation(0, rand(batch, q_heads, q, dim), rand(batch, kv_heads, kv, dim), rand(batch, kv_heads, kv, dim),
-                       dim**-0.5, torch.ones(batch, q, dtype=torch.bool), torch.ones(batch, kv_heads, kv, dtype=torch.bool),
+                       dim**-0.5, torch.ones(batch, q, dtype=torch.bool),
+                       torch.ones(batch, kv_heads, kv, dtype=torch.bool),
                        rand(model_dim, q_heads * dim))
 
 

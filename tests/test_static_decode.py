@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_host_syncs import OWN_CODE, READS_A_VALUE, ROOT
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from kvpipe.runtime import cache as cache_module
 
 from conftest import left_padded_batch, shipped_pipeline, tiny_model
-from test_host_syncs import OWN_CODE, READS_A_VALUE, ROOT
 
 STEPS = 20
 
@@ -88,7 +88,7 @@ def test_decode_steps_between_flushes_are_the_same_step(name, backend, tmp_path,
         token = ids[:, -1:]
         recorder = StepRecorder()
         with recorder:
-            for step in range(STEPS + 1):      # the first step makes the static tails (and reads store shapes)
+            for _ in range(STEPS + 1):         # the first step makes the static tails (and reads store shapes)
                 mask = torch.cat([mask, torch.ones_like(token)], 1)
                 recorder.next_step()
                 model(token, attention_mask=mask, past_key_values=cache)
@@ -133,5 +133,6 @@ def test_a_fork_gets_its_own_static_tail(tmp_path):
         twin = cache.fork()
         before = twin.layers[0].keys.clone()
         model(token + 1, attention_mask=torch.cat([mask, torch.ones_like(token)], 1), past_key_values=cache)
-        assert torch.equal(twin.layers[0].keys, before) and twin.layers[0].static_tail is not cache.layers[0].static_tail
+        assert torch.equal(twin.layers[0].keys, before)
+        assert twin.layers[0].static_tail is not cache.layers[0].static_tail
         assert cache.layers[0].tail_length == twin.layers[0].tail_length + 1

@@ -4,8 +4,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpipe.cli.arguments import (MAX_CASES, MIN_CONTEXT, OneLineParser, count, device, model_flags, number,
-                                  writable_folder)
+from kvpipe.cli.arguments import (
+    MAX_CASES,
+    MIN_CONTEXT,
+    OneLineParser,
+    count,
+    device,
+    model_flags,
+    number,
+    writable_folder,
+)
 from kvpipe.errors import KVPipeError
 from kvpipe.eval.choices import PROBES
 from kvpipe.eval.choices import TASK_KINDS as KINDS
@@ -364,8 +372,8 @@ def _train_gates(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference, "run": _run,
-            "bench": _bench, "diagnose": _diagnose, "train-gates": _train_gates}
+COMMANDS = {"demo": _demo, "validate": _validate, "graph": _graph, "stages": _stages, "reference": _reference,
+            "run": _run, "bench": _bench, "diagnose": _diagnose, "train-gates": _train_gates}
 
 if __name__ == "__main__":
     sys.exit(main())

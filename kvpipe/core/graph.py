@@ -93,5 +93,6 @@ def describe(graph: nx.DiGraph) -> str:
         parents = sorted(graph.predecessors(stage.id), key=lambda n: graph.nodes[n]["index"])
         reads = ", ".join(stage.reads + tuple(f"{s}?" for s in stage.optional_reads)) or "-"
         after = f"  (after {', '.join(parents)})" if parents else ""
-        lines.append(f"{stage.id:<16} [{stage.family}]  reads: {reads}  writes: {', '.join(stage.writes) or '-'}{after}")
+        writes = ", ".join(stage.writes) or "-"
+        lines.append(f"{stage.id:<16} [{stage.family}]  reads: {reads}  writes: {writes}{after}")
     return "\n".join(lines)

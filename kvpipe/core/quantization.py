@@ -37,4 +37,5 @@ class Quantization:
         """Most a head can hold beyond ``slot_bytes`` per token: the residual kept unquantized and one partly
         used page."""
         full = exact_slot_bytes(head_dim, dtype)
-        return self.residual * max(full - self.slot_bytes(head_dim), 0) + (self.fmt.group - 1) * self.slot_bytes(head_dim)
+        slot = self.slot_bytes(head_dim)
+        return self.residual * max(full - slot, 0) + (self.fmt.group - 1) * slot

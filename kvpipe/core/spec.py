@@ -31,7 +31,8 @@ MAX_TOKENS = 1 << 24      # 16M: beyond any model's context; larger numbers are 
 class Budget(StrictModel):
     """Exactly one of three ways to say how much cache to keep."""
 
-    keep: float | None = Field(None, gt=0, le=1, description="fraction of each row's real tokens kept per layer×KV head")
+    keep: float | None = Field(None, gt=0, le=1,
+                               description="fraction of each row's real tokens kept per layer×KV head")
     tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
                                description="tokens kept per layer×KV head (mean, for non-uniform allocators)")
     bytes: float | None = Field(None, gt=0, le=1,
@@ -56,8 +57,9 @@ class Trigger(StrictModel):
     """When the cache is compressed. ``trigger: prefill`` is short for ``{prefill: true}``."""
 
     prefill: bool = Field(True, description="compress after the first forward on a fresh cache (the prompt)")
-    every: int | None = Field(None, ge=1, le=MAX_TOKENS, description="also compress whenever this many tokens have been added "
-                                                      "since the last compression (decoding, chunked prefill)")
+    every: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                              description="also compress whenever this many tokens have been added since the last "
+                                          "compression (decoding, chunked prefill)")
 
     @model_validator(mode="after")
     def _something(self) -> Trigger:
@@ -85,9 +87,11 @@ class PipelineSpec(StrictModel):
     strict: bool = Field(False, description="a prompt whose protected tokens exceed the budget is an error "
                                             "(for benchmarks); by default they are kept, nothing else is, and "
                                             "`handle.stats()` reports `budget_met: false`")
-    trigger: Trigger = Field(default_factory=Trigger, description="when to compress (`prefill`, or "
-                                                                  "`{prefill: true, every: 64}` to keep decoding in budget)")
-    backend: Literal["auto", "torch", "triton"] = Field("auto", description="kernels: auto = Triton on CUDA, torch elsewhere")
+    trigger: Trigger = Field(default_factory=Trigger,
+                             description="when to compress (`prefill`, or `{prefill: true, every: 64}` to keep "
+                                         "decoding in budget)")
+    backend: Literal["auto", "torch", "triton"] = Field("auto",
+                                                        description="kernels: auto = Triton on CUDA, torch elsewhere")
     stages: list[StageSpec] = Field(description="the stages, in order; `after:` turns the list into a DAG")
 
     @model_validator(mode="before")
@@ -111,7 +115,8 @@ class PipelineSpec(StrictModel):
 def parse_spec(source: YamlSource) -> PipelineSpec:
     """Validate the raw data; raise ``SpecError`` pointing at the first offending key."""
     if not isinstance(source.data, dict):
-        raise source.error((), f"a pipeline is a mapping with `version:` and `stages:`, got {type(source.data).__name__}")
+        raise source.error((), "a pipeline is a mapping with `version:` and `stages:`, "
+                               f"got {type(source.data).__name__}")
     try:
         return PipelineSpec.model_validate(source.data)
     except ValidationError as err:

@@ -95,8 +95,8 @@ def read_source(spec: str | Path | dict) -> YamlSource:
     if not path.is_file():
         path = shipped.path(spec)
         if not path.is_file():
-            raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({', '.join(shipped.names())})",
-                            str(spec))
+            known = ", ".join(shipped.names())
+            raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({known})", str(spec))
     return load_file(path)
 
 

@@ -19,8 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpipe.errors import BudgetError, KVPipeError
-from kvpipe.eval.contenders import (QUANTIZED_PEERS, Contender, FullCache, PipelineContender, QuantizedPeer,
-                                    kvpress_available, peer)
+from kvpipe.eval.contenders import (
+    QUANTIZED_PEERS,
+    Contender,
+    FullCache,
+    PipelineContender,
+    QuantizedPeer,
+    kvpress_available,
+    peer,
+)
 from kvpipe.eval.fidelity import compare
 from kvpipe.eval.protocol import Answer, Protocol
 from kvpipe.eval.shard import Shard, merged, wait_for_all
@@ -33,6 +40,8 @@ from kvpipe.version import __version__
 
 PROTOCOLS = {"agnostic": (False,), "aware": (True,), "both": (False, True)}
 FIDELITY_PARAGRAPHS = slice(600, 900)   # held out: far from where the haystacks usually start
+
+ALONE = Shard()          # one process runs every case
 
 
 def contenders(suite: SuiteSpec, suite_dir: Path) -> tuple[list[Contender], list[dict]]:
@@ -72,13 +81,14 @@ def environment(suite: SuiteSpec, share: bool = True, always_generate: bool = Fa
     except importlib.metadata.PackageNotFoundError:
         versions["kvpress"] = "not installed"
     return {"kind": "environment", "suite": suite.name, "model": suite.model, "seed": suite.seed,
-            "cases": suite.cases, "questions_per_context": suite.questions_per_context, "haystack": suite.haystack, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cases": suite.cases, "questions_per_context": suite.questions_per_context, "haystack": suite.haystack,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "shared_prefill": share,
             "always_generate": always_generate, **versions}
 
 
 def run_suite(suite: SuiteSpec, suite_dir: Path, model, tokenizer, out_dir: Path, progress: bool = True,
-              share: bool = True, always_generate: bool = False, shard: Shard = Shard()) -> list[dict]:
+              share: bool = True, always_generate: bool = False, shard: Shard = ALONE) -> list[dict]:
     """Run everything; returns the records also written to ``out_dir/results.jsonl`` (as they come).
     ``share=False``: every contender runs its own prefill; ``always_generate``: every contender generates
     (both to check and to measure what the shortcuts save; the records are the same).
@@ -119,7 +129,7 @@ def _finished(started: float):
 
 
 def task_records(suite: SuiteSpec, field: list[Contender], model, tokenizer, bar, share: bool = True,
-                 always_generate: bool = False, shard: Shard = Shard()):
+                 always_generate: bool = False, shard: Shard = ALONE):
     """Every contender on every case. ``field[0]`` (the full cache) answers first: its greedy answer is the
     reference every other contender's likelihood is scored on.
 

@@ -63,7 +63,8 @@ def run_demo(protocol: Protocol, context: int, cases: int, questions: int, seed:
     full = outcomes["full cache"]
     for name in PIPELINES:
         kept = sum(a and b for a, b in zip(outcomes[name], full))
-        say(f"{name} kept {kept} of the full cache's {sum(full)} right answers" + (" (all)" if kept == sum(full) else ""))
+        everything = " (all)" if kept == sum(full) else ""
+        say(f"{name} kept {kept} of the full cache's {sum(full)} right answers{everything}")
     say(f"\nCompress once, ask many: one document with {questions} facts, compressed once by `{forked}`; each "
         "question is answered on its own fork of that cache (cache.fork(): shared tensors, no copy).")
     group = make_question_sets(tokenizer, context, 1, questions, seed + 1)[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -146,6 +147,11 @@ def full_reference(protocol: Protocol, work) -> list[Reference]:
     return out
 
 
+def _extend_with_evidence(evidence: list, case: TaskCase, cache) -> None:
+    """``after_prefill`` of a diagnosed case: what the compressed ``cache`` kept of the case's evidence."""
+    evidence.extend(evidence_stats(cache, case))
+
+
 def diagnose(protocol: Protocol, pipeline: Pipeline, work, reference: list[Reference],
              probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
     """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``; each
@@ -154,8 +160,7 @@ def diagnose(protocol: Protocol, pipeline: Pipeline, work, reference: list[Refer
     records = []
     for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
         gold, evidence = gold_ids(protocol.tokenizer, case), []
-        mine = protocol.ask_pipeline(pipeline, case, gold, after_prefill=lambda c: evidence.extend(
-            evidence_stats(c, case)))
+        mine = protocol.ask_pipeline(pipeline, case, gold, after_prefill=partial(_extend_with_evidence, evidence, case))
         record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(mine.text), full.loglik,
                             mine.score.loglik, *evidence, None)
         record.mode = classify(record)
@@ -172,9 +177,10 @@ def summary(records: list[CaseRecord], name: str) -> str:
     kinds = list(dict.fromkeys(r.kind for r in records))
     counts = [[mode, *(sum(r.mode == mode and r.kind == k for r in failures) for k in kinds),
                sum(r.mode == mode for r in failures)] for mode in MODES]
-    counts.append(["correct / full cache correct",
-                   *(f"{sum(r.correct for r in records if r.kind == k)}/{sum(r.full_correct for r in records if r.kind == k)}"
-                     for k in kinds), f"{sum(r.correct for r in records)}/{sum(r.full_correct for r in records)}"])
+    def share(kind_records):
+        return f"{sum(r.correct for r in kind_records)}/{sum(r.full_correct for r in kind_records)}"
+    counts.append(["correct / full cache correct", *(share([r for r in records if r.kind == k]) for k in kinds),
+                   share(records)])
     lines = [f"{name}: {sum(r.correct for r in records)}/{len(records)} correct "
              f"(full cache {sum(r.full_correct for r in records)}); {len(failures)} failures by mode",
              render(["failure mode", *kinds, "all"], counts)]

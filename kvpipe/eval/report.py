@@ -44,7 +44,8 @@ def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
            f"{env['haystack']}; {env['date']} on {env['machine']}.  ",
            "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("kvpipe", "torch", "transformers", "kvpress", "python"))
            + _wall_time(records),
-           "", "*Accuracy*: cases answered correctly (every expected answer in the greedy output), with its 95 % Wilson "
+           "",
+           "*Accuracy*: cases answered correctly (every expected answer in the greedy output), with its 95 % Wilson "
            "interval. *Lost/won*: cases the full cache answers and the contender does not / the other way round; "
            "`*` = the difference is significant at 5 % (exact McNemar test on these paired cases). *Margin*: mean "
            "log-likelihood (nats) the full cache's own answer loses under the contender, teacher-forced after the "

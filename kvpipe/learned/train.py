@@ -31,7 +31,6 @@ from transformers import AttentionInterface
 from kvpipe.core.spec import StrictModel
 from kvpipe.core.untrusted import bounded_json, validated
 from kvpipe.errors import FileError
-
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.learned import distill
 from kvpipe.learned.gate_file import read_gate_file

@@ -17,8 +17,14 @@ from kvpipe.core.context import Observation
 from kvpipe.core.plan import Plan
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import compressor, probe
-from kvpipe.runtime.adapters import (base_attention_function, cache_keyword, check_model, find_decoder,
-                                     output_projection, rotary_embedding)
+from kvpipe.runtime.adapters import (
+    base_attention_function,
+    cache_keyword,
+    check_model,
+    find_decoder,
+    output_projection,
+    rotary_embedding,
+)
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
 from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, reserved_bytes
@@ -57,7 +63,8 @@ class Session:
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
-        self.binding = Binding(type(model).__name__, model_identity(model), attached=False)        # the caches' view of this attach
+        # the caches' view of this attach
+        self.binding = Binding(type(model).__name__, model_identity(model), attached=False)
         self.cache_kwarg = cache_keyword(self.decoder)
         self.shards = head_shards(model)                # one process's heads, or a tensor-parallel rank's
 
@@ -283,7 +290,8 @@ class Handle:
             if cache is None:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
         layers = [layer for layer in cache.layers if layer.is_initialized]
-        elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1] for layer in layers]
+        elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1]
+                    for layer in layers]
         full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
         shards = cache.shards
         # on the cache's device: where the tensor-parallel group's backend (gloo: host, nccl: GPU) reduces

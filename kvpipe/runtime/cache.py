@@ -30,11 +30,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvpipe.core.context import LayerView
+from kvpipe.core.quantization import Quantization
 from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
-from kvpipe.core.quantization import Quantization
 from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
 from kvpipe.runtime.tail import STATIC_TAIL_SLOTS, StaticTail
@@ -72,7 +72,7 @@ class Binding:
 
     def __init__(self, model_name: str, identity: dict | None = None, attached: bool = True):
         self.model_name = model_name         # for messages
-        self.identity = identity             # the model's identity (``runtime.model_identity``): what saved caches record
+        self.identity = identity             # the model's (``runtime.model_identity``): what saved caches record
         self.attached = attached
         self.threads = threading.local()
 
@@ -229,7 +229,8 @@ class KVPipeLayer(DynamicLayer):
     def past_valid(self, upto: int) -> torch.Tensor:
         """``bool [B, Hkv, upto]``: validity of the first ``upto`` physical slots (store, then tail)."""
         batch, heads = self.keys.shape[:2]
-        store = self.store.valid() if self.store is not None else self.keys.new_zeros((batch, heads, 0), dtype=torch.bool)
+        store = (self.store.valid() if self.store is not None
+                 else self.keys.new_zeros((batch, heads, 0), dtype=torch.bool))
         tail = torch.ones(batch, heads, upto - store.shape[-1], dtype=torch.bool, device=store.device)
         return torch.cat([store, tail], dim=-1)
 

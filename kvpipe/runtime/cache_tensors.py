@@ -41,7 +41,8 @@ def layer_patterns(meta: CacheMeta, layer: LayerMeta, fmt: PageFormat | None) ->
 
     def ragged(prefix: str, slots: str) -> dict[str, Pattern]:
         return {f"{prefix}.keys": (dtype, (slots, dim)), f"{prefix}.values": (dtype, (slots, dim)),
-                f"{prefix}.positions": (POSITION_DTYPE, (slots,)), f"{prefix}.lengths": (POSITION_DTYPE, (batch, heads))}
+                f"{prefix}.positions": (POSITION_DTYPE, (slots,)),
+                f"{prefix}.lengths": (POSITION_DTYPE, (batch, heads))}
 
     if layer.store == "ragged":
         patterns |= ragged("store", "N")

@@ -42,7 +42,7 @@ def page_packer(method: str, backend: str, fmt: PageFormat) -> PagePacker:
 
 
 def _triton_minmax(keys, values, positions, fmt, group_range):
-    from kvpipe.kernels.triton_quant import quantize_pages_triton     # imported only where Triton runs
+    from kvpipe.kernels.triton_quant import quantize_pages_triton  # imported only where Triton runs
     return quantize_pages_triton(keys, values, positions, fmt)
 
 

@@ -5,8 +5,8 @@ teacher-forced, ``chunk`` tokens at a time, each chunk after the stage's prompt 
 (KVzip's chunked repeat: the cache itself is not extended, every fork is dropped, so a probe forward holds
 at most the context plus prompt plus one chunk, and attends over no more). The attention function hands every
 layer's observation to the probe instead of the pipeline; each stage's values for the slots being compressed
-are reduced by maximum over the probe's forwards. The probe runs through the attached decoder, so what a layer exposes (masks per head,
-positions, rotary) is what a normal forward sees.
+are reduced by maximum over the probe's forwards. The probe runs through the attached decoder, so what a layer
+exposes (masks per head, positions, rotary) is what a normal forward sees.
 """
 from __future__ import annotations
 

@@ -23,8 +23,7 @@ import torch
 from kvpipe.core.quantization import Quantization
 from kvpipe.kernels.pages import PackedPages, dequantize_pages, dequantize_pages_into
 from kvpipe.kernels.quant import check_finite
-from kvpipe.kernels.ragged import (concat_ragged, run_places, run_starts, scatter_runs, select_ragged_rows,
-                                   unpack_ragged)
+from kvpipe.kernels.ragged import concat_ragged, run_places, run_starts, scatter_runs, select_ragged_rows, unpack_ragged
 from kvpipe.runtime.backend import packer
 from kvpipe.runtime.page_packers import page_packer
 from kvpipe.runtime.store import POSITION_DTYPE, RaggedStore, ValidSlots, storage_bytes

@@ -71,7 +71,8 @@ def raw(text: bytes) -> Edit:
 CASES: dict[str, tuple[str, Edit, str]] = {
     "layers_empty_list": ("ragged", set_meta("layers", "[]"), r"layers: List should have at least 1 item"),
     "layers_empty_object": ("ragged", set_meta("layers", "{}"), r"layers: Input should be a valid list"),
-    "layers_shorter": ("ragged", meta_json("layers", lambda layers: layers[:-1]), r": layers: 1 entries for a model of 2"),
+    "layers_shorter": ("ragged", meta_json("layers", lambda layers: layers[:-1]),
+                       r": layers: 1 entries for a model of 2"),
     "store_none": ("ragged", every_layer("store", "none"), r"layers.0.store.keys: not a tensor of this layer"),
     "store_none_quantized": ("quantized", every_layer("store", "none"), r"layers.0.page_counts: not a tensor"),
     "store_kind_swapped": ("quantized", every_layer("store", "ragged"), r"layers.0.store: ragged, where the attached"),
@@ -101,18 +102,20 @@ CASES: dict[str, tuple[str, Edit, str]] = {
                                r"pages.positions, residual.positions: positions outside"),
     "page_positions_minus_one": ("quantized", tensor("layers.0.pages.positions", poisoned(-1, at=0)),
                                  r"empty slots .-1. do not match"),
-    "page_used_zero": ("quantized", tensor("layers.0.pages.used", lambda t: torch.zeros_like(t)), r"used: holds counts"),
+    "page_used_zero": ("quantized", tensor("layers.0.pages.used", torch.zeros_like), r"used: holds counts"),
     "head_dim_mismatch": ("ragged", tensor("layers.0.store.values", lambda t: t[:, :8].contiguous()),
                           r"store.values: shape \[\d+, 8\] does not fit"),
     "tail_keys_values_differ": ("decode", tensor("layers.0.tail.values", lambda t: t[:, :, :1].contiguous()),
                                 r"tail.values: shape .* does not fit"),
-    "batch_mismatch": ("ragged", tensor("layers.0.store.lengths", lambda t: t.repeat(2, 1)), r"lengths: shape \[2, 2\]"),
+    "batch_mismatch": ("ragged", tensor("layers.0.store.lengths", lambda t: t.repeat(2, 1)),
+                       r"lengths: shape \[2, 2\]"),
     "lengths_huge": ("ragged", tensor("layers.0.store.lengths", lambda t: torch.full_like(t, 2 ** 24)),
                      r"store.lengths: per-head counts must be non-negative and sum"),
     "lengths_negative": ("ragged", tensor("layers.0.store.lengths", lambda t: t - 2 * t.max()), r"per-head counts"),
     "page_counts_huge": ("quantized", tensor("layers.0.page_counts", lambda t: torch.full_like(t, 2 ** 24)),
                          r"page_counts: per-head counts"),
-    "missing_tensor": ("ragged", tensor("layers.1.store.positions", lambda t: None), r"layers.1.store.positions: missing"),
+    "missing_tensor": ("ragged", tensor("layers.1.store.positions", lambda t: None),
+                       r"layers.1.store.positions: missing"),
     "extra_tensor": ("ragged", lambda m, t: t.update({"layers.5.store.keys": torch.ones(2, 2)}),
                      r"layers.5.store.keys: not a tensor of any layer"),
     "missing_shape": ("ragged", set_meta("shape", None), r": shape: Field required"),
@@ -189,6 +192,7 @@ def peak_bytes() -> int:
 
 def main(folder: Path) -> None:
     import kvpipe
+
     from conftest import tiny_model
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 The question quotes the opening words of one sentence and asks for the rest, and the answer starts with those
 words (an answer prefix, as kvpress's pipeline has); the case is correct when the model goes on with the words
 that follow them in the text. SmolLM2-135M rarely manages this even with the full cache (1 case in 6 at 1k
-tokens): a task for larger models, kept so that suites for them need nothing new. The sentence is unique in the context (as are its opening and
-the asked words), so the answer must come from that spot; the model may have read the Python docs in training,
-so compare with the full cache's score, not with 100 %.
+tokens): a task for larger models, kept so that suites for them need nothing new. The sentence is unique in the
+context (as are its opening and the asked words), so the answer must come from that spot; the model may have
+read the Python docs in training, so compare with the full cache's score, not with 100 %.
 """
 from __future__ import annotations
 
