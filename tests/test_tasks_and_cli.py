@@ -212,3 +212,16 @@ def test_run_refuses_a_context_beyond_the_models_positions(smollm):
     check_context(model, 2048, "--context")
     with pytest.raises(KVPipeError, match="needs 100,000 positions but LlamaForCausalLM was trained for 8,192"):
         check_context(model, 100_000, "--context")
+
+
+def test_the_terminal_catalogue_fits_100_columns_in_whole_sentences(capsys):
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    summaries = [line.strip() for line in out.splitlines() if line.startswith("  ") and not line.startswith("  -")]
+    entries = out.strip().split("\n\n")
+    for entry in entries:            # each stage's summary: its docstring's first sentence, ending where it ends
+        summary = " ".join(line.strip() for line in entry.splitlines()[1:] if not line.lstrip().startswith("-")
+                           and not line.startswith("      "))
+        assert summary.endswith("."), entry
+    assert summaries

@@ -23,10 +23,25 @@ def catalogue(markdown: bool = False) -> str:
             reads = ", ".join(cls.reads + tuple(f"{s} (optional)" for s in cls.optional_reads)) or "-"
             slots = f"reads: {reads}; writes: {', '.join(cls.writes) or '-'}"
             rows = [[p, t, d if d == "required" else json.dumps(d), desc] for p, t, d, desc in describe_params(cls)]
-            table = render(["param", "type", "default", "meaning"], rows, align="llll") if rows else ""
             if markdown:
+                table = render(["param", "type", "default", "meaning"], rows, align="llll") if rows else ""
                 out.append(f"### `{name}`\n\n{doc}\n\n*{slots}*\n" + (f"\n{table}\n" if table else ""))
             else:
-                out.append(f"{name}  [{family}]  {slots}\n{textwrap.indent(doc.splitlines()[0], '  ')}\n"
-                           + (textwrap.indent(table, "  ") + "\n" if table else ""))
+                out.append(_terminal_entry(name, family, slots, doc, rows))
     return "\n".join(out)
+
+
+WIDTH = 100          # a terminal's catalogue fits this many columns
+
+
+def _terminal_entry(name: str, family: str, slots: str, doc: str, rows: list[list[str]]) -> str:
+    """One stage for the terminal: its name and slots, the first sentence of its docstring, and one wrapped line
+    per parameter (a table would be as wide as the longest description)."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    sentence = paragraph.split(". ")[0].rstrip(".") + "." if paragraph else ""
+    lines = [f"{name}  [{family}]  {slots}", *textwrap.wrap(sentence, WIDTH, initial_indent="  ",
+                                                             subsequent_indent="  ")]
+    for param, kind, default, meaning in rows:
+        lines += textwrap.wrap(f"{param} ({kind}, default {default}): {meaning}", WIDTH, initial_indent="  - ",
+                               subsequent_indent="      ")
+    return "\n".join(lines) + "\n"
