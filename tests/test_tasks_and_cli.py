@@ -112,7 +112,7 @@ def test_stages_lists_every_parameter(capsys):
     out = capsys.readouterr().out
     for name in ("sinks_window", "attention_mass", "random", "uniform", "topk"):
         assert f"{name}  [" in out
-    assert "| window    | int or None     | null " in out and "'mean' or 'max'" in out
+    assert "- window (int or None, default null):" in out and "'mean' or 'max'" in out
 
 
 def test_graph_prints_and_draws(tmp_path, capsys):
