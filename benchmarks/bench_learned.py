@@ -22,12 +22,12 @@ import tempfile
 from tqdm.auto import tqdm
 
 import kvpipe
+from kvpipe.core.gates import RetentionGates
 from kvpipe.core.table import human_bytes, render
 from kvpipe.eval.fidelity import fidelity
 from kvpipe.eval.protocol import Protocol
 from kvpipe.eval.run import full_cache_correct, needle_accuracy
 from kvpipe.eval.tasks import KINDS, make_cases, paragraphs
-from kvpipe.learned.gates import RetentionGates
 from kvpipe.models import load
 
 PROTECT = {"stage": "sinks_window", "params": {"sinks": 4, "window": 16}}

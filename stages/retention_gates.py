@@ -5,9 +5,9 @@ import torch
 from pydantic import Field
 
 from kvpipe.core.context import CompressionContext
+from kvpipe.core.gates import RetentionGates, retention_scores
 from kvpipe.core.registry import Params, Stage, register
 from kvpipe.errors import KVPipeError
-from kvpipe.learned.gates import RetentionGates, retention_scores
 
 
 class RetentionGateParams(Params):
@@ -19,7 +19,7 @@ class RetentionGateParams(Params):
 @register("retention_gates", family="scoring")
 class RetentionGatesStage(Stage):
     """Score = geometric retention ``(t − pos)·log β``, ``log β`` from a trained gate on each cached key and
-    value (see ``kvpipe.learned.gates``). Query-agnostic: needs no attention, works at any compression event.
+    value (see ``kvpipe.core.gates``). Query-agnostic: needs no attention, works at any compression event.
 
     Scores are log-retentions on one scale across layers and heads (the gates' readout is shared): pair with
     ``global`` and ``calibration: none`` so every layer and head competes for one budget, as DBTrimKV does.

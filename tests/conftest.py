@@ -58,7 +58,7 @@ def tiny_gates_file(directory, shared: bool = True, seed: int = 0,
                     shape: tuple[int, int, int] = (2, 2, 16)) -> str:
     """Untrained retention gates of ``shape`` (layers, KV heads, head_dim; default: ``tiny_model()``'s), saved as a
     gate file. A low bias and wide weights make ``log β`` differ between tokens, so eviction has a choice."""
-    from kvpipe.learned.gates import RetentionGates
+    from kvpipe.core.gates import RetentionGates
 
     torch.manual_seed(seed)
     gates = RetentionGates(*shape, hidden=8, bias_init=1.0, shared=shared)

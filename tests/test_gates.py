@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kvpipe
+from kvpipe.core.gates import RetentionGates, retention_scores
 from kvpipe.errors import KVPipeError
-from kvpipe.learned.gates import RetentionGates, retention_scores
 from kvpipe.learned.train import TrainConfig, evaluate, train, training_sequence
 
 from conftest import kept_bytes_ratio, tiny_gates_file, tiny_model
@@ -168,8 +168,8 @@ def test_broken_gate_files_are_one_clear_error(tmp_path, kind):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from kvpipe.core.gates import RetentionGates
     from kvpipe.errors import FileError
-    from kvpipe.learned.gates import RetentionGates
 
     good = tiny_gates_file(tmp_path)
     with safe_open(good, "pt") as file:

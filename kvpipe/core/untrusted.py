@@ -1,5 +1,5 @@
 """Reading what a file says about itself when the file may lie: JSON bounded before it is parsed, then a strict
-schema. Used for saved caches (``runtime.cache_meta``) and gate files (``learned.gate_file``); every refusal is a
+schema. Used for saved caches (``runtime.cache_meta``) and gate files (``core.gate_file``); every refusal is a
 ``FileError`` naming the file and the field."""
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Learned retention: gate modules and their shipped weights, and the training that fits them on generated tasks."""
+"""Learning retention gates: training on generated tasks (``train``) and distillation from reconstruction scores
+(``distill``). The gates themselves, which a stage runs at compression time, are ``kvpipe.core.gates``."""

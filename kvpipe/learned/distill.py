@@ -20,9 +20,9 @@ import random
 
 import torch
 
+from kvpipe.core.gates import RetentionGates
 from kvpipe.core.plan import Plan, validated
 from kvpipe.eval.tasks import paragraphs
-from kvpipe.learned.gates import RetentionGates
 from kvpipe.runtime import probe
 from kvpipe.runtime.attach import ForwardState, Handle, Session
 

@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from kvpipe.core.gate_file import read_gate_file
+from kvpipe.core.gates import RetentionGates
 from kvpipe.core.spec import StrictModel
 from kvpipe.core.untrusted import bounded_json, validated
 from kvpipe.errors import FileError
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.learned import distill
-from kvpipe.learned.gate_file import read_gate_file
-from kvpipe.learned.gates import RetentionGates
 from kvpipe.runtime.adapters import find_decoder, kv_shape
 
 TRAINING_ATTENTION = "kvpipe_retention_training"

@@ -88,8 +88,8 @@ class RetentionGates(nn.Module):
     @classmethod
     def load(cls, source: str | Path) -> tuple[RetentionGates, dict]:
         """``(gates, record)`` from a shipped name (``smollm2-135m``) or a ``.safetensors`` path, checked before
-        anything is built (``learned.gate_file``)."""
-        from kvpipe.learned.gate_file import read_gate_file
+        anything is built (``core.gate_file``)."""
+        from kvpipe.core.gate_file import read_gate_file
 
         path = SHIPPED.get(str(source), Path(source))
         if not path.is_file():
