@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 
 from kvpipe.core.spec import StrictModel
-from kvpipe.core.untrusted import bounded_json, validated
+from kvpipe.core.untrusted import bounded_json, tensor_header, validated
 from kvpipe.errors import FileError
 
 
@@ -48,8 +48,7 @@ def read_gate_file(path: Path, parameter_shapes: Callable[..., dict[str, tuple[i
             shape = validated(path, GateShape, bounded_json(path, "shape", meta["shape"]), "shape")
             record = validated(path, GateRecord, bounded_json(path, "record", meta.get("record", "{}")), "record")
             expected = parameter_shapes(**shape.model_dump())
-            header = {name: (file.get_slice(name).get_dtype(), tuple(file.get_slice(name).get_shape()))
-                      for name in file.keys()}
+            header = tensor_header(file)
             if missing := sorted(expected.keys() - header.keys()):
                 raise FileError(path, missing[0], f"missing: gates of this shape have {len(expected)} tensors")
             if extra := sorted(header.keys() - expected.keys()):

@@ -45,6 +45,13 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def tensor_header(file) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (safetensors dtype name, shape)}`` of an open ``safe_open`` file, from its header alone (no tensor is
+    read), to check against what the file must hold before anything is allocated."""
+    slices = {name: file.get_slice(name) for name in file.keys()}
+    return {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
+
+
 def validated(path: Path | str, schema: type[BaseModel], data: object, field: str = ""):
     """``data`` as an instance of ``schema``; the first problem refused with its field's dotted name."""
     if not isinstance(data, dict):

@@ -49,12 +49,9 @@ def run_demo(protocol: Protocol, context: int, cases: int, questions: int, seed:
     outcomes: dict[str, list[bool]] = {}
     full_bytes = 0.0
     for name in ("full cache", *PIPELINES):
-        started, answers = time.perf_counter(), []
-        for case in work:
-            if name == "full cache":
-                answers.append(protocol.ask(case, DynamicCache(config=protocol.model.config)))
-            else:
-                answers.append(protocol.ask_pipeline(build(name), case))
+        started, pipeline = time.perf_counter(), None if name == "full cache" else build(name)
+        answers = [protocol.ask(case, DynamicCache(config=protocol.model.config)) if pipeline is None
+                   else protocol.ask_pipeline(pipeline, case) for case in work]
         held = sum(answer.kv_bytes for answer in answers) / len(answers)
         full_bytes = full_bytes or held
         outcomes[name] = [case.is_correct(answer.text) for case, answer in zip(work, answers)]

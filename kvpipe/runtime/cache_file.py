@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kvpipe.core.untrusted import MAX_JSON_CHARS
+from kvpipe.core.untrusted import MAX_JSON_CHARS, tensor_header
 from kvpipe.errors import FileError, KVPipeError, UnsupportedModelError
 from kvpipe.kernels.pages import PackedPages
 from kvpipe.runtime.adapters import kv_shape
@@ -115,8 +115,7 @@ def _load_file(path: Path, model: torch.nn.Module, session) -> KVPipeCache:
             _check_rank(path, meta, session.shards)
             _check_model(path, meta, model, session)
             fmt = _check_pipeline(path, meta, session.pipeline)
-            header = {name: (file.get_slice(name).get_dtype(), tuple(file.get_slice(name).get_shape()))
-                      for name in file.keys()}
+            header = tensor_header(file)
             patterns = [layer_patterns(meta, layer, fmt) for layer in meta.layers]
             for index, layer_patterns_ in enumerate(patterns):
                 check_header(path, index, header, layer_patterns_)
@@ -140,10 +139,12 @@ def _own_file(path: Path, shards) -> Path:
     """The file this process reads: ``path`` itself, or its rank's shard when ``path`` is an index."""
     try:
         with open(path, "rb") as file:
-            start = file.read(MAX_JSON_CHARS + 1)
+            # a safetensors file starts with its header's 8-byte length, an index with its JSON (read bounded)
+            start = file.read(1)
+            start += file.read(MAX_JSON_CHARS) if start == b"{" else b""
     except OSError as err:
         raise FileError(path, "", f"cannot read it ({err})") from None
-    if not start.startswith(b"{"):       # a safetensors file starts with its header's 8-byte length
+    if not start.startswith(b"{"):
         if shards.split:
             raise FileError(path, "", f"holds a cache saved by one process; this model is split over "
                                            f"{shards.world} tensor-parallel ranks: load it into the model loaded "

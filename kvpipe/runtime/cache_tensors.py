@@ -21,6 +21,7 @@ import torch
 from kvpipe.core.quantization import POSITION_DTYPE
 from kvpipe.errors import FileError
 from kvpipe.kernels.pages import PageFormat
+from kvpipe.kernels.ragged import run_places
 from kvpipe.runtime.cache_meta import CacheMeta, LayerMeta
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -128,7 +129,7 @@ def _run_heads(path: Path, field: str, lengths: torch.Tensor, total: int) -> tor
     """``long [total]``: the (row·Hkv + head) of each entry of a flat run ``lengths [B, Hkv]`` describes."""
     if bool((lengths < 0).any()) or int(lengths.sum()) != total:
         raise FileError(path, field, f"per-head counts must be non-negative and sum to the {total} stored")
-    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths.flatten().long())
+    return run_places(lengths, total)[0]
 
 
 def _check_positions(path: Path, field: str, heads: torch.Tensor, positions: torch.Tensor, below: int) -> None:

@@ -189,8 +189,10 @@ class QuantizedStore(ValidSlots):
             pages = pages[..., pages[0, 0] >= 0] if pages.shape[0] * pages.shape[1] else pages[..., :0]
             return keys, values, torch.cat([pages, res_positions], -1)
         page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
-        return (self._laid_out(page_keys, res.keys.to(dtype)), self._laid_out(page_values, res.values.to(dtype)),
-                self._laid_out(self.pages.positions.long(), res.positions.long(), fill=-1))
+        places = self._destinations()
+        return (self._laid_out(page_keys, res.keys.to(dtype), places),
+                self._laid_out(page_values, res.values.to(dtype), places),
+                self._laid_out(self.pages.positions.long(), res.positions.long(), places, fill=-1))
 
     @cached_property
     def _page_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -206,7 +208,7 @@ class QuantizedStore(ValidSlots):
 
     def _destinations(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
         """Heads not aligned: where each stored token goes in the left-aligned layout ``[B·Hkv, width]``, worked out
-        when laid out from ``_page_layout`` (no host sync; 24 bytes a token held would cost a third of an int4
+        once per layout from ``_page_layout`` (no host sync; 24 bytes a token held would cost a third of an int4
         token of 64 channels). Returns the used slots of the flat pages ``long [M]``, their ``(row·Hkv + head,
         place)``, and the residual rows' ``(row·Hkv + head, place)``."""
         runs, starts, per_head, total = self._page_layout
@@ -217,11 +219,12 @@ class QuantizedStore(ValidSlots):
         page_places = (runs[page].long(), starts[page].long() + used % group)
         return used, page_places, run_places(self.residual.lengths, self.residual.keys.shape[0], per_head)
 
-    def _laid_out(self, pages: torch.Tensor, residual: torch.Tensor, fill: float = 0,
+    def _laid_out(self, pages: torch.Tensor, residual: torch.Tensor, places, fill: float = 0,
                   tail: torch.Tensor | None = None) -> torch.Tensor:
         """Heads not aligned: ``pages [P, G, *rest]`` (dequantized, or positions) and the residual ``[N, *rest]``
-        -> ``[B, Hkv, width (+ T), *rest]``, each head's tokens left-aligned, ``fill`` after them, then ``tail``."""
-        used, page_places, residual_places = self._destinations()
+        -> ``[B, Hkv, width (+ T), *rest]``, each head's tokens left-aligned at ``places`` (``_destinations()``),
+        ``fill`` after them, then ``tail``."""
+        used, page_places, residual_places = places
         return scatter_runs(self.page_counts.shape, self.width,
                             [(residual_places, residual), (page_places, pages.flatten(0, 1)[used].to(residual.dtype))],
                             fill, tail)
@@ -233,9 +236,9 @@ class QuantizedStore(ValidSlots):
         from ``workspace`` if given (valid until the next call: layers attend one after another)."""
         if not self._equal_heads:
             page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, tail_keys.dtype)
-            res = self.residual
-            return (self._laid_out(page_keys, res.keys.to(tail_keys.dtype), tail=tail_keys),
-                    self._laid_out(page_values, res.values.to(tail_keys.dtype), tail=tail_values))
+            res, places = self.residual, self._destinations()
+            return (self._laid_out(page_keys, res.keys.to(tail_keys.dtype), places, tail=tail_keys),
+                    self._laid_out(page_values, res.values.to(tail_keys.dtype), places, tail=tail_values))
         batch, heads, tail, dim = tail_keys.shape
         pages, residual, group = self.page_width, self.residual.width, self.quant.fmt.group
         shape = (batch, heads, pages + residual + tail, dim)

@@ -119,30 +119,33 @@ class RaggedStore(ValidSlots):
     def _build_valid(self) -> torch.Tensor:
         return torch.arange(self.width, device=self.lengths.device) < self.lengths[..., None]
 
-    @property
-    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``long [N]`` twice: each stored slot's (row·Hkv + head) and its place in that head's padded run, worked
-        out when laid out (from the lengths; no host sync), not held: 16 bytes a slot kept alive would cost 6 % of a
-        bf16 slot of 64 channels."""
-        return run_places(self.lengths, self.keys.shape[0])
+        out once per layout (from the lengths; no host sync), not held: 16 bytes a slot kept alive would cost 6 % of
+        a bf16 slot of 64 channels. ``None`` when every head is equally long: the flat tensors are the layout."""
+        return None if self.all_valid else run_places(self.lengths, self.keys.shape[0])
 
-    def _laid_out(self, flat: torch.Tensor, fill: float = 0, tail: torch.Tensor | None = None) -> torch.Tensor:
-        """``flat [N, *rest]`` -> ``[B, Hkv, width (+ T), *rest]``: each head's slots left-aligned, ``fill`` after
-        them, then ``tail [B, Hkv, T, *rest]`` if given."""
-        if self.all_valid:                     # every head equally long: the flat tensor already is the layout
+    def _laid_out(self, flat: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor] | None, fill: float = 0,
+                  tail: torch.Tensor | None = None) -> torch.Tensor:
+        """``flat [N, *rest]`` -> ``[B, Hkv, width (+ T), *rest]``: each head's slots left-aligned at ``slots``
+        (``_slots()``), ``fill`` after them, then ``tail [B, Hkv, T, *rest]`` if given."""
+        if slots is None:
             padded = flat.view(*self.lengths.shape, self.width, *flat.shape[1:])
             return padded if tail is None else torch.cat([padded, tail], dim=2)
-        return scatter_runs(self.lengths.shape, self.width, [(self._slots, flat)], fill, tail)
+        return scatter_runs(self.lengths.shape, self.width, [(slots, flat)], fill, tail)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transient ``keys, values [B, Hkv, width, D]`` and ``positions long [B, Hkv, width]`` (-1 = empty)."""
-        return self._laid_out(self.keys), self._laid_out(self.values), self._laid_out(self.positions.long(), fill=-1)
+        slots = self._slots()
+        return (self._laid_out(self.keys, slots), self._laid_out(self.values, slots),
+                self._laid_out(self.positions.long(), slots, fill=-1))
 
     def attend(self, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                workspace: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention reads: the padded store, then the tail, ``[B, Hkv, width + T, D]`` (no host sync; a
         ragged store needs no dequantization workspace)."""
-        return self._laid_out(self.keys, tail=tail_keys), self._laid_out(self.values, tail=tail_values)
+        slots = self._slots()
+        return self._laid_out(self.keys, slots, tail=tail_keys), self._laid_out(self.values, slots, tail=tail_values)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> RaggedStore:
         """Tokens ``keys``/``values [B, Hkv, T, D]`` at ``positions long [B, Hkv, T]`` (all real) after each head's
