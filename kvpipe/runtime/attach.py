@@ -156,14 +156,16 @@ class Session:
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
                           out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None,
                           self.shards)
-        if not self.shards.split:
-            self.record(forward, obs)
+        if forward.fault is not None:   # this rank failed on an earlier layer: it only joins the forward's end
             return
-        if forward.fault is None:       # a rank's fault waits for the forward's end: the other ranks are in its
-            try:                        # collectives, which this rank must join
-                self.record(forward, obs)
-            except Exception as err:    # noqa: BLE001 - raised after the forward, on every rank (after_forward)
-                forward.fault = err
+        try:
+            self.record(forward, obs)
+        except Exception as err:
+            if not self.shards.split:
+                raise
+            # a rank's fault waits for the forward's end (after_forward raises it on every rank): the other ranks
+            # are in the model's collectives, which this rank must join
+            forward.fault = err
 
     # --- what a compressing forward does; a recording session (kvpipe.runtime.capture) does otherwise ----
     def fires(self, cache: KVPipeCache, new_tokens: int) -> bool:
