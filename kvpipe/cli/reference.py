@@ -5,12 +5,13 @@ import inspect
 import json
 
 from kvpipe.core.registry import describe_fields
-from kvpipe.core.spec import Budget, PipelineSpec, StageSpec, Trigger
+from kvpipe.core.spec import Budget, LayerPolicy, PipelineSpec, StageSpec, Trigger
 from kvpipe.core.table import render
 from kvpipe.eval.suite import FidelitySpec, PipelineEntry, SuiteSpec
 
 SECTIONS = {
     "Pipeline file": [(PipelineSpec, "top level"), (Budget, "`budget:`"), (Trigger, "`trigger:`"),
+                      (LayerPolicy, "`layers:`"),
                       (StageSpec, "each entry of `stages:` (a bare name is `{stage: NAME}`)")],
     "Benchmark suite file": [(SuiteSpec, "top level"), (PipelineEntry, "each entry of `pipelines:` (a bare name "
                                                                        "is `{pipeline: NAME}`)"),

@@ -30,6 +30,9 @@ def validated(cls: type[Plan], spec: str | Path | dict) -> Plan:
         problem = stage.check_budget(parsed.budget) if parsed.budget is not None else None
         if problem:
             raise source.error(("budget",), problem)
+    if parsed.layers.sliding == "quantize" and pipeline.storage_stage is None:
+        raise source.error(("layers", "sliding"), "quantize needs a quantize stage, whose format the windows take; "
+                                                  "add one or write keep")
     if parsed.budget is not None and not pipeline.evicts:
         raise source.error(("budget",), "no stage decides what to keep (topk, coupled_projection, ...), so this "
                                         "budget would be ignored and every token kept; add an eviction stage or "

@@ -68,6 +68,16 @@ class Trigger(StrictModel):
         return self
 
 
+class LayerPolicy(StrictModel):
+    """What a pipeline does with the layers that are not full attention (full-attention layers get every stage)."""
+
+    sliding: Literal["auto", "keep", "quantize"] = Field(
+        "auto", description="sliding-window and chunked layers: keep = as transformers keeps them; quantize = their "
+                            "older tokens in the quantize stage's format (needs one); auto = quantize when the "
+                            "pipeline quantizes and the window is long enough to save a quarter of its bytes, else "
+                            "keep. Their masks stay transformers' own; eviction applies to full-attention layers")
+
+
 class StageSpec(StrictModel):
     stage: str = Field(description="registered stage name (see `kvpipe stages`)")
     id: str | None = Field(None, description="node id; defaults to the stage name")
@@ -90,6 +100,8 @@ class PipelineSpec(StrictModel):
     trigger: Trigger = Field(default_factory=Trigger,
                              description="when to compress (`prefill`, or `{prefill: true, every: 64}` to keep "
                                          "decoding in budget)")
+    layers: LayerPolicy = Field(default_factory=LayerPolicy,
+                                description="what happens to sliding-window layers (`{sliding: keep}`)")
     backend: Literal["auto", "torch", "triton"] = Field("auto",
                                                         description="kernels: auto = Triton on CUDA, torch elsewhere")
     stages: list[StageSpec] = Field(description="the stages, in order; `after:` turns the list into a DAG")

@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.runtime.layer_kinds import layer_kinds, text_config
 
 # attention implementations kvpipe wraps, with the mask function transformers must build for each
 ATTENTION_BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
@@ -26,18 +27,27 @@ def base_attention_function(base: str, decoder: torch.nn.Module):
     if base == "sdpa":
         return sdpa_attention_forward
     # Eager is not in HF's registry: each modeling file defines its own eager function.
-    return sys.modules[type(decoder.layers[0].self_attn).__module__].eager_attention_forward
+    attention = next(layer.self_attn for layer in decoder.layers if getattr(layer, "self_attn", None) is not None)
+    return sys.modules[type(attention).__module__].eager_attention_forward
 
 
 def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (``model.model`` for HF causal LMs), checked for what kvpipe needs."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
-    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "layer_idx") for layer in layers):
+    attentions = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    if not any(attentions) or not all(hasattr(a, "layer_idx") for a in attentions if a is not None):
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a decoder-only model with `model.layers[i].self_attn`; "
-            "kvpipe supports Llama-style Hugging Face causal LMs (Llama, Qwen2/3, Mistral, SmolLM...)")
+            "kvpipe supports Llama-style Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Gemma, GPT-OSS, "
+            "SmolLM...)")
     return decoder
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's attention modules (``layers[i].self_attn``); layers without one (linear attention, state
+    space) are left out."""
+    return [layer.self_attn for layer in find_decoder(model).layers if getattr(layer, "self_attn", None) is not None]
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -53,35 +63,14 @@ def check_model(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} uses multi-head latent attention (MLA, kv_lora_rank={config.kv_lora_rank}): its "
             "cache holds one compressed latent per token shared by all heads, not per-head keys and values, so "
-            "kvpipe's per-head eviction and quantization do not apply. kvpipe supports models whose every layer is "
-            "full attention with per-head keys and values (Llama, Qwen2/3, Mistral, SmolLM...)")
-    kinds = list(getattr(config, "layer_types", None) or
-                 ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"])
-    other = sorted(set(kinds) - {"full_attention"})
-    if other:
-        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in other)
-        why = "; ".join(LAYER_KINDS.get(kind, f"{kind} layers are not full attention") for kind in other)
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has {counts} layers out of {len(kinds)}: {why}. kvpipe compresses full-attention "
-            "layers only; models whose every layer is full attention work (Llama, Qwen2/3, Mistral without a "
-            "sliding window, SmolLM...)")
-
-
-# What each layer kind that kvpipe refuses holds instead of per-token keys and values.
-LAYER_KINDS = {
-    "sliding_attention": "sliding-window layers keep a rolling window of their own, which needs its own cache layer",
-    "chunked_attention": "chunked-attention layers attend within fixed chunks, which needs its own cache layer",
-    "linear_attention": "linear-attention and state-space layers (Mamba, Gated DeltaNet) keep a fixed-size recurrent "
-                        "state, not per-token keys and values: there is nothing to evict",
-    "conv": "short-convolution layers keep a convolution state, not per-token keys and values",
-}
-
-
+            "kvpipe's per-head eviction and quantization do not apply. kvpipe supports attention with per-head keys "
+            "and values (Llama, Qwen2/3, Mistral, Gemma, GPT-OSS, SmolLM...)")
+    layer_kinds(model)          # refuses the layer kinds kvpipe cannot hold, naming them
 
 
 def kv_shape(model: torch.nn.Module) -> tuple[int, int]:
     """``(KV heads, head dimension)`` of the model's attention layers, from its (text) config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     heads = config.num_attention_heads
     return (getattr(config, "num_key_value_heads", None) or heads,
             getattr(config, "head_dim", None) or config.hidden_size // heads)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpipe.core.context import Observation
 from kvpipe.core.plan import Plan
@@ -19,6 +19,7 @@ from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import compressor, probe
 from kvpipe.runtime.adapters import (
     base_attention_function,
+    attention_modules,
     cache_keyword,
     check_model,
     find_decoder,
@@ -27,11 +28,21 @@ from kvpipe.runtime.adapters import (
 )
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
-from kvpipe.runtime.cache import Binding, KVPipeCache, Storage, cache_bytes, reserved_bytes
+from kvpipe.runtime.cache import Binding, KVPipeCache, KVPipeLayer, Storage, cache_bytes, reserved_bytes
 from kvpipe.runtime.held import held_bytes
+from kvpipe.runtime.layout import plan_layout
 from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
-from kvpipe.runtime.stats import Stats
+from kvpipe.runtime.stats import Stats, bytes_by_role, uncompressed_bytes
+
+
+# transformers' own layers an empty DynamicCache may hold (generate() makes one from the model's config)
+PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def is_state_layer(layer) -> bool:
+    """A linear-attention (or convolution) state layer of transformers' DynamicCache (5.25 has them)."""
+    return type(layer).__name__ in ("LinearAttentionLayer", "DummyLayer")
 
 
 @dataclass
@@ -63,6 +74,11 @@ class Session:
         self.last_cache: KVPipeCache | None = None  # kept so stats() works after generate() returns
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
+        self.layout = plan_layout(pipeline, model, self.backend)      # which layers kvpipe compresses
+        if self.backend == "triton" and any(hasattr(attention, "sinks") for attention in attention_modules(model)):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} adds attention sinks to every softmax, which the fused Triton decode kernel "
+                "does not compute; set backend: torch (its attention is the model's own, sinks included)")
         # the caches' view of this attach
         self.binding = Binding(type(model).__name__, model_identity(model), attached=False)
         self.cache_kwarg = cache_keyword(self.decoder)
@@ -132,6 +148,7 @@ class Session:
             # Storage is not differentiable (codes, kept sets): a forward with gradients on still compresses
             # its cache, and no graph reaches into it.
             with torch.no_grad():
+                forward.cache.release_cut_windows()         # before a bytes budget counts them
                 if forward.compressing or forward.fault is not None:
                     # every rank compresses, or every rank raises: a fault on one must not leave the others
                     # waiting in a collective (kvpipe.core.shards)
@@ -139,7 +156,7 @@ class Session:
                         if forward.fault is not None:
                             raise forward.fault
                         self.finish(forward)
-                for layer in forward.cache.layers:
+                for layer in forward.cache.compressed_layers:
                     layer.settle()
         return output
 
@@ -169,8 +186,11 @@ class Session:
 
     # --- what a compressing forward does; a recording session (kvpipe.runtime.capture) does otherwise ----
     def fires(self, cache: KVPipeCache, new_tokens: int) -> bool:
-        """Whether this forward, adding ``new_tokens``, observes and then compresses."""
-        return self.pipeline.fires(cache.get_seq_length(), cache.layers[0].since_compression, new_tokens)
+        """Whether this forward, adding ``new_tokens``, observes and then compresses (a model without a layer to
+        compress: never)."""
+        compressed = cache.compressed_layers
+        return bool(compressed) and self.pipeline.fires(compressed[0].seen, compressed[0].since_compression,
+                                                        new_tokens)
 
     def record(self, forward: ForwardState, obs: Observation) -> None:
         """Keep what the pipeline's stages observe of one layer's attention (a probe's forward: the probe)."""
@@ -191,7 +211,7 @@ class Session:
 
     # --- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPipeCache:
-        return KVPipeCache(len(self.decoder.layers), Storage(self.backend), self.binding, self.shards)
+        return KVPipeCache(self.layout.fresh_layers(), Storage(self.backend), self.binding, self.shards)
 
     def adopt(self, cache) -> KVPipeCache:
         """Our own cache as is; an empty plain ``DynamicCache`` (what ``generate()`` makes) converted."""
@@ -201,7 +221,8 @@ class Session:
             if cache.binding is not self.binding:
                 raise UnsupportedModelError("this cache was made by another kvpipe handle; use handle.cache()")
             return cache
-        plain = type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        plain = type(cache) is DynamicCache and all(type(layer) in PLAIN_LAYERS or is_state_layer(layer)
+                                                    for layer in cache.layers)
         if not plain or getattr(cache, "offloading", False):
             raise UnsupportedModelError(
                 f"kvpipe cannot adopt a {type(cache).__name__}: it manages its own storage and quantization. "
@@ -210,7 +231,7 @@ class Session:
             raise UnsupportedModelError("kvpipe cannot adopt a DynamicCache that already holds tokens: it was "
                                         "filled without the pipeline. Start from an empty cache or handle.cache()")
         cache.__class__ = KVPipeCache  # generate() keeps a reference to this very object
-        cache.bind(len(self.decoder.layers), Storage(self.backend), self.binding, self.shards)
+        cache.bind(self.layout.fresh_layers(), Storage(self.backend), self.binding, self.shards)
         return cache
 
 
@@ -225,8 +246,8 @@ class Handle:
         name = register_attention(session.base)
         self._hooks = []
         try:                    # all or nothing: whatever fails half-way, the model is left as it was
-            for layer in session.decoder.layers:
-                layer.self_attn._kvpipe_session = session
+            for attention in attention_modules(model):
+                attention._kvpipe_session = session
             self._hooks = [
                 session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
                 session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
@@ -246,8 +267,8 @@ class Handle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for layer in session.decoder.layers:
-            layer.self_attn.__dict__.pop("_kvpipe_session", None)
+        for attention in attention_modules(session.model):
+            attention.__dict__.pop("_kvpipe_session", None)
         session.model.__dict__.pop("_kvpipe_session", None)
         if session.model.config._attn_implementation != self.original_attention:
             session.model.set_attn_implementation(self.original_attention)
@@ -273,6 +294,11 @@ class Handle:
         if len(cache.layers) != len(session.decoder.layers):
             raise UnsupportedModelError(f"this cache has {len(cache.layers)} layers and the attached model "
                                         f"{len(session.decoder.layers)}; it was made for another model")
+        expected = [type(layer) if layer is not None else KVPipeLayer for layer in session.layout.fresh_layers()]
+        if [type(layer) for layer in cache.layers] != expected:
+            raise UnsupportedModelError("this cache's layers are not the ones the attached pipeline makes for this "
+                                        "model (another model, or another layers.sliding policy); compress it "
+                                        "with this pipeline")
         cache.rebind(session.binding)
         session.last_cache = cache
         return cache
@@ -291,17 +317,18 @@ class Handle:
             cache = self.session.last_cache
             if cache is None:
                 raise ValueError("no cache has been used yet; run a forward or generate() first, or pass cache=")
-        layers = [layer for layer in cache.layers if layer.is_initialized]
-        elements = [2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.seen * layer.keys.shape[-1]
-                    for layer in layers]
-        full = sum(n * layer.keys.dtype.itemsize for n, layer in zip(elements, layers))
+        layers = [layer for layer in cache.compressed_layers if layer.is_initialized]
+        full, full_16bit = uncompressed_bytes(cache.layers)
+        by_role = bytes_by_role(cache.layers)
         shards = cache.shards
         # on the cache's device: where the tensor-parallel group's backend (gloo: host, nccl: GPU) reduces
         device = layers[0].keys.device if layers else None
         # the whole model's numbers: summed (bytes, shortfall) or the slowest rank's (times) over ranks
-        kv_bytes, held, full, full_16bit, shortfall, peak, sent, reserve = (int(n) for n in shards.sum(torch.tensor(
-            [cache_bytes(cache), held_bytes(cache), full, 2 * sum(elements), cache.budget_shortfall, cache.peak_bytes,
-             cache.collective_bytes, reserved_bytes(cache)], dtype=torch.float64, device=device)))
+        kv_bytes, held, full, full_16bit, shortfall, peak, sent, reserve, *role_bytes = (
+            int(n) for n in shards.sum(torch.tensor(
+                [cache_bytes(cache), held_bytes(cache), full, full_16bit, cache.budget_shortfall, cache.peak_bytes,
+                 cache.collective_bytes, reserved_bytes(cache), *by_role.values()],
+                dtype=torch.float64, device=device)))
         seconds = shards.max(torch.tensor([cache.compress_seconds, cache.probe_seconds,
                                            cache.compressing_forward_seconds], dtype=torch.float64,
                                           device=device)).tolist()
@@ -314,4 +341,4 @@ class Handle:
             compress_seconds=seconds[0], probe_seconds=seconds[1], compressing_forward_seconds=seconds[2],
             probe_vs_forward=seconds[1] / max(seconds[2], 1e-9), kv_bytes_peak=max(peak, kv_bytes),
             budget_met=shortfall == 0, layers_kept_whole=cache.layers_kept_whole, budget_shortfall=shortfall,
-            collective_bytes=sent)
+            collective_bytes=sent, kv_bytes_by_kind=dict(zip(by_role, role_bytes)))

@@ -12,6 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime.adapters import ATTENTION_BASES
+from kvpipe.runtime.cache import KVPipeLayer
 
 MASK_BLOCK_BYTES = 64 << 20
 
@@ -41,6 +42,8 @@ def kvpipe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if forward is None:
         return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     layer = forward.cache.layers[module.layer_idx]
+    if not isinstance(layer, KVPipeLayer):      # a window or another layer transformers keeps: its own mask
+        return session.base_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
     if layer.reads_store_itself(query.shape[2]):
         return fused_attention(layer, query, key, value, kwargs.get("scaling")), None
     if forward.observing:

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpipe.core.context import LayerView
 from kvpipe.core.quantization import Quantization
@@ -35,9 +36,11 @@ from kvpipe.core.shards import LOCAL, HeadShards
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
+from kvpipe.runtime.held import held_bytes
 from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
 from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
 from kvpipe.runtime.tail import STATIC_TAIL_SLOTS, StaticTail
+from kvpipe.runtime.window_layer import release_cut_storage
 
 
 @dataclass
@@ -338,14 +341,20 @@ class KVPipeLayer(DynamicLayer):
 
 
 def cache_bytes(cache: Cache) -> int:
-    """Bytes a cache really holds: a kvpipe cache's stores and tails, or a plain cache's key/value tensors."""
-    return sum(layer.nbytes if isinstance(layer, KVPipeLayer) else storage_bytes(layer.keys, layer.values)
-               for layer in cache.layers if layer.is_initialized)
+    """Bytes a cache really holds: a kvpipe cache's stores and tails, transformers' layers' tensors."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
 
 
-def reserved_bytes(cache: Cache) -> int:
+def layer_bytes(layer) -> int:
+    """Bytes one cache layer really holds: a kvpipe layer's or quantized window's own count; for transformers'
+    layers (full, sliding, linear-attention states) the storages of every tensor they hold (a sliding window cut
+    from a longer concatenation holds all of it, as transformers' own layer does)."""
+    return layer.nbytes if hasattr(layer, "nbytes") else held_bytes(layer)
+
+
+def reserved_bytes(cache: KVPipeCache) -> int:
     """Bytes a kvpipe cache holds in its static tails' empty slots (part of ``cache_bytes``)."""
-    return sum(layer.reserved_bytes for layer in cache.layers if isinstance(layer, KVPipeLayer))
+    return sum(layer.reserved_bytes for layer in cache.compressed_layers)
 
 
 class KVPipeCache(DynamicCache):
@@ -364,23 +373,40 @@ class KVPipeCache(DynamicCache):
     shards: HeadShards            # which of the model's KV heads it holds (tensor parallelism: a rank's share)
     collective_bytes: int         # what its compressions sent to the other ranks (0 in one process)
 
-    def __init__(self, num_layers: int, storage: Storage | None = None, binding: Binding | None = None,
-                 shards: HeadShards = LOCAL):
+    def __init__(self, layers: int | Sequence[CacheLayerMixin | None], storage: Storage | None = None,
+                 binding: Binding | None = None, shards: HeadShards = LOCAL):
         Cache.__init__(self, layers=[])
-        self.bind(num_layers, storage or Storage(), binding, shards)
+        self.bind(layers, storage or Storage(), binding, shards)
 
-    def bind(self, num_layers: int, storage: Storage, binding: Binding | None, shards: HeadShards = LOCAL) -> None:
-        """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place)."""
+    def bind(self, layers: int | Sequence[CacheLayerMixin | None], storage: Storage, binding: Binding | None,
+             shards: HeadShards = LOCAL) -> None:
+        """Fresh layers and counters (also for a plain ``DynamicCache`` adopted in place). ``layers``: how many, all
+        kvpipe's; or one entry per model layer, ``None`` for a kvpipe layer, else the (empty) layer transformers
+        keeps there (a sliding window, a linear-attention state: ``runtime.layout``)."""
         self.storage, self.binding, self.shards, self.collective_bytes = storage, binding, shards, 0
-        self.layers = [KVPipeLayer(storage, binding) for _ in range(num_layers)]
+        layout = [None] * layers if isinstance(layers, int) else list(layers)
+        self.layers = [KVPipeLayer(storage, binding) if layer is None else layer for layer in layout]
         self.compress_seconds, self.peak_bytes, self.budget_shortfall, self.layers_kept_whole = 0.0, 0, 0, 0
         self.compressed_by = None
         self.compressing_forward_seconds, self.probe_seconds = 0.0, 0.0
 
+    @property
+    def compressed_layers(self) -> list[KVPipeLayer]:
+        """The layers kvpipe compresses, in model order: all of them for a model whose every layer is full
+        attention; the others are windows and states kept transformers' way (``runtime.layout``)."""
+        return [layer for layer in self.layers if isinstance(layer, KVPipeLayer)]
+
+    def release_cut_windows(self) -> None:
+        """Let the prompt go that transformers' sliding-window layers keep behind their window after a long
+        forward (``runtime.window_layer.release_cut_storage``): values unchanged, memory freed."""
+        for layer in self.layers:
+            if type(layer) is DynamicSlidingWindowLayer:
+                release_cut_storage(layer)
+
     def rebind(self, binding: Binding | None) -> None:
         """Let another attach (or none) drive this cache."""
         self.binding = binding
-        for layer in self.layers:
+        for layer in self.compressed_layers:
             layer.binding = binding
 
     def fork(self) -> KVPipeCache:
@@ -389,8 +415,18 @@ class KVPipeCache(DynamicCache):
         written in place (appends, compaction and flushes make new tensors), so a fork costs no memory until it
         diverges. A static tail is the exception (decode steps write into it): each fork gets its own copy."""
         twin = copy.copy(self)
-        twin.layers = [copy.copy(layer) for layer in self.layers]
-        for layer in twin.layers:
-            if layer.static_tail is not None:
-                layer._static = layer.static_tail.copy()
+        twin.layers = [_forked(layer) for layer in self.layers]
         return twin
+
+
+def _forked(layer):
+    """A layer's twin: sharing its tensors where nothing writes them in place (kvpipe's layers but their static
+    tails; transformers' windows, which concatenate), a copy of states transformers updates in place."""
+    if isinstance(layer, KVPipeLayer):
+        twin = copy.copy(layer)
+        if layer.static_tail is not None:
+            twin._static = layer.static_tail.copy()
+        return twin
+    if isinstance(layer, DynamicLayer):
+        return copy.copy(layer)
+    return copy.deepcopy(layer)

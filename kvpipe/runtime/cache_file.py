@@ -69,6 +69,10 @@ def _write(path: Path, write) -> None:
 
 
 def _save_file(cache: KVPipeCache, path: Path, identity: dict) -> None:
+    if len(cache.compressed_layers) != len(cache.layers):
+        raise KVPipeError("this cache has sliding-window or linear-attention layers beside kvpipe's; the cache file "
+                          "format (kvpipe-cache/3) holds full-attention layers only, so it cannot be saved yet. "
+                          "Keep it in memory (cache.fork() shares it)")
     layers = [layer for layer in cache.layers if layer.is_initialized]
     if len(layers) != len(cache.layers):
         raise KVPipeError("this cache holds no tokens yet (or not in every layer); prefill it before saving")
@@ -102,6 +106,9 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
     if session is None:
         raise UnsupportedModelError("load_cache needs a model with a kvpipe pipeline attached (the one the cache "
                                     "was compressed with): kvpipe.build(pipeline).attach(model), then load_cache")
+    if session.layout.mixed:
+        raise UnsupportedModelError(f"{type(model).__name__} has sliding-window or linear-attention layers, which the "
+                                    "cache file format (kvpipe-cache/3) does not hold; no file can be loaded into it")
     with session.shards.agreeing(f"loading the cache {path}"):
         cache = _load_file(_own_file(Path(path), session.shards), model, session)
     session.last_cache = cache

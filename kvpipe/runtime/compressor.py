@@ -14,8 +14,10 @@ import torch
 
 from kvpipe.core.context import CompressionContext, Observation
 from kvpipe.core.plan import Plan
-from kvpipe.runtime.cache import KVPipeCache
+from kvpipe.core.spec import Budget
+from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer, layer_bytes
 from kvpipe.runtime.quantized_store import roundtrip
+from kvpipe.runtime.stats import uncompressed_bytes
 from kvpipe.runtime.store import RaggedStore, storage_bytes
 
 # what observing stages recorded in the forward that filled a cache: {stage id: {layer index: value}}
@@ -58,13 +60,13 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     """
     observed = observed or {}
     missing = [stage.id for stage in (*pipeline.observers, *pipeline.probers)
-               if len(observed.get(stage.id, ())) != len(cache.layers)]
+               if len(observed.get(stage.id, ())) != len(cache.compressed_layers)]
     if missing:
         raise ValueError(f"stages {missing} observe the queries of the forward that filled the cache (or of a probe "
                          "after it), and no observation of every layer was given; record them with "
                          "kvpipe.runtime.compressor.observe or kvpipe.runtime.probe (attach() does) or use a "
                          "pipeline whose stages need none")
-    layers = cache.layers
+    layers = cache.compressed_layers
     views = [layer.view(padding) for layer in layers]
     head_dim, dtype = views[0].keys.shape[-1], views[0].keys.dtype
     valid = views[0].valid
@@ -74,7 +76,7 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     if fmt is not None:
         fmt = dataclasses.replace(fmt, backend=cache.storage.backend)          # packed with the cache's kernels
     ctx = CompressionContext(
-        layers=list(views), budget=pipeline.spec.budget, seen_real=seen_real.long(),
+        layers=list(views), budget=whole_model_budget(pipeline.spec.budget, cache), seen_real=seen_real.long(),
         slot_bytes=fmt.slot_bytes(head_dim) if fmt else RaggedStore.slot_bytes(head_dim, dtype),
         full_slot_bytes=2 * head_dim * dtype.itemsize,
         overhead_bytes=fmt.overhead_bytes(head_dim, dtype) if fmt else 0.0, strict=pipeline.spec.strict,
@@ -110,11 +112,26 @@ def _keep_whole_what_saved_nothing(cache: KVPipeCache, wholes: list[tuple[torch.
     cache.layers_kept_whole = 0
     if any(whole is None for whole in wholes):           # compressed before: compressing again only shrinks it
         return
-    sizes = torch.tensor([sum(layer.nbytes for layer in cache.layers), sum(storage_bytes(*w) for w in wholes)],
+    layers = cache.compressed_layers
+    sizes = torch.tensor([sum(layer.nbytes for layer in layers), sum(storage_bytes(*w) for w in wholes)],
                          dtype=torch.float64, device=wholes[0][0].device)     # gloo reduces on the host, nccl not
     stored, whole = cache.shards.sum(sizes).tolist()
     if stored >= whole:
-        for layer, (keys, values) in zip(cache.layers, wholes):
+        for layer, (keys, values) in zip(layers, wholes):
             layer.store = None
             layer.keys, layer.values = keys, values
-        cache.layers_kept_whole = len(cache.layers)
+        cache.layers_kept_whole = len(layers)
+
+
+def whole_model_budget(budget: Budget | None, cache: KVPipeCache) -> Budget | None:
+    """``budget`` for the compressed layers. ``keep`` and ``tokens`` apply to them as written; ``bytes`` is a fraction
+    of the whole model's cache as transformers would hold it (windows and states included), so the compressed
+    layers get what the others leave: ``(bytes · whole − others) / compressed`` of their own full bytes (at least
+    one part in a million: what cannot be met is a shortfall, reported as for any budget)."""
+    others = [layer for layer in cache.layers if not isinstance(layer, KVPipeLayer)]
+    if budget is None or budget.kind != "bytes" or not others:
+        return budget
+    compressed_full, _ = uncompressed_bytes(cache.compressed_layers)
+    whole, _ = uncompressed_bytes(cache.layers)
+    share = (budget.bytes * whole - sum(layer_bytes(layer) for layer in others)) / max(compressed_full, 1)
+    return Budget(bytes=min(max(share, 1e-6), 1.0))

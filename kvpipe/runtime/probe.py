@@ -17,6 +17,7 @@ import torch
 
 from kvpipe.core.context import Observation
 from kvpipe.errors import UnsupportedModelError
+from kvpipe.runtime.adapters import attention_modules
 
 
 @dataclass
@@ -58,10 +59,11 @@ def run_stage(session, forward, stage) -> dict[int, torch.Tensor]:
         raise UnsupportedModelError(f"stage {stage.id!r} reads the context again by token id, and this forward was "
                                     "given inputs_embeds; pass input_ids")
     prompt = torch.tensor(session.probe_prompts[stage.id], dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
-    probe = Probe(stage, [layer.physical_length for layer in forward.cache.layers])
+    # slots per layer index (only compressed layers are observed; the others' entries are never read)
+    probe = Probe(stage, [getattr(layer, "physical_length", 0) for layer in forward.cache.layers])
     session.probing = probe
-    hooks = [layer.self_attn.register_forward_pre_hook(probe.remember_input, with_kwargs=True)
-             for layer in session.decoder.layers]
+    hooks = [attention.register_forward_pre_hook(probe.remember_input, with_kwargs=True)
+             for attention in attention_modules(session.model)]
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[1], stage.chunk):
