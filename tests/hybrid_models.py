@@ -53,6 +53,17 @@ def qwen3_next(window=None, attn="sdpa"):
         shared_expert_intermediate_size=32, attn_implementation=attn))
 
 
+def deepseek_v3():
+    """Multi-head latent attention (MLA): refused."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        n_group=1, topk_group=1, attn_implementation="sdpa")).eval()
+
+
 # transformers class name -> factory
 FAMILIES = {"Gemma2ForCausalLM": gemma2, "Gemma3ForCausalLM": gemma3, "GptOssForCausalLM": gpt_oss,
             "MistralForCausalLM": mistral, "Qwen2ForCausalLM": qwen2, "Qwen3NextForCausalLM": qwen3_next}

@@ -11,6 +11,7 @@ from kvpipe import UnsupportedModelError
 from kvpipe.core.shipped import path
 
 from conftest import kept_bytes_ratio, tiny_model
+from hybrid_models import deepseek_v3
 
 NOOP = {"version": 1, "stages": []}
 
@@ -256,14 +257,7 @@ def test_default_pipeline_file_attaches(random_ids):
 
 
 def test_refuses_latent_attention_with_the_reason():
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
-                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                              n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
-                              topk_group=1, attn_implementation="sdpa")
-    model = DeepseekV3ForCausalLM(config).eval()
+    model = deepseek_v3()
     with pytest.raises(UnsupportedModelError, match="multi-head latent attention.*kv_lora_rank=16"):
         kvpipe.build("int4").attach(model)
     assert getattr(model, "_kvpipe_session", None) is None

@@ -13,9 +13,11 @@ import kvpipe
 from kvpipe import UnsupportedModelError
 from kvpipe.runtime.adapters import base_attention_function
 from kvpipe.runtime.cache import KVPipeLayer
+from kvpipe.runtime.layer_kinds import layer_kinds
 from kvpipe.runtime.window_layer import QuantizedWindowLayer
 
-from hybrid_models import FAMILIES, WINDOWED, hybrid_model
+from conftest import tiny_model
+from hybrid_models import WINDOWED, deepseek_v3, hybrid_model
 
 NOOP = {"version": 1, "stages": []}
 
@@ -206,10 +208,40 @@ def test_sliding_quantize_needs_a_quantize_stage():
         kvpipe.build({"version": 1, "layers": {"sliding": "quantize"}, "stages": []})
 
 
-def test_families_cover_the_docs_table():
+# the docs' table rows, by their first column
+ROWS = {"llama": lambda: tiny_model("llama"), "qwen2": lambda: tiny_model("qwen2"),
+        "qwen3": lambda: tiny_model("qwen3"), "mistral": lambda: tiny_model("mistral", sliding_window=None),
+        "gemma2": lambda: hybrid_model("Gemma2ForCausalLM"), "gemma3": lambda: hybrid_model("Gemma3ForCausalLM"),
+        "gpt-oss": lambda: hybrid_model("GptOssForCausalLM"),
+        "mistral-window": lambda: hybrid_model("MistralForCausalLM"),
+        "qwen2-window": lambda: hybrid_model("Qwen2ForCausalLM"),
+        "qwen3-next": lambda: hybrid_model("Qwen3NextForCausalLM"), "deepseek-v3": deepseek_v3}
+
+
+def docs_table() -> dict[str, list[str]]:
     from pathlib import Path
 
-    table = (Path(__file__).parent.parent / "docs" / "architectures.md").read_text()
-    listed = {line.split("|")[2].strip(" `") for line in table.splitlines()
-              if line.startswith("| ") and "ForCausalLM" in line}
-    assert set(FAMILIES) <= listed
+    text = (Path(__file__).parent.parent / "docs" / "architectures.md").read_text()
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| `")]
+    return {row[0].strip("`"): row for row in cells}
+
+
+def test_the_docs_table_lists_every_family_tested_here():
+    assert set(docs_table()) == set(ROWS)
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_each_docs_table_row_is_what_kvpipe_does(row):
+    """The layer kinds kvpipe reads and whether ``int4`` attaches and compresses, as the table says."""
+    _, _, kinds, _, status = docs_table()[row]
+    model = ROWS[row]()
+    if status == "refused":
+        with pytest.raises(UnsupportedModelError):
+            kvpipe.build("int4").attach(model)
+        return
+    assert {kind.type for kind in layer_kinds(model)} == set(kinds.split(", "))
+    ids = torch.randint(2, 100, (1, 300), generator=torch.Generator().manual_seed(0))
+    with kvpipe.build("int4").attach(model) as handle:
+        model(ids)
+        assert handle.stats().compression_ratio > 1.0

@@ -21,7 +21,7 @@ def test_the_write_a_stage_tutorial_runs_as_written(capsys):
     assert all(layer.kept_slots().eq(16).all() for layer in namespace["cache"].layers)
     assert "small_keys" in capsys.readouterr().out
     # the stage does what the tutorial says: per head, the 16 keys of smallest L1 norm stay
-    cache, keys = namespace["KVPipeCache"](num_layers=1), torch.randn(1, 2, 64, 16)
+    cache, keys = namespace["KVPipeCache"](1), torch.randn(1, 2, 64, 16)
     cache.update(keys, torch.randn(1, 2, 64, 16), 0)
     namespace["compress"](namespace["pipeline"], cache)
     smallest = keys.abs().sum(-1).argsort(-1)[..., :16].sort(-1).values

@@ -105,7 +105,7 @@ def evidence_stats(cache, case: TaskCase) -> tuple[float, float]:
     """(mean share of evidence tokens stored per (layer, head), share of heads holding part of it)."""
     evidence = torch.tensor(case.evidence)
     shares = []
-    for layer in cache.layers:
+    for layer in cache.compressed_layers:
         if layer.store is None:
             shares.append(torch.ones(layer.keys.shape[1]))
             continue

@@ -109,7 +109,7 @@ def compressed(pipeline: Plan, captured: Capture, handle: Handle | None = None) 
         if pipeline.probers:
             observed.update(probed(captured, handle, handle.take(cache)))
         compressor.compress(pipeline, cache, captured.padding, observed)
-        for layer in cache.layers:
+        for layer in cache.compressed_layers:
             layer.settle()
     return cache
 
