@@ -51,7 +51,7 @@ $(TF52)/.installed: pyproject.toml Makefile
 
 test-tf52: $(TF52)/.installed
 	$(TF52)/bin/pytest -q -p no:cacheprovider tests/test_attach.py tests/test_triggers.py tests/test_real_model.py tests/test_no_shadowing.py \
-		tests/test_bench.py tests/test_parallel.py tests/test_blockwise_attention.py
+		tests/test_bench.py tests/test_parallel.py tests/test_blockwise_attention.py tests/test_hybrid_models.py
 
 # The documentation site (the pages read as plain Markdown too).
 docs: setup

@@ -14,32 +14,32 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attenti
 
 
 def gemma2(window, attn="eager"):
-    from transformers import Gemma2Config, Gemma2ForCausalLM        # alternating sliding and full
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # alternating sliding and full
     return Gemma2ForCausalLM(Gemma2Config(**COMMON, num_hidden_layers=4, sliding_window=window or 4096,
                                           attn_implementation=attn))
 
 
 def gemma3(window, attn="sdpa"):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig    # five sliding layers to one full
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # five sliding layers to one full
     return Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, num_hidden_layers=6, sliding_window=window or 1024,
                                               attn_implementation=attn))
 
 
 def gpt_oss(window, attn="eager"):
-    from transformers import GptOssConfig, GptOssForCausalLM        # alternating, with attention sinks
+    from transformers import GptOssConfig, GptOssForCausalLM  # alternating, with attention sinks
     settings = COMMON | dict(intermediate_size=64)
     return GptOssForCausalLM(GptOssConfig(**settings, num_hidden_layers=4, sliding_window=window or 128,
                                           num_local_experts=4, num_experts_per_tok=2, attn_implementation=attn))
 
 
 def mistral(window, attn="sdpa"):
-    from transformers import MistralConfig, MistralForCausalLM      # every layer sliding
+    from transformers import MistralConfig, MistralForCausalLM  # every layer sliding
     return MistralForCausalLM(MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=window or 4096,
                                             attn_implementation=attn))
 
 
 def qwen2(window, attn="sdpa"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM          # full below max_window_layers, sliding above
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # full below max_window_layers, sliding above
     return Qwen2ForCausalLM(Qwen2Config(**COMMON, num_hidden_layers=4, use_sliding_window=True,
                                         sliding_window=window or 4096, max_window_layers=2,
                                         attn_implementation=attn))

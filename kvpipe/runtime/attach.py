@@ -18,8 +18,8 @@ from kvpipe.core.plan import Plan
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import compressor, probe
 from kvpipe.runtime.adapters import (
-    base_attention_function,
     attention_modules,
+    base_attention_function,
     cache_keyword,
     check_model,
     find_decoder,
@@ -34,7 +34,6 @@ from kvpipe.runtime.layout import plan_layout
 from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.stats import Stats, bytes_by_role, uncompressed_bytes
-
 
 # transformers' own layers an empty DynamicCache may hold (generate() makes one from the model's config)
 PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
