@@ -36,7 +36,6 @@ def test_what_observers_read_of_a_layer():
     attention = model.model.layers[0].self_attn
     assert adapters.output_projection(attention) is attention.o_proj.weight
     assert adapters.output_projection(torch.nn.Linear(2, 2)) is None
-    assert adapters.rotary_embedding(model.model) is model.model.rotary_emb
     assert adapters.find_decoder(model) is model.model
 
 

@@ -4,6 +4,7 @@ windows, and leaves states alone; the windows' masks stay transformers' own."""
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 import kvpipe
 from kvpipe import UnsupportedModelError
+from kvpipe.runtime import adapters
 from kvpipe.runtime.adapters import base_attention_function
 from kvpipe.runtime.cache import KVPipeLayer
 from kvpipe.runtime.layer_kinds import layer_kinds
@@ -267,3 +269,31 @@ def test_each_docs_table_row_is_what_kvpipe_does(row):
     with kvpipe.build("int4").attach(model) as handle:
         model(ids)
         assert handle.stats().compression_ratio > 1.0
+
+
+@pytest.mark.parametrize("name", ["Gemma3ForCausalLM", "GptOssForCausalLM"])
+def test_rope_tables_rotate_as_the_models_own_rotary_embedding(name):
+    """Stages that rotate queries (expected_attention) read the full layers' rotary embedding in HF's rotate-half
+    form over the whole head: it must rotate exactly as the model does (Gemma 3: the full layers' embedding,
+    GPT-OSS: its half-width tables)."""
+    model = hybrid_model(name)
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    query = torch.randn(1, 4, 5, 16)
+    positions = torch.arange(100, 105)[None]
+    cos, sin = adapters.rope_tables(model)(query, positions)
+    ours = query * cos[:, None] + torch.cat([-query[..., 8:], query[..., :8]], -1) * sin[:, None]
+    rotary = model.model.rotary_emb
+    own = rotary(query, positions, "full_attention") if name == "Gemma3ForCausalLM" else rotary(query, positions)
+    torch.testing.assert_close(ours, module.apply_rotary_pos_emb(query, query, *own)[0], rtol=1e-6, atol=1e-6)
+    with kvpipe.build("expected-attention").attach(model) as handle:
+        model(torch.randint(2, 250, (1, 300)))
+        assert handle.stats().compression_ratio > 1.0
+
+
+def test_a_partial_rotary_embedding_is_refused_by_stages_that_rotate_queries():
+    model = hybrid_model("Qwen3NextForCausalLM")
+    if refused_without_states("Qwen3NextForCausalLM", lambda: kvpipe.build("expected-attention").attach(model)):
+        return
+    with kvpipe.build("expected-attention").attach(model):
+        with pytest.raises(UnsupportedModelError, match="rotates 4 of each head's 16 channels"):
+            model(torch.randint(2, 250, (1, 300)))

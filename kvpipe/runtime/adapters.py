@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -105,6 +106,31 @@ def output_projection(attention: torch.nn.Module) -> torch.Tensor | None:
     return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
-def rotary_embedding(decoder: torch.nn.Module):
-    """The decoder's rotary embedding module (``rotary_emb``), or ``None``."""
-    return getattr(decoder, "rotary_emb", None)
+def rope_tables(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """``(x, positions [B, q]) -> (cos, sin) [B, q, D]`` of the full-attention layers' rotary embedding in HF's
+    rotate-half layout over the whole head (``x·cos + rotate_half(x)·sin``), or ``None`` without one. Gemma 3 keeps
+    one embedding per layer type (the full layers' is asked for); GPT-OSS returns half-width tables it applies to
+    both halves (widened here). A partial rotary embedding (Qwen3-Next rotates a quarter of each head) has no such
+    form: using the tables raises, naming it."""
+    rotary = getattr(find_decoder(model), "rotary_emb", None)
+    if rotary is None:
+        return None
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    config = text_config(model)
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) \
+        if isinstance(rope, dict) else getattr(config, "partial_rotary_factor", 1.0)
+
+    def tables(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary(x, positions, "full_attention") if per_type else rotary(x, positions)
+        dim = x.shape[-1]
+        if cos.shape[-1] == dim // 2 and partial == 1.0:
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        if cos.shape[-1] != dim:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} rotates {cos.shape[-1]} of each head's {dim} channels (partial rotary "
+                "embedding); stages that rotate queries to other positions (expected_attention) need a rotary "
+                "embedding over the whole head. Use a stage that does not (attention_mass, value_aware, ...)")
+        return cos, sin
+
+    return tables

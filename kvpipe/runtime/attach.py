@@ -24,7 +24,7 @@ from kvpipe.runtime.adapters import (
     check_model,
     find_decoder,
     output_projection,
-    rotary_embedding,
+    rope_tables,
 )
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
@@ -81,6 +81,7 @@ class Session:
         # the caches' view of this attach
         self.binding = Binding(type(model).__name__, model_identity(model), attached=False)
         self.cache_kwarg = cache_keyword(self.decoder)
+        self.rope = rope_tables(model)                  # (x, positions) -> (cos, sin), for stages that rotate
         self.shards = head_shards(model)                # one process's heads, or a tensor-parallel rank's
 
     @property
@@ -167,10 +168,10 @@ class Session:
         query_valid = padding[:, -q:].bool() if padding is not None else query.new_ones(batch, q, dtype=torch.bool)
         key_valid = forward.cache.layers[layer_idx].slot_valid(padding)
         out_proj = output_projection(module)
-        rotary = rotary_embedding(self.decoder)
+        rope = self.rope
         positions = position_ids.expand(batch, -1) if position_ids is not None else None
         obs = Observation(layer_idx, query, key, value, scaling or query.shape[-1] ** -0.5, query_valid, key_valid,
-                          out_proj, positions, (lambda p: rotary(query, p)) if rotary is not None else None,
+                          out_proj, positions, (lambda p: rope(query, p)) if rope is not None else None,
                           self.shards)
         if forward.fault is not None:   # this rank failed on an earlier layer: it only joins the forward's end
             return
