@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvpipe.errors import BudgetError, KVPipeError, SpecError, UnsupportedModelError
@@ -18,6 +19,13 @@ if TYPE_CHECKING:
     from kvpipe.core.registry import Params, Stage, register
     from kvpipe.runtime.cache_file import load_cache, save_cache
     from kvpipe.runtime.pipeline import Pipeline, build
+
+# The kernels, stages and shipped pipelines are the top-level folders of the source tree; an install maps them to
+# kvpipe.kernels, kvpipe.stages and kvpipe.pipelines (pyproject.toml). A checkout used without installing
+# (PYTHONPATH=.) finds them here: its root joins the folders this package's submodules are looked for in.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels" / "triton_decode.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 # torch, transformers and the stages load on first use, so that `kvpipe --help` starts at once
 _LAZY = {"Pipeline": "kvpipe.runtime.pipeline", "build": "kvpipe.runtime.pipeline", "Params": "kvpipe.core.registry",

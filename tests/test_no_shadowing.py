@@ -4,6 +4,7 @@ transformers >= 5.25 imports while ``transformers.modeling_utils`` loads. Checke
 Face's ``kernels`` installed and with it hidden."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,15 @@ def test_project_root_does_not_shadow_hugging_face_kernels(case, hf_kernels):
 
 def test_top_level_folders_are_not_packages():
     """The construction itself: no ``__init__.py`` in the top-level folders, so none of them can be a regular
-    package named ``kernels``/``stages``/``pipelines``; the package reaches them through ``kvpipe/`` links."""
+    package named ``kernels``/``stages``/``pipelines``; the package reaches them as ``kvpipe.<name>`` (an install's
+    package-dir mapping, or ``kvpipe/__init__.py`` in a checkout)."""
+    import kvpipe
+
     for name in ("kernels", "stages", "pipelines"):
         assert not (ROOT / name / "__init__.py").exists(), name
-        assert (ROOT / "kvpipe" / name).resolve() == (ROOT / name).resolve(), name
+        module = importlib.import_module(f"kvpipe.{name}")
+        assert [Path(p).resolve() for p in module.__path__] == [(ROOT / name).resolve()], name
+    assert Path(kvpipe.__file__).resolve().parent == ROOT / "kvpipe"
 
 
 def test_hugging_face_kernels_wins_from_the_root():

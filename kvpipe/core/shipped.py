@@ -1,9 +1,11 @@
 """The pipelines shipped with kvpipe: YAML files in ``pipelines/`` (installed as ``kvpipe/pipelines``)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-DIR = Path(__file__).parents[1] / "pipelines"
+# the package's folder: the top-level pipelines/ of a checkout, kvpipe/pipelines in an install
+DIR = Path(importlib.import_module("kvpipe.pipelines").__path__[0])
 
 
 def path(name: str) -> Path:
