@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 CONTEXT ?= 1024
 CASES   ?= 4
 
-.PHONY: setup demo test test-fast test-tf52 docs clean
+.PHONY: setup demo test test-fast test-tf52 lint docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ $(TF52)/.installed: pyproject.toml Makefile
 test-tf52: $(TF52)/.installed
 	$(TF52)/bin/pytest -q -p no:cacheprovider tests/test_attach.py tests/test_triggers.py tests/test_real_model.py tests/test_no_shadowing.py \
 		tests/test_bench.py tests/test_parallel.py tests/test_blockwise_attention.py tests/test_hybrid_models.py
+
+# What CI checks before the tests: ruff, then mypy over kvpipe as it installs (.ci/typecheck.py).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(PY) .ci/typecheck.py
 
 # The documentation site (the pages read as plain Markdown too).
 docs: setup

@@ -90,10 +90,10 @@ def quantize_pages(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
     values = values.float().reshape(pages, group, dim // fmt.value_group, fmt.value_group)
     value_scale, value_min = group_range(values, fmt.value_bits, fmt.scale_dtype)    # [P, G, D/Gv, 1]
     value_codes = quantize_codes(values, value_scale, value_min, fmt.value_bits).reshape(pages, group, dim) * used
-    pages = PackedPages(pack_codes(key_codes.transpose(1, 2), fmt.key_bits), key_scale[..., 0], key_min[..., 0],
-                        pack_codes(value_codes.transpose(1, 2), fmt.value_bits), value_scale[..., 0], value_min[..., 0],
-                        positions.to(torch.int32), used[..., 0].sum(-1, dtype=torch.int32))
-    return pages.map(torch.Tensor.contiguous)                 # kernels index them as dense arrays
+    packed = PackedPages(pack_codes(key_codes.transpose(1, 2), fmt.key_bits), key_scale[..., 0], key_min[..., 0],
+                         pack_codes(value_codes.transpose(1, 2), fmt.value_bits), value_scale[..., 0],
+                         value_min[..., 0], positions.to(torch.int32), used[..., 0].sum(-1, dtype=torch.int32))
+    return packed.map(torch.Tensor.contiguous)                 # kernels index them as dense arrays
 
 
 def dequantize_pages(pages: PackedPages, fmt: PageFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,7 +57,7 @@ def unpack_ragged(flat: torch.Tensor, lengths: torch.Tensor, fill: float = 0) ->
     return padded, valid
 
 
-def scatter_runs(heads: tuple[int, int], width: int,
+def scatter_runs(heads: tuple[int, ...], width: int,
                  parts: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]], fill: float = 0,
                  tail: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, H, width (+ T), *rest]`` from rows placed by index, no host sync (unlike a boolean mask).

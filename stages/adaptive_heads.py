@@ -15,7 +15,7 @@ class AdaptiveHeadsParams(Params):
 
 
 @register("adaptive_heads", family="budget allocation")
-class AdaptiveHeads(Stage):
+class AdaptiveHeads(Stage[AdaptiveHeadsParams]):
     """The heads of a layer share the layer's budget: the highest scores across its heads win, after each
     head reserves its protected slots and a floor. Scores must be comparable across heads of a layer."""
 

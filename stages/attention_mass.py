@@ -31,7 +31,7 @@ class AttentionMassParams(Params):
 
 
 @register("attention_mass", family="scoring")
-class AttentionMass(ObservingScorer):
+class AttentionMass(ObservingScorer[AttentionMassParams]):
     """Score = softmax attention a token receives from the prompt's queries, summed (or averaged) over them."""
 
     Params = AttentionMassParams

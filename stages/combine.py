@@ -19,7 +19,7 @@ class CombineParams(Params):
 
 
 @register("combine", family="scoring")
-class Combine(Stage):
+class Combine(Stage[CombineParams]):
     """Merges the `scores` of every nearest upstream scorer (list them in `after:`)."""
 
     Params = CombineParams
@@ -40,7 +40,7 @@ class Combine(Stage):
                 value = torch.stack([p.clamp(min=0) ** w for p, w in zip(parts, weights)]).prod(0)
             else:
                 how = "zscore" if self.params.method == "sum" else "rank"
-                value = sum(w * calibrate(p, view.valid, how, ctx.shards)
-                            for p, w in zip(parts, weights)) / sum(weights)
+                value = torch.stack([w * calibrate(p, view.valid, how, ctx.shards)
+                                     for p, w in zip(parts, weights)]).sum(0) / sum(weights)
             combined.append(value)
         ctx.write(self, "scores", combined)

@@ -16,7 +16,7 @@ class CoupledProjectionParams(Params):
 
 
 @register("coupled_projection", family="eviction")
-class CoupledProjection(EvictionStage):
+class CoupledProjection(EvictionStage[CoupledProjectionParams]):
     """Per head: protected slots first; then whole blocks by density (mean score of the block's eligible
     slots), the densest first, as long as each block fits in what is left of the allocation; the remainder
     is filled with single slots by score. A greedy block knapsack: a fact spanning a block is kept whole

@@ -18,7 +18,7 @@ class CriticalParams(Params):
 
 
 @register("critical", family="scoring")
-class Critical(ObservingScorer):
+class Critical(ObservingScorer[CriticalParams]):
     """Score = (a_i + eps) * mean over the GQA group of ||W_O^h v_i||1, a_i = window attention mass.
 
     This is the criterion of CriticalKV's second stage, an L1 bound on the output perturbation of evicting

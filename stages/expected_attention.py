@@ -24,7 +24,7 @@ class ExpectedAttentionParams(Params):
 
 
 @register("expected_attention", family="scoring")
-class ExpectedAttention(ObservingScorer):
+class ExpectedAttention(ObservingScorer[ExpectedAttentionParams]):
     """Models future queries as a Gaussian fitted to the prompt's pre-RoPE queries, rotated to the next
     ``n_future`` positions on average (R̄). Score = softmax_i(μ'·k_i·s + ½ k_iᵀΣ'k_i·s²) with μ' = R̄μ,
     Σ' = R̄ΣR̄ᵀ, s = 1/√d; mean over the GQA group; times ||v_i||. Needs the model's rotary embedding."""

@@ -18,7 +18,7 @@ class GlobalParams(Params):
 
 
 @register("global", family="budget allocation")
-class GlobalBudget(Stage):
+class GlobalBudget(Stage[GlobalParams]):
     """All layers and heads share one pool of ``layers × heads × per-head budget`` slots per row; each
     layer's scores are calibrated first (z-score or rank), then the best slots anywhere win."""
 

@@ -15,7 +15,7 @@ class KeyNormPrefilterParams(Params):
 
 
 @register("key_norm_prefilter", family="candidate selection")
-class KeyNormPrefilter(CandidateStage):
+class KeyNormPrefilter(CandidateStage[KeyNormPrefilterParams]):
     """Narrows what later stages may keep to the lowest-norm keys of each head; slots protected upstream stay
     protected and eligible. Cheap (no queries), so it prunes before an expensive scorer ranks the rest."""
 

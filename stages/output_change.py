@@ -16,7 +16,7 @@ class OutputChangeParams(Params):
 
 
 @register("output_change", family="scoring")
-class OutputChange(ObservingScorer):
+class OutputChange(ObservingScorer[OutputChangeParams]):
     """Score = sum over window queries t of  a_ti / (1 - a_ti) * ||W_O^h (v_i - o_t)||2,  mean over the GQA group.
 
     For one query, removing token i and renormalising changes that head's output by exactly

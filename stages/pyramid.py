@@ -14,7 +14,7 @@ class PyramidParams(Params):
 
 
 @register("pyramid", family="budget allocation")
-class Pyramid(Stage):
+class Pyramid(Stage[PyramidParams]):
     """Per-layer budgets fall linearly from the first layer to the last; heads of a layer share it evenly.
 
     The last layer keeps ``mean / beta`` (never fewer than its protected slots), the first ``2·mean − that``

@@ -33,7 +33,7 @@ class QuantizeParams(Params):
 
 
 @register("quantize", family="quantization")
-class Quantize(StorageStage):
+class Quantize(StorageStage[QuantizeParams]):
     """KIVI (Liu et al., ICML 2024): keys quantized per channel over groups of tokens, values per token over
     groups of channels, asymmetric (scale + minimum), codes packed into bytes in split order (page layout 2).
 

@@ -17,7 +17,7 @@ class QuestPagesParams(Params):
 
 
 @register("quest_pages", family="candidate selection")
-class QuestPages(CandidateStage):
+class QuestPages(CandidateStage[QuestPagesParams]):
     """Pages of consecutive slots keep a per-channel min and max key; ``sum_d max(q_d·min_d, q_d·max_d)`` bounds
     any ``q·k`` in the page from above. Pages with the highest bound (max over the window's queries and the
     query heads of a KV head) stay eligible. Quest uses the bound to pick pages to *read*; here it decides

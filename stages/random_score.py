@@ -13,7 +13,7 @@ class RandomParams(Params):
 
 
 @register("random", family="scoring")
-class RandomScore(Stage):
+class RandomScore(Stage[RandomParams]):
     """Uniform random scores per slot, reproducible from ``seed``."""
 
     Params = RandomParams

@@ -27,7 +27,7 @@ class ReconstructionParams(Params):
 
 
 @register("reconstruction", family="scoring")
-class Reconstruction(ProbingScorer):
+class Reconstruction(ProbingScorer[ReconstructionParams]):
     """Score = the most attention a cached token receives while the model re-reads the whole context after a
     repeat prompt (teacher-forced, ``chunk`` tokens per forward), maximum over the queries and over the query
     heads sharing its KV head. A token the model never looks at to reproduce the context is one no later
@@ -35,6 +35,10 @@ class Reconstruction(ProbingScorer):
     prefill more); query-agnostic by construction."""
 
     Params = ReconstructionParams
+
+    @property
+    def chunk(self) -> int:
+        return self.params.chunk
 
     def prompt_ids(self, tokenizer) -> list[int]:
         if not self.params.prompt:

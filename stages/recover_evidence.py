@@ -25,7 +25,7 @@ class RecoverEvidenceParams(Params):
 
 
 @register("recover_evidence", family="evidence recovery")
-class RecoverEvidence(CandidateStage):
+class RecoverEvidence(CandidateStage[RecoverEvidenceParams]):
     """Support recovery: per query of the observation window, the nucleus of its attention (smallest set with
     ``coverage`` of the mass), united over queries and over the query heads of a KV head; optionally a second
     hop from the keys of the strongest recovered tokens. Recovered tokens become protected candidates, the

@@ -17,7 +17,7 @@ class RefitValuesParams(Params):
 
 
 @register("refit_values", family="evidence recovery")
-class RefitValues(Stage):
+class RefitValues(Stage[RefitValuesParams]):
     """After eviction: per (row, KV head), V' = V_S + A_Sᵀ (A_S A_Sᵀ + λI)⁻¹ (O − A_S V_S), where A_S is the
     attention of the fitting queries restricted to the kept slots and O the full cache's output. Keys are
     never changed. A head keeps its refit only if the error on the held-out (later) queries goes down;

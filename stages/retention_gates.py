@@ -17,7 +17,7 @@ class RetentionGateParams(Params):
 
 
 @register("retention_gates", family="scoring")
-class RetentionGatesStage(Stage):
+class RetentionGatesStage(Stage[RetentionGateParams]):
     """Score = geometric retention ``(t − pos)·log β``, ``log β`` from a trained gate on each cached key and
     value (see ``kvpipe.core.gates``). Query-agnostic: needs no attention, works at any compression event.
 

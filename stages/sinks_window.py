@@ -14,7 +14,7 @@ class SinksWindowParams(Params):
 
 
 @register("sinks_window", family="candidate selection")
-class SinksWindow(CandidateStage):
+class SinksWindow(CandidateStage[SinksWindowParams]):
     """Marks sinks and the recent window as protected: every eviction after it keeps them."""
 
     Params = SinksWindowParams

@@ -19,3 +19,4 @@ class SnapKV(AttentionMass):
     GQA group). The paper's defaults; attention_mass with other defaults."""
 
     Params = SnapKVParams
+    params: SnapKVParams          # AttentionMass's parameters and its own

@@ -18,7 +18,7 @@ class VATPParams(Params):
 
 
 @register("vatp", family="scoring")
-class VATP(ObservingScorer):
+class VATP(ObservingScorer[VATPParams]):
     """Value-aware: score = attention mass × ||v||1. Tokens drawing attention but carrying tiny values
     (typically sinks) lose; protect sinks with `sinks_window`, as the paper does."""
 

@@ -40,8 +40,8 @@ class RetentionGates(nn.Module):
                                                  nn.Linear(hidden, hidden), nn.SiLU()) for _ in range(layers))
         # shared: one readout module serves every layer (one parameter set, gradients from all layers)
         self.readouts = nn.ModuleList(_Readout(heads, hidden, bias_init) for _ in range(1 if shared else layers))
-        for layer in self.inner:
-            for linear in layer[::2]:
+        for linear in self.inner.modules():               # each layer's two Linear, in order
+            if isinstance(linear, nn.Linear):
                 nn.init.normal_(linear.weight, std=0.02)
                 nn.init.zeros_(linear.bias)
 
@@ -59,7 +59,7 @@ class RetentionGates(nn.Module):
                          ) -> dict[str, tuple[int, ...]]:
         """The name and shape of every parameter of such gates, without building them (a gate file is checked
         against this before anything is allocated)."""
-        shapes = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for layer in range(layers):
             shapes |= {f"inner.{layer}.0.weight": (hidden, 2 * head_dim), f"inner.{layer}.0.bias": (hidden,),
                        f"inner.{layer}.2.weight": (hidden, hidden), f"inner.{layer}.2.bias": (hidden,)}

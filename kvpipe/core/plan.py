@@ -6,15 +6,17 @@ compression of it over a cache.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 from kvpipe.core.graph import build_graph, describe, execution_order
 from kvpipe.core.spec import PipelineSpec, parse_spec
-from kvpipe.core.stage_bases import StorageStage
+from kvpipe.core.stage_bases import ProbingScorer, StorageStage
 from kvpipe.core.yaml_source import read_source
 
+PlanT = TypeVar("PlanT", bound="Plan")
 
-def validated(cls: type[Plan], spec: str | Path | dict) -> Plan:
+
+def validated(cls: type[PlanT], spec: str | Path | dict) -> PlanT:
     """A ``cls`` from a pipeline (a YAML path, a YAML string or a dict), its stage graph built.
 
     Raises ``SpecError`` with file, line and key path on any mistake, before any model is touched.
@@ -45,7 +47,7 @@ class Plan:
         self.spec, self.graph, self.source = spec, graph, source
         self.stages = execution_order(graph)
         self.observers = [s for s in self.stages if s.observes and not s.probes]   # of the compressing forward
-        self.probers = [s for s in self.stages if s.probes]                        # of a probe forward after it
+        self.probers = [s for s in self.stages if isinstance(s, ProbingScorer)]    # of a probe forward after it
         self.storage_stage = next((s for s in self.stages if isinstance(s, StorageStage)), None)
         ids = [s.id for s in self.stages]
         # stages that see the cache as its storage returns it

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from types import UnionType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,18 +37,23 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class Stage:
-    """One node of a pipeline.
+StageParams = Params                        # the name a stage's ``Params`` attribute would otherwise hide
+P = TypeVar("P", bound=Params)
 
-    Subclasses set ``Params`` (a ``Params`` model), ``reads`` / ``writes`` (slot kinds) and implement
-    ``__call__(ctx)``, which runs once per compression after the forward pass. Stages that need the
-    queries (``observes = True``) also implement ``observe(obs)``, called inside each layer's attention
+
+class Stage(Generic[P]):
+    """One node of a pipeline, generic in its parameter model: ``class TopK(EvictionStage[TopKParams])`` types
+    ``self.params``.
+
+    Subclasses set ``Params`` (a ``Params`` model, the one they are generic in), ``reads`` / ``writes`` (slot
+    kinds) and implement ``__call__(ctx)``, which runs once per compression after the forward pass. Stages that
+    need the queries (``observes = True``) also implement ``observe(obs)``, called inside each layer's attention
     during the compressing forward; what it returns is handed back as ``ctx.observed(self)[layer]``.
     """
 
     name: ClassVar[str]
     family: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
+    Params: ClassVar[type[StageParams]] = StageParams
     reads: ClassVar[tuple[str, ...]] = ()
     optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
@@ -56,8 +61,8 @@ class Stage:
     observes: ClassVar[bool] = False
     probes: ClassVar[bool] = False          # observes a probe forward instead (``stage_bases.ProbingScorer``)
 
-    def __init__(self, params: Params, node_id: str | None = None):
-        self.params = params
+    def __init__(self, params: P, node_id: str | None = None):
+        self.params: P = params
         self.id = node_id or self.name
         self.sources: dict[str, list[str]] = {}  # slot -> ids of the nearest upstream writers (set by build)
 

@@ -14,10 +14,10 @@ from typing import Protocol
 import torch
 
 from kvpipe.core.context import Candidates, CompressionContext, LayerView
-from kvpipe.core.registry import Stage
+from kvpipe.core.registry import P, Stage
 
 
-class ObservingScorer(Stage):
+class ObservingScorer(Stage[P]):
     """A scorer whose scores are exactly what ``observe`` returned per layer (``float [B, Hkv, kv]``)."""
 
     writes = ("scores",)
@@ -27,7 +27,7 @@ class ObservingScorer(Stage):
         ctx.write(self, "scores", ctx.observed(self))
 
 
-class ProbingScorer(ObservingScorer):
+class ProbingScorer(ObservingScorer[P]):
     """A scorer that observes a **probe**: after the compressing forward, the runtime feeds ``prompt_ids`` and
     then that forward's tokens again to a copy of the cache, ``chunk`` tokens per forward, and calls ``observe``
     on every layer's attention in each of them (queries: the probe tokens; keys: every cached slot, then the
@@ -37,9 +37,9 @@ class ProbingScorer(ObservingScorer):
     probes = True
 
     @property
-    def chunk(self) -> int:
+    def chunk(self) -> int:  # pragma: no cover - interface
         """Probe tokens per forward: bounds the probe's attention memory."""
-        return self.params.chunk
+        raise NotImplementedError
 
     def prompt_ids(self, tokenizer) -> list[int]:  # pragma: no cover - interface
         """Token ids fed before the context is read again (``tokenizer`` may be None when none are needed)."""
@@ -51,7 +51,7 @@ class ProbingScorer(ObservingScorer):
         return scores
 
 
-class CandidateStage(Stage):
+class CandidateStage(Stage[P]):
     """Refines the ``candidates`` of every layer (without an upstream candidate stage: nothing protected, every
     valid slot eligible). Observing subclasses get what they observed of the layer."""
 
@@ -68,7 +68,7 @@ class CandidateStage(Stage):
                                        in zip(ctx.layers, ctx.candidates(self), observed)])
 
 
-class EvictionStage(Stage):
+class EvictionStage(Stage[P]):
     """Decides what every layer keeps from its ``scores``, its ``allocation`` and its candidates."""
 
     reads = ("scores", "allocation")
@@ -112,7 +112,7 @@ class StorageFormat(Protocol):
     def overhead_bytes(self, head_dim: int, dtype: torch.dtype) -> float: ...
 
 
-class StorageStage(Stage):
+class StorageStage(Stage[P]):
     """Decides how the kept tokens are stored. Without one, a cache keeps them as they are, in the model's dtype.
 
     One path for both orders: the compressor stores the kept **original** tokens once, in this format, after

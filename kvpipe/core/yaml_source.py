@@ -93,7 +93,7 @@ def read_source(spec: str | Path | dict) -> YamlSource:
         return load_yaml(spec, "<string>")
     path = Path(spec)
     if not path.is_file():
-        path = shipped.path(spec)
+        path = shipped.path(str(spec))
         if not path.is_file():
             known = ", ".join(shipped.names())
             raise SpecError(f"no such pipeline file, and no shipped pipeline of that name ({known})", str(spec))

@@ -181,7 +181,8 @@ class Captures:
     """The compressed part of one case prefilled once per kernel backend asked for, on demand."""
 
     def __init__(self, model, ids: torch.Tensor):
-        self.model, self.ids, self.by_backend = model, ids, {}
+        self.model, self.ids = model, ids
+        self.by_backend: dict[str, Capture] = {}
 
     def get(self, backend: str) -> Capture:
         backend = resolve_backend(backend, self.ids.device)
@@ -225,7 +226,7 @@ def fidelity_records(suite: SuiteSpec, field: list[Contender], model, tokenizer,
         try:
             result = compare(reference, contender.logits(model, context, continuation, tokenizer),
                              continuation[0])
-            numbers = {"kl": result.kl, "ppl_full": result.ppl_full, "ppl": result.ppl}
+            numbers: dict[str, float | str] = {"kl": result.kl, "ppl_full": result.ppl_full, "ppl": result.ppl}
         except BudgetError as err:
             numbers = {"refused": str(err)}
         yield {"kind": "fidelity", "context": spec.context, "continuation": spec.continuation,

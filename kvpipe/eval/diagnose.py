@@ -21,6 +21,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -65,7 +66,7 @@ def probe_specs(pipeline: Pipeline) -> dict[str, dict]:
     if "recover_evidence" not in family:
         candidates = [i for i, s in enumerate(stages) if family[s["stage"]] == "candidate selection"]
         at = candidates[-1] + 1 if candidates else 0
-        recovery = {"stage": "recover_evidence", "id": "probe_recovery"}
+        recovery: dict[str, object] = {"stage": "recover_evidence", "id": "probe_recovery"}
         changed = copy.deepcopy(stages)
         if candidates:
             anchor = ids[candidates[-1]]
@@ -112,8 +113,8 @@ def evidence_stats(cache, case: TaskCase) -> tuple[float, float]:
         _, _, positions = layer.store.padded()
         stored = (positions[0][..., None] == evidence).any(-2)                            # [Hkv, E]
         shares.append(stored.float().mean(-1))
-    shares = torch.cat(shares)
-    return float(shares.mean()), float(((shares > 0) & (shares < 1)).float().mean())
+    every = torch.cat(shares)
+    return float(every.mean()), float(((every > 0) & (every < 1)).float().mean())
 
 
 def classify(record: CaseRecord) -> str | None:
@@ -147,7 +148,7 @@ def full_reference(protocol: Protocol, work) -> list[Reference]:
     return out
 
 
-def _extend_with_evidence(evidence: list, case: TaskCase, cache) -> None:
+def _extend_with_evidence(evidence: list[float], case: TaskCase, cache) -> None:
     """``after_prefill`` of a diagnosed case: what the compressed ``cache`` kept of the case's evidence."""
     evidence.extend(evidence_stats(cache, case))
 
@@ -156,15 +157,16 @@ def diagnose(protocol: Protocol, pipeline: Pipeline, work, reference: list[Refer
              probes: tuple[str, ...] = PROBES) -> list[CaseRecord]:
     """One record per case of ``work`` (``diagnose_cases``), against the full cache's ``reference``; each
     probe named in ``probes`` that applies to the pipeline reruns the case with its one slot changed."""
-    probes = {name: build(spec) for name, spec in probe_specs(pipeline).items() if name in probes}
+    reruns = {name: build(spec) for name, spec in probe_specs(pipeline).items() if name in probes}
     records = []
     for (kind, i, case), full in tqdm(list(zip(work, reference)), desc="diagnose", unit="case"):
-        gold, evidence = gold_ids(protocol.tokenizer, case), []
+        gold, evidence = gold_ids(protocol.tokenizer, case), cast(list[float], [])
         mine = protocol.ask_pipeline(pipeline, case, gold, after_prefill=partial(_extend_with_evidence, evidence, case))
+        kept, split = evidence
         record = CaseRecord(kind, i, case.depth, full.correct, case.is_correct(mine.text), full.loglik,
-                            mine.score.loglik, *evidence, None)
+                            mine.score.loglik, kept, split, None)
         record.mode = classify(record)
-        for name, probe in probes.items():
+        for name, probe in reruns.items():
             probed = protocol.ask_pipeline(probe, case, gold)
             record.probes[name] = {"correct": case.is_correct(probed.text), "loglik": probed.score.loglik,
                                    "gain": probed.score.loglik - mine.score.loglik}
@@ -177,10 +179,10 @@ def summary(records: list[CaseRecord], name: str) -> str:
     kinds = list(dict.fromkeys(r.kind for r in records))
     counts = [[mode, *(sum(r.mode == mode and r.kind == k for r in failures) for k in kinds),
                sum(r.mode == mode for r in failures)] for mode in MODES]
-    def share(kind_records):
+    def correct_of(kind_records):
         return f"{sum(r.correct for r in kind_records)}/{sum(r.full_correct for r in kind_records)}"
-    counts.append(["correct / full cache correct", *(share([r for r in records if r.kind == k]) for k in kinds),
-                   share(records)])
+    counts.append(["correct / full cache correct", *(correct_of([r for r in records if r.kind == k])
+                                                     for k in kinds), correct_of(records)])
     lines = [f"{name}: {sum(r.correct for r in records)}/{len(records)} correct "
              f"(full cache {sum(r.full_correct for r in records)}); {len(failures)} failures by mode",
              render(["failure mode", *kinds, "all"], counts)]

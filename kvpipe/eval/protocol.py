@@ -16,7 +16,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -26,6 +26,9 @@ from kvpipe.runtime.cache import KVPipeCache, cache_bytes
 from kvpipe.runtime.capture import Capture, compressed
 from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Answer:
 
 @dataclass(frozen=True)
 class Protocol:
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     question_aware: bool = False
     # skip generation where the likelihood score proves what greedy decoding would return (see ``ask``)
@@ -86,7 +89,7 @@ class Protocol:
 
     def _on_model(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` on the device of the model's input embeddings (cases are made on the host)."""
-        return ids.to(self.model.get_input_embeddings().weight.device)
+        return ids.to(next(self.model.get_input_embeddings().parameters()).device)
 
     def _seconds_since(self, started: float) -> float:
         """Wall time since ``started``, once a GPU has finished what was queued (timings are not launch times)."""
@@ -117,9 +120,10 @@ class Protocol:
             started = time.perf_counter()
             # An explicit mask: SmolLM2's pad token is its <|im_end|>, which the chat prompt contains, and
             # transformers < 5.3 would otherwise infer a mask that hides those tokens and shifts positions.
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(self.model, cache),
-                                      max_new_tokens=case.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            generate = cast("GenerationMixin", self.model).generate      # causal LMs generate; the type says less
+            out = generate(ids, attention_mask=torch.ones_like(ids), **cache_arg(self.model, cache),
+                           max_new_tokens=case.max_new_tokens, do_sample=False,
+                           pad_token_id=self.tokenizer.pad_token_id)
             seconds = self._seconds_since(started)
         new = out[0, ids.shape[1]:].cpu()
         return self.decode(new), new, len(new) / seconds

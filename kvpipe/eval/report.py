@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvpipe.core.plotting import pyplot
@@ -36,7 +37,7 @@ def _cases(env: dict) -> str:
             f"own fork: {env['cases'] * asked} cases)")
 
 
-def markdown(records: list[dict], plot_names: list[str] = ()) -> str:
+def markdown(records: list[dict], plot_names: Sequence[str] = ()) -> str:
     env = next(r for r in records if r["kind"] == "environment")
     tasks = [r for r in records if r["kind"] == "task"]
     out = [f"# Benchmark: {env['suite']}", "",

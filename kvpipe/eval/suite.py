@@ -25,7 +25,8 @@ from kvpipe.core.spec import Budget, StrictModel, did_you_mean, first_error
 from kvpipe.core.yaml_source import YamlSource, load_file
 from kvpipe.errors import SpecError
 from kvpipe.eval.contenders import PEERS
-from kvpipe.eval.tasks import HAYSTACKS, KINDS
+from kvpipe.eval.tasks import KINDS
+from kvpipe.eval.tasks.haystack import Haystack
 
 
 class PipelineEntry(StrictModel):
@@ -57,7 +58,7 @@ class SuiteSpec(StrictModel):
     contexts: list[int] = Field(description="prompt lengths in tokens (chat header + context)", min_length=1)
     tasks: list[str] = Field(description=f"task kinds: {', '.join(KINDS)}", min_length=1)
     needles: int = Field(3, ge=2, description="facts per multi-needle case (keys, values or hops)")
-    haystack: Literal[HAYSTACKS] = Field("prose", description="prose (Python docs) or filler (RULER's noise)")
+    haystack: Haystack = Field("prose", description="prose (Python docs) or filler (RULER's noise)")
     questions: Literal["agnostic", "aware", "both"] = Field(
         "agnostic", description="agnostic: the context is compressed before the question is seen (kvpress's "
                                 "protocol); aware: the question is compressed with it")

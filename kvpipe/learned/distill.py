@@ -17,6 +17,7 @@ Training text: windows of Python-documentation prose with a few facts in a templ
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -25,6 +26,9 @@ from kvpipe.core.plan import Plan, validated
 from kvpipe.eval.tasks import paragraphs
 from kvpipe.runtime import probe
 from kvpipe.runtime.attach import ForwardState, Handle, Session
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # the teacher: reconstruction scores as the shipped stage computes them (pool 1: the gate predicts per token)
 TEACHER = {"version": 1, "name": "reconstruction-teacher", "budget": {"keep": 0.5},
@@ -40,7 +44,7 @@ class TeacherSession(Session):
     """An attach that runs the probing stages after the first forward and keeps their scores, compressing
     nothing (the cache keeps every token, so its keys and values are the gate's inputs)."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module, tokenizer=None):
+    def __init__(self, pipeline: Plan, model: PreTrainedModel, tokenizer=None):
         super().__init__(pipeline, model, tokenizer)
         self.scores: dict[int, torch.Tensor] = {}
 
@@ -55,8 +59,9 @@ def teacher_targets(model, tokenizer, ids: torch.Tensor, teacher: Plan | None = 
     with Handle(teacher, model, TeacherSession, tokenizer) as handle, torch.no_grad():
         cache = handle.cache()
         model(ids, past_key_values=cache)
-        scores = handle.session.scores
-    return [(layer.keys, layer.values, (scores[i].float() + FLOOR).log()) for i, layer in enumerate(cache.layers)]
+        scores = cast(TeacherSession, handle.session).scores
+    return [(layer.keys, layer.values, (scores[i].float() + FLOOR).log())
+            for i, layer in enumerate(cache.compressed_layers)]
 
 
 def distill_loss(gates: RetentionGates, targets) -> torch.Tensor:
@@ -69,7 +74,8 @@ def training_text(tokenizer, context: int, seed: int, step: int) -> torch.Tensor
     """Step ``step``'s sequence, ``long [1, ≤ context]``: a prose window with two to five facts spread in it."""
     rng = random.Random(seed * 100_003 + step)
     prose = paragraphs()
-    start, lines, tokens = rng.randrange(len(prose)), [], 0
+    start, tokens = rng.randrange(len(prose)), 0
+    lines: list[str] = []
     while tokens < context:
         line = prose[(start + len(lines)) % len(prose)]
         lines.append(line)

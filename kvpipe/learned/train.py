@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ConfigDict, Field
@@ -35,7 +36,7 @@ from kvpipe.core.untrusted import bounded_json, validated
 from kvpipe.errors import FileError
 from kvpipe.eval.tasks import make_cases, paragraphs
 from kvpipe.learned import distill
-from kvpipe.runtime.adapters import find_decoder, kv_shape
+from kvpipe.runtime.adapters import attention_modules, decoder_layers, find_decoder, kv_shape
 
 TRAINING_ATTENTION = "kvpipe_retention_training"
 
@@ -93,7 +94,7 @@ def losses(model, gates: RetentionGates, ids: torch.Tensor, config: TrainConfig)
     finally:
         model.config._attn_implementation = base
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    attention = [layer.self_attn for layer in find_decoder(model).layers]
+    attention: list[Any] = [layer.self_attn for layer in decoder_layers(find_decoder(model))]   # with _kvpipe_*
     held = torch.stack([a._kvpipe_log_capacity for a in attention]).exp().sum((0, 2))     # [B, T]: Σ_{l,h} S
     slots = len(attention) * gates.heads
     t_global = (torch.arange(ids.shape[1], device=ids.device) + 1) * slots
@@ -126,7 +127,7 @@ def train(model, tokenizer, config: TrainConfig, out: Path, resume: bool = False
     decoder = find_decoder(model)
     kv_heads, head_dim = kv_shape(model)
     torch.manual_seed(config.seed)
-    gates = RetentionGates(len(decoder.layers), kv_heads, head_dim, config.hidden,
+    gates = RetentionGates(len(decoder_layers(decoder)), kv_heads, head_dim, config.hidden,
                            config.bias_init, config.shared)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history, start = [], 0
@@ -171,14 +172,14 @@ def step_loss(model, tokenizer, gates: RetentionGates, config: TrainConfig, step
 def gates_on(model, gates: RetentionGates):
     """Let ``losses`` run ``model`` with soft retention from ``gates`` (the attention reads them per layer)."""
     AttentionInterface.register(TRAINING_ATTENTION, retention_attention)
-    layers = find_decoder(model).layers
-    for layer in layers:
-        layer.self_attn._kvpipe_gates = gates
+    attention = attention_modules(model)
+    for module in attention:
+        vars(module)["_kvpipe_gates"] = gates
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.self_attn._kvpipe_gates
+        for module in attention:
+            del vars(module)["_kvpipe_gates"]
 
 
 def evaluate(model, gates: RetentionGates, ids: torch.Tensor, config: TrainConfig) -> tuple[float, float, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -19,8 +20,11 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime.layer_kinds import layer_kinds, text_config
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 # attention implementations kvpipe wraps, with the mask function transformers must build for each
-ATTENTION_BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
+ATTENTION_BASES: dict[str, Callable[..., Any]] = {"sdpa": sdpa_mask, "eager": eager_mask}
 
 
 def base_attention_function(base: str, decoder: torch.nn.Module):
@@ -28,11 +32,12 @@ def base_attention_function(base: str, decoder: torch.nn.Module):
     if base == "sdpa":
         return sdpa_attention_forward
     # Eager is not in HF's registry: each modeling file defines its own eager function.
-    attention = next(layer.self_attn for layer in decoder.layers if getattr(layer, "self_attn", None) is not None)
+    attention = next(layer.self_attn for layer in decoder_layers(decoder)
+                     if getattr(layer, "self_attn", None) is not None)
     return sys.modules[type(attention).__module__].eager_attention_forward
 
 
-def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
+def find_decoder(model: PreTrainedModel) -> torch.nn.Module:
     """The decoder stack (``model.model`` for HF causal LMs), checked for what kvpipe needs."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
@@ -45,13 +50,19 @@ def find_decoder(model: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The decoder's attention modules (``layers[i].self_attn``); layers without one (linear attention, state
     space) are left out."""
-    return [layer.self_attn for layer in find_decoder(model).layers if getattr(layer, "self_attn", None) is not None]
+    return [layer.get_submodule("self_attn") for layer in decoder_layers(find_decoder(model))
+            if getattr(layer, "self_attn", None) is not None]
 
 
-def check_model(model: torch.nn.Module) -> None:
+def decoder_layers(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's layers (``decoder.layers``), in order."""
+    return list(cast(torch.nn.ModuleList, decoder.get_submodule("layers")))
+
+
+def check_model(model: PreTrainedModel) -> None:
     config = model.config
     if getattr(model, "_kvpipe_session", None) is not None:
         raise UnsupportedModelError("a kvpipe pipeline is already attached to this model; detach it first")
@@ -69,7 +80,7 @@ def check_model(model: torch.nn.Module) -> None:
     layer_kinds(model)          # refuses the layer kinds kvpipe cannot hold, naming them
 
 
-def kv_shape(model: torch.nn.Module) -> tuple[int, int]:
+def kv_shape(model: PreTrainedModel) -> tuple[int, int]:
     """``(KV heads, head dimension)`` of the model's attention layers, from its (text) config."""
     config = text_config(model)
     heads = config.num_attention_heads
@@ -106,7 +117,7 @@ def output_projection(attention: torch.nn.Module) -> torch.Tensor | None:
     return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
-def rope_tables(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+def rope_tables(model: PreTrainedModel) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
     """``(x, positions [B, q]) -> (cos, sin) [B, q, D]`` of the full-attention layers' rotary embedding in HF's
     rotate-half layout over the whole head (``x·cos + rotate_half(x)·sin``), or ``None`` without one. Gemma 3 keeps
     one embedding per layer type (the full layers' is asked for); GPT-OSS returns half-width tables it applies to

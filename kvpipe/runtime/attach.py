@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -34,6 +35,9 @@ from kvpipe.runtime.layout import plan_layout
 from kvpipe.runtime.model_identity import model_identity
 from kvpipe.runtime.parallel import head_shards
 from kvpipe.runtime.stats import Stats, bytes_by_role, uncompressed_bytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # transformers' own layers an empty DynamicCache may hold (generate() makes one from the model's config)
 PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
@@ -63,7 +67,7 @@ class ForwardState:
 class Session:
     """The live link between one pipeline and one model (shared by the handle, hooks and caches)."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module, tokenizer=None):
+    def __init__(self, pipeline: Plan, model: PreTrainedModel, tokenizer=None):
         self.pipeline, self.model = pipeline, model
         # probing stages' prompts are encoded now, so a missing tokenizer fails at attach, not mid-generate
         self.probe_prompts = {stage.id: stage.prompt_ids(tokenizer) for stage in pipeline.probers}
@@ -238,7 +242,7 @@ class Session:
 class Handle:
     """What ``attach()`` returns. Also a context manager: ``with pipeline.attach(model) as handle: ...``."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module, session_type: type[Session] = Session,
+    def __init__(self, pipeline: Plan, model: PreTrainedModel, session_type: type[Session] = Session,
                  tokenizer=None):
         check_model(model)
         self.session = session = session_type(pipeline, model, tokenizer)
@@ -246,13 +250,14 @@ class Handle:
         name = register_attention(session.base)
         self._hooks = []
         try:                    # all or nothing: whatever fails half-way, the model is left as it was
+            # plain attributes of the modules (what detach() pops), found by the attention function and load_cache
             for attention in attention_modules(model):
-                attention._kvpipe_session = session
+                vars(attention)["_kvpipe_session"] = session
             self._hooks = [
                 session.decoder.register_forward_pre_hook(session.before_forward, with_kwargs=True),
                 session.decoder.register_forward_hook(session.after_forward, with_kwargs=True),
             ]
-            model._kvpipe_session = session
+            vars(model)["_kvpipe_session"] = session
             model.set_attn_implementation(name)
             if model.config._attn_implementation != name:
                 raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {name!r}")
@@ -291,9 +296,9 @@ class Handle:
         if cache.storage.backend != session.backend:
             raise UnsupportedModelError(f"this cache was stored with the {cache.storage.backend} kernels and the "
                                         f"attached pipeline runs {session.backend}; compress it with the same backend")
-        if len(cache.layers) != len(session.decoder.layers):
+        if len(cache.layers) != len(session.layout.kinds):
             raise UnsupportedModelError(f"this cache has {len(cache.layers)} layers and the attached model "
-                                        f"{len(session.decoder.layers)}; it was made for another model")
+                                        f"{len(session.layout.kinds)}; it was made for another model")
         expected = [type(layer) if layer is not None else KVPipeLayer for layer in session.layout.fresh_layers()]
         if [type(layer) for layer in cache.layers] != expected:
             raise UnsupportedModelError("this cache's layers are not the ones the attached pipeline makes for this "

@@ -18,9 +18,9 @@ rank's part fails, every rank raises.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,8 +34,11 @@ from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer
 from kvpipe.runtime.cache_meta import FORMAT, INDEX, CacheMeta, parse_cache_meta, parse_index
 from kvpipe.runtime.cache_tensors import PAGES, RAGGED, check_header, check_values, layer_patterns
 from kvpipe.runtime.model_identity import config_differences
-from kvpipe.runtime.quantized_store import QuantizedStore
+from kvpipe.runtime.quantized_store import QuantizedStore, stored_format
 from kvpipe.runtime.store import RaggedStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def save_cache(cache: KVPipeCache, path: str | Path) -> Path:
@@ -73,20 +76,21 @@ def _save_file(cache: KVPipeCache, path: Path, identity: dict) -> None:
         raise KVPipeError("this cache has sliding-window or linear-attention layers beside kvpipe's; the cache file "
                           "format (kvpipe-cache/3) holds full-attention layers only, so it cannot be saved yet. "
                           "Keep it in memory (cache.fork() shares it)")
-    layers = [layer for layer in cache.layers if layer.is_initialized]
+    layers = [layer for layer in cache.compressed_layers if layer.is_initialized]
     if len(layers) != len(cache.layers):
         raise KVPipeError("this cache holds no tokens yet (or not in every layer); prefill it before saving")
     tensors, described = {}, []
     for index, layer in enumerate(layers):
         prefix = f"layers.{index}"
         tensors[f"{prefix}.tail.keys"], tensors[f"{prefix}.tail.values"] = layer.keys, layer.values
-        kind = "none" if layer.store is None else layer.store.kind
-        if kind == "ragged":
-            tensors |= _named(f"{prefix}.store", layer.store, RAGGED)
-        elif kind == "quantized":
-            tensors |= _named(f"{prefix}.pages", layer.store.pages, PAGES)
-            tensors[f"{prefix}.page_counts"] = layer.store.page_counts
-            tensors |= _named(f"{prefix}.residual", layer.store.residual, RAGGED)
+        store = layer.store
+        kind = "none" if store is None else store.kind
+        if isinstance(store, RaggedStore):
+            tensors |= _named(f"{prefix}.store", store, RAGGED)
+        elif isinstance(store, QuantizedStore):
+            tensors |= _named(f"{prefix}.pages", store.pages, PAGES)
+            tensors[f"{prefix}.page_counts"] = store.page_counts
+            tensors |= _named(f"{prefix}.residual", store.residual, RAGGED)
         described.append({"seen": layer.seen, "since_compression": layer.since_compression, "store": kind})
     batch, kv_heads, _, head_dim = layers[0].keys.shape
     shape = {"layers": len(layers), "batch": batch, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -99,7 +103,7 @@ def _save_file(cache: KVPipeCache, path: Path, identity: dict) -> None:
     _write(path, lambda: save_file(host, str(path), metadata))
 
 
-def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
+def load_cache(path: str | Path, model: PreTrainedModel) -> KVPipeCache:
     """The cache saved at ``path``, driven by the pipeline attached to ``model`` (the model that filled it, with
     the pipeline it was compressed with). Each layer's tensors go to the device of that layer of the model."""
     session = getattr(model, "_kvpipe_session", None)
@@ -115,7 +119,7 @@ def load_cache(path: str | Path, model: torch.nn.Module) -> KVPipeCache:
     return cache
 
 
-def _load_file(path: Path, model: torch.nn.Module, session) -> KVPipeCache:
+def _load_file(path: Path, model: PreTrainedModel, session) -> KVPipeCache:
     try:
         with safe_open(str(path), "pt") as file:
             meta = parse_cache_meta(path, file.metadata() or {})
@@ -180,7 +184,7 @@ def _check_rank(path: Path, meta: CacheMeta, shards) -> None:
                                            f"rank {shards.rank} of {shards.world}")
 
 
-def _check_model(path: Path, meta: CacheMeta, model: torch.nn.Module, session) -> None:
+def _check_model(path: Path, meta: CacheMeta, model: PreTrainedModel, session) -> None:
     """The attached model is the one that filled the cache: the same shape, configuration and weights."""
     kv_heads, head_dim = kv_shape(model)
     here = {"layers": len(session.decoder.layers), "kv_heads": kv_heads // session.shards.world,  # a rank's share
@@ -219,7 +223,7 @@ def _check_pipeline(path: Path, meta: CacheMeta, pipeline):
                                                                f"pipeline stores {stored}")
     if pipeline.storage_stage is None:
         return None
-    return pipeline.storage_stage.storage(meta.shape.head_dim).fmt
+    return stored_format(pipeline, meta.shape.head_dim).fmt
 
 
 def _restore(layer: KVPipeLayer, tensors: dict[str, torch.Tensor], described, pipeline) -> None:
@@ -230,7 +234,7 @@ def _restore(layer: KVPipeLayer, tensors: dict[str, torch.Tensor], described, pi
     if described.store == "ragged":
         layer.store = RaggedStore(*(tensors[f"store.{name}"] for name in RAGGED))
     elif described.store == "quantized":
-        quant = dataclasses.replace(pipeline.storage_stage.storage(keys.shape[-1]), backend=layer.storage.backend)
+        quant = stored_format(pipeline, keys.shape[-1], layer.storage.backend)
         layer.store = QuantizedStore(PackedPages(*(tensors[f"pages.{name}"] for name in PAGES)),
                                      tensors["page_counts"], RaggedStore(*(tensors[f"residual.{n}"] for n in RAGGED)),
                                      quant)

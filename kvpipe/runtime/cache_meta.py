@@ -71,10 +71,10 @@ def parse_cache_meta(path: Path | str, metadata: dict[str, str]) -> CacheMeta:
                                              f"{FORMAT} only: compress the context again and save it anew")
     if metadata.get("format") != FORMAT:
         raise FileError(path, "format", f"{metadata.get('format')!r} is not a kvpipe cache (expected {FORMAT!r})")
-    fields = dict(metadata)
+    fields: dict[str, object] = dict(metadata)
     for name in ("rank", "world", "shape", "model", "layers"):
-        if name in fields:
-            fields[name] = bounded_json(path, name, fields[name])
+        if name in metadata:
+            fields[name] = bounded_json(path, name, metadata[name])
     return validated(path, CacheMeta, fields)
 
 

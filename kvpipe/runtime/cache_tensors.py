@@ -38,7 +38,8 @@ def layer_patterns(meta: CacheMeta, layer: LayerMeta, fmt: PageFormat | None) ->
     """What one layer's tensors must look like (names without the ``layers.<i>.`` prefix)."""
     shape = meta.shape
     dtype, batch, heads, dim = getattr(torch, shape.dtype), shape.batch, shape.kv_heads, shape.head_dim
-    patterns = {"tail.keys": (dtype, (batch, heads, "T", dim)), "tail.values": (dtype, (batch, heads, "T", dim))}
+    patterns: dict[str, Pattern] = {"tail.keys": (dtype, (batch, heads, "T", dim)),
+                                    "tail.values": (dtype, (batch, heads, "T", dim))}
 
     def ragged(prefix: str, slots: str) -> dict[str, Pattern]:
         return {f"{prefix}.keys": (dtype, (slots, dim)), f"{prefix}.values": (dtype, (slots, dim)),
@@ -79,8 +80,9 @@ def check_header(path: Path, index: int, header: Header, patterns: dict[str, Pat
         for got, want in zip(shape, pattern):
             want = sizes.setdefault(want, got) if isinstance(want, str) else want
             if got != want:
+                expected = [sizes.get(p, p) if isinstance(p, str) else p for p in pattern]
                 raise FileError(path, prefix + name, f"shape {list(shape)} does not fit the metadata and the other "
-                                                          f"tensors (expected {[sizes.get(p, p) for p in pattern]})")
+                                                          f"tensors (expected {expected})")
     return sizes
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,6 +27,9 @@ from kvpipe.models import cache_arg
 from kvpipe.runtime import compressor, probe
 from kvpipe.runtime.attach import ForwardState, Handle, Session
 from kvpipe.runtime.cache import KVPipeCache, cache_bytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Capture:
 class RecordingSession(Session):
     """An attach that observes the first forward on a fresh cache for any pipeline and compresses nothing."""
 
-    def __init__(self, pipeline: Plan, model: torch.nn.Module, tokenizer=None):
+    def __init__(self, pipeline: Plan, model: PreTrainedModel, tokenizer=None):
         super().__init__(pipeline, model, tokenizer)
         self.observations: dict[int, Observation] = {}
 
@@ -71,7 +75,7 @@ class RecordingSession(Session):
         pass
 
 
-def capture(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def capture(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             backend: str = "auto") -> Capture:
     """Prefill ``ids [B, n]`` once into a full kvpipe cache, recording every layer's attention inputs.
 
@@ -83,7 +87,7 @@ def capture(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Ten
         started = time.perf_counter()
         model(ids, attention_mask=attention_mask, **cache_arg(model, cache))
         seconds = time.perf_counter() - started
-        observations = handle.session.observations
+        observations = cast(RecordingSession, handle.session).observations
     cache.rebind(None)
     cache.peak_bytes = cache_bytes(cache)
     return Capture(cache, [observations[i] for i in sorted(observations)], attention_mask, seconds, ids)

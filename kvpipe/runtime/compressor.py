@@ -16,7 +16,7 @@ from kvpipe.core.context import CompressionContext, Observation
 from kvpipe.core.plan import Plan
 from kvpipe.core.spec import Budget
 from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer, layer_bytes
-from kvpipe.runtime.quantized_store import roundtrip
+from kvpipe.runtime.quantized_store import roundtrip, stored_format
 from kvpipe.runtime.stats import uncompressed_bytes
 from kvpipe.runtime.store import RaggedStore, storage_bytes
 
@@ -42,7 +42,7 @@ def stored_preview(pipeline: Plan, obs: Observation) -> Observation:
     """``obs`` with keys and values as the pipeline's storage will return them."""
     batch, heads, kv, dim = obs.key.shape
     positions = torch.arange(kv, device=obs.key.device).expand(batch, heads, kv)
-    keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, pipeline.storage_stage.storage(dim))
+    keys, values = roundtrip(obs.key, obs.value, positions, obs.key_valid, stored_format(pipeline, dim))
     return dataclasses.replace(obs, key=keys, value=values)
 
 
@@ -72,9 +72,7 @@ def compress(pipeline: Plan, cache: KVPipeCache, padding: torch.Tensor | None = 
     valid = views[0].valid
     seen_real = (padding.sum(-1) if padding is not None
                  else torch.full(valid.shape[:1], cache.get_seq_length(), device=valid.device))
-    fmt = pipeline.storage_stage.storage(head_dim) if pipeline.storage_stage is not None else None
-    if fmt is not None:
-        fmt = dataclasses.replace(fmt, backend=cache.storage.backend)          # packed with the cache's kernels
+    fmt = stored_format(pipeline, head_dim, cache.storage.backend)               # packed with the cache's kernels
     ctx = CompressionContext(
         layers=list(views), budget=whole_model_budget(pipeline.spec.budget, cache), seen_real=seen_real.long(),
         slot_bytes=fmt.slot_bytes(head_dim) if fmt else RaggedStore.slot_bytes(head_dim, dtype),

@@ -12,10 +12,12 @@ Three roles:
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvpipe.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 COMPRESSED, WINDOW, STATE = "compressed", "window", "state"
 
@@ -50,13 +52,13 @@ class LayerKind:
         return WINDOW if self.type in WINDOW_FIELDS else STATE
 
 
-def text_config(model: torch.nn.Module):
+def text_config(model: PreTrainedModel):
     """The decoder's config (a multimodal model's text config)."""
     config = model.config
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def layer_kinds(model: torch.nn.Module) -> list[LayerKind]:
+def layer_kinds(model: PreTrainedModel) -> list[LayerKind]:
     """Every decoder layer's kind, from ``layer_types`` (or, without it, ``sliding_window`` /
     ``attention_chunk_size`` for all layers, as transformers reads them). Refuses kinds kvpipe cannot hold."""
     config = text_config(model)

@@ -7,10 +7,9 @@ refused: no pipeline silently does less than it says.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvpipe.core.plan import Plan
@@ -18,7 +17,11 @@ from kvpipe.core.quantization import Quantization
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime.adapters import kv_shape
 from kvpipe.runtime.layer_kinds import COMPRESSED, STATE, WINDOW, LayerKind, describe, layer_kinds, text_config
+from kvpipe.runtime.quantized_store import stored_format
 from kvpipe.runtime.window_layer import QuantizedWindowLayer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 # auto quantizes a window when its quantized form holds at most this fraction of its bytes
 WORTH_QUANTIZING = 0.75
@@ -28,12 +31,13 @@ WORTH_QUANTIZING = 0.75
 class Layout:
     kinds: list[LayerKind]
     windows: Quantization | None     # how window layers store older tokens; None: as transformers keeps them
-    config: object                   # the decoder's config: transformers makes the state layers from it
+    config: PretrainedConfig         # the decoder's config: transformers makes the state layers from it
 
-    def fresh_layers(self) -> list:
-        """One empty cache layer per model layer, ``None`` where a ``KVPipeLayer`` goes (``KVPipeCache.bind``)."""
-        states = DynamicCache(config=self.config).layers if any(k.role == STATE for k in self.kinds) else None
-        layers = []
+    def fresh_layers(self) -> list[Any]:
+        """One empty cache layer per model layer, ``None`` where a ``KVPipeLayer`` goes (``KVPipeCache.bind``);
+        the others are transformers' layer classes (which differ between releases)."""
+        states = DynamicCache(config=self.config).layers if any(k.role == STATE for k in self.kinds) else []
+        layers: list[Any] = []
         for index, kind in enumerate(self.kinds):
             if kind.role == COMPRESSED:
                 layers.append(None)
@@ -50,7 +54,7 @@ class Layout:
         return any(kind.role != COMPRESSED for kind in self.kinds)
 
 
-def plan_layout(pipeline: Plan, model: torch.nn.Module, backend: str) -> Layout:
+def plan_layout(pipeline: Plan, model: PreTrainedModel, backend: str) -> Layout:
     """The layout of ``model``'s cache under ``pipeline`` (its ``layers.sliding`` policy), checked."""
     kinds = layer_kinds(model)
     name = type(model).__name__
@@ -87,7 +91,7 @@ def _window_storage(pipeline: Plan, kinds: list[LayerKind], model, backend: str)
     if widest is None or policy == "keep" or pipeline.storage_stage is None:
         return None
     _, head_dim = kv_shape(model)
-    quant = dataclasses.replace(pipeline.storage_stage.storage(head_dim), backend=backend)
+    quant = stored_format(pipeline, head_dim, backend)
     if policy == "quantize":
         return quant
     dtype = next(model.parameters()).dtype

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # settings that say how the model runs or where it came from, not what its keys and values are
 RUNTIME_SETTINGS = frozenset({
@@ -26,18 +28,18 @@ RUNTIME_SETTINGS = frozenset({
 SAMPLED_VALUES = 4096
 
 
-def model_identity(model: torch.nn.Module) -> dict[str, object]:
+def model_identity(model: PreTrainedModel) -> dict[str, object]:
     """``{"config": ..., "fingerprint": ...}``: what a cache file records of the model that filled it."""
     return {"config": model_config(model), "fingerprint": weights_fingerprint(model)}
 
 
-def model_config(model: torch.nn.Module) -> dict[str, object]:
+def model_config(model: PreTrainedModel) -> dict[str, object]:
     """The configuration that shapes the cache, as JSON values."""
     settings = {key: value for key, value in model.config.to_dict().items() if key not in RUNTIME_SETTINGS}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: PreTrainedModel) -> str:
     """Hex SHA-256 of ``SAMPLED_VALUES`` values (as float32) of the first, middle and last parameter held here
     (offloaded ones, on the meta device until their layer runs, are passed over)."""
     parameters = [parameter for parameter in model.parameters() if not parameter.is_meta]

@@ -1,13 +1,16 @@
 """Finding the tensor-parallel group of a model loaded with transformers' ``tp_plan`` (launched by ``torchrun``)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from kvpipe.core.shards import HeadShards
 from kvpipe.errors import UnsupportedModelError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def head_shards(model: torch.nn.Module) -> HeadShards:
+
+def head_shards(model: PreTrainedModel) -> HeadShards:
     """This process's share of ``model``'s KV heads: the rank and size of its tensor-parallel group (transformers
     keeps the device mesh as ``model._device_mesh``, its ``tp`` dimension the group), or one process's."""
     size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None) or 1

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvpipe.core.plan import Plan, validated
 from kvpipe.runtime.attach import Handle
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class Pipeline(Plan):
-    def attach(self, model: torch.nn.Module, tokenizer=None) -> Handle:
+    def attach(self, model: PreTrainedModel, tokenizer=None) -> Handle:
         """Make ``model.generate()`` and forward calls use this pipeline until ``handle.detach()``. ``tokenizer``:
         the model's, for stages that feed the model text of their own (``reconstruction``'s repeat prompt)."""
         return Handle(self, model, tokenizer=tokenizer)

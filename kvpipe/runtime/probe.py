@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvpipe.core.context import Observation
+from kvpipe.core.stage_bases import ProbingScorer
 from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime.adapters import attention_modules
 
@@ -25,7 +26,7 @@ class Probe:
     """What one probe forward collects for ``stage``: per layer, the maximum over chunks of its observation
     of the first ``slots[layer]`` keys."""
 
-    stage: object                                      # a ProbingScorer
+    stage: ProbingScorer
     slots: list[int]
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
     input_norms: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, q] of the current forward

@@ -14,13 +14,16 @@ head's bytes are its pages and its residual. ``padded()`` is the transient view 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
 import torch
 
+from kvpipe.core.plan import Plan
 from kvpipe.core.quantization import Quantization
+from kvpipe.errors import KVPipeError
 from kvpipe.kernels.pages import PackedPages, dequantize_pages, dequantize_pages_into
 from kvpipe.kernels.quant import check_finite
 from kvpipe.kernels.ragged import concat_ragged, run_places, run_starts, scatter_runs, select_ragged_rows, unpack_ragged
@@ -55,6 +58,19 @@ class Workspace:
 
     def __getstate__(self) -> dict:
         return {"buffer": None}         # scratch memory: a pickled or copied cache grows its own when it needs it
+
+
+def stored_format(pipeline: Plan, head_dim: int, backend: str = "torch") -> Quantization | None:
+    """How ``pipeline`` stores heads of ``head_dim`` channels, packed with ``backend``'s kernels (``None``: no
+    storage stage, tokens kept as they are). The runtime stores ``Quantization`` formats; another is refused."""
+    stage = pipeline.storage_stage
+    if stage is None:
+        return None
+    fmt = stage.storage(head_dim)
+    if not isinstance(fmt, Quantization):
+        raise KVPipeError(f"stage {stage.id!r} stores in a {type(fmt).__name__}; kvpipe's caches store "
+                          "kvpipe.core.quantization.Quantization formats")
+    return dataclasses.replace(fmt, backend=backend)
 
 
 def pack_pages(quant: Quantization, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
@@ -256,8 +272,8 @@ class QuantizedStore(ValidSlots):
                 keys[:, :, at:at + used] = page_keys.view(batch, heads, group, dim)[:, :, :used]
                 values[:, :, at:at + used] = page_values.view(batch, heads, group, dim)[:, :, :used]
                 at += used
-        for out, res, new in ((keys, self.residual.keys, tail_keys), (values, self.residual.values, tail_values)):
-            out[:, :, pages:pages + residual] = res.view(batch, heads, residual, dim)
+        for out, kept, new in ((keys, self.residual.keys, tail_keys), (values, self.residual.values, tail_values)):
+            out[:, :, pages:pages + residual] = kept.view(batch, heads, residual, dim)
             out[:, :, pages + residual:] = new
         return keys, values
 

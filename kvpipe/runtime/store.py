@@ -19,7 +19,9 @@ class Store(Protocol):
 
     kind: ClassVar[str]                  # "ragged" or "quantized": how a cache file names it
     fused_decode: ClassVar[bool]         # the fused Triton decode kernel reads it (``decode_operands``)
-    lengths: torch.Tensor                # [B, Hkv]: tokens stored per head
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B, Hkv]``: tokens stored per head."""
 
     @property
     def tail_capacity(self) -> int:

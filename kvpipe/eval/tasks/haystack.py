@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import random
 from functools import lru_cache
+from typing import Literal, get_args
 
-HAYSTACKS = ("prose", "filler")
+Haystack = Literal["prose", "filler"]
+HAYSTACKS: tuple[str, ...] = get_args(Haystack)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
