@@ -297,3 +297,25 @@ def test_a_partial_rotary_embedding_is_refused_by_stages_that_rotate_queries():
     with kvpipe.build("expected-attention").attach(model):
         with pytest.raises(UnsupportedModelError, match="rotates 4 of each head's 16 channels"):
             model(torch.randint(2, 250, (1, 300)))
+
+
+def test_a_left_padded_batch_matches_each_prompt_alone(random_ids):
+    """Padding reaches the windows through transformers' sliding mask and the full layers through kvpipe's: each
+    row of a left-padded batch generates what it generates alone (eviction and quantized windows included)."""
+    model = hybrid_model("Qwen2ForCausalLM", window=48)
+    # padding of one page (32 tokens): the short row's pages hold the tokens they hold alone, so its quantized
+    # values are bit-identical to its own
+    long, short = random_ids(1, 120), random_ids(1, 88)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 32, dtype=torch.long), short], -1)])
+    mask = torch.ones_like(batch)
+    mask[1, :32] = 0
+    pipeline = {**evicting(keep=0.5), "layers": {"sliding": "quantize"}}
+    pipeline["stages"] = [*pipeline["stages"], {"stage": "quantize", "params": {"bits": 4, "group_size": 32,
+                                                                                "residual": 16}}]
+    with kvpipe.build(pipeline).attach(model) as handle:
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert any(isinstance(layer, QuantizedWindowLayer) for layer in handle.session.last_cache.layers)
+        alone_long = model.generate(long, max_new_tokens=6, do_sample=False)
+        alone_short = model.generate(short, max_new_tokens=6, do_sample=False)
+    assert torch.equal(together[0, 120:], alone_long[0, 120:])
+    assert torch.equal(together[1, 120:], alone_short[0, 88:])
