@@ -30,6 +30,11 @@ class QuantizeParams(Params):
     residual: int = Field(128, ge=0, description="most recent tokens per head kept unquantized (KIVI's window); "
                                                  "older ones are flushed into pages as the window fills")
     scale_dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of scales and minima")
+    rotate: Literal["none", "hadamard"] = Field(
+        "none", description="hadamard = each head's keys and values multiplied by a seeded randomized Hadamard "
+                            "matrix before quantization (outlier channels spread out; exact when read back); "
+                            "torch backend, power-of-two head dimension")
+    rotation_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the rotation's random signs")
 
 
 @register("quantize", family="quantization")
@@ -56,9 +61,13 @@ class Quantize(StorageStage[QuantizeParams]):
         if head_dim % value_group:
             raise KVPipeError(f"quantize: the head dimension {head_dim} is not a multiple of group_size "
                               f"{p.group_size}; pick a group_size that divides it")
+        if p.rotate != "none" and head_dim & (head_dim - 1):
+            raise KVPipeError(f"quantize: rotate: {p.rotate} needs a power-of-two head dimension, not {head_dim}; "
+                              "use rotate: none")
         fmt = PageFormat(p.key_bits or p.bits, p.value_bits or p.bits, p.group_size, value_group,
                          getattr(torch, p.scale_dtype))
-        return Quantization(fmt, p.residual, p.method, self.group_range)
+        return Quantization(fmt, p.residual, p.method, self.group_range, rotate=p.rotate,
+                            rotation_seed=p.rotation_seed)
 
 
 def _hqq_range():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpipe.kernels.pages import GroupRange, PageFormat, minmax_range
+from kvpipe.kernels.rotation import randomized_hadamard
 
 POSITION_DTYPE = torch.int32      # a kept slot's logical position
 
@@ -28,6 +29,12 @@ class Quantization:
     method: str = "kivi"
     group_range: GroupRange = minmax_range
     backend: str = "torch"          # which kernels pack it: the cache's backend (``runtime.page_packers``)
+    rotate: str = "none"            # "hadamard": tokens stored as ``x R`` (``kernels.rotation``), turned back on read
+    rotation_seed: int = 0
+
+    def rotation(self, head_dim: int, device: torch.device) -> torch.Tensor | None:
+        """``R [D, D]`` (fp32) tokens are multiplied by before quantization, or ``None`` without rotation."""
+        return None if self.rotate == "none" else randomized_hadamard(head_dim, self.rotation_seed).to(device)
 
     def slot_bytes(self, head_dim: int) -> float:
         """Bytes one quantized token costs, metadata included (amortised over its page)."""

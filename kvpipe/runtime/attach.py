@@ -78,6 +78,11 @@ class Session:
         self.base_attention = base_attention_function(self.base, self.decoder)
         self.backend = resolve_backend(pipeline.spec.backend, next(model.parameters()).device)
         self.layout = plan_layout(pipeline, model, self.backend)      # which layers kvpipe compresses
+        storage = pipeline.storage_stage
+        if self.backend == "triton" and storage is not None and storage.params.rotate != "none":
+            raise UnsupportedModelError(
+                f"stage {storage.id!r} stores rotated codes (rotate: {storage.params.rotate}), which the fused Triton "
+                "kernels do not read yet; set backend: torch")
         if self.backend == "triton" and any(hasattr(attention, "sinks") for attention in attention_modules(model)):
             raise UnsupportedModelError(
                 f"{type(model).__name__} adds attention sinks to every softmax, which the fused Triton decode kernel "

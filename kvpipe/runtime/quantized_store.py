@@ -75,8 +75,27 @@ def stored_format(pipeline: Plan, head_dim: int, backend: str = "torch") -> Quan
 
 def pack_pages(quant: Quantization, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> PackedPages:
     """Pages of ``keys``/``values [P, G, D]`` by the handler registered for ``quant``'s method and backend
-    (``runtime.page_packers``); every handler gives the torch reference's bits (tested)."""
+    (``runtime.page_packers``); every handler gives the torch reference's bits (tested). A rotating format
+    packs ``x R`` (``kernels.rotation``); ``dequantized`` turns it back."""
+    rotation = quant.rotation(keys.shape[-1], keys.device)
+    if rotation is not None:
+        keys, values = keys.float() @ rotation, values.float() @ rotation
     return page_packer(quant.method, quant.backend, quant.fmt)(keys, values, positions, quant.fmt, quant.group_range)
+
+
+def dequantized(pages: PackedPages, quant: Quantization, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys, values [P, G, D]`` of ``pages`` in ``dtype``, turned back from a rotating format's ``x R``."""
+    keys, values = dequantize_pages(pages, quant.fmt, dtype)
+    rotate_back_(quant, keys)
+    rotate_back_(quant, values)
+    return keys, values
+
+
+def rotate_back_(quant: Quantization, tokens: torch.Tensor) -> None:
+    """``tokens [..., D]`` dequantized from a rotating format, turned back in place (``x R Rᵀ = x``; fp32)."""
+    rotation = quant.rotation(tokens.shape[-1], tokens.device)
+    if rotation is not None:
+        tokens.copy_(tokens.float() @ rotation.T)
 
 
 @dataclass
@@ -204,7 +223,7 @@ class QuantizedStore(ValidSlots):
             pages = self._page_positions()
             pages = pages[..., pages[0, 0] >= 0] if pages.shape[0] * pages.shape[1] else pages[..., :0]
             return keys, values, torch.cat([pages, res_positions], -1)
-        page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, dtype)
+        page_keys, page_values = dequantized(self.pages, self.quant, dtype)
         places = self._destinations()
         return (self._laid_out(page_keys, res.keys.to(dtype), places),
                 self._laid_out(page_values, res.values.to(dtype), places),
@@ -251,7 +270,7 @@ class QuantizedStore(ValidSlots):
         ``[B, Hkv, T, D]``. When heads are aligned, pages are dequantized straight into one buffer, taken
         from ``workspace`` if given (valid until the next call: layers attend one after another)."""
         if not self._equal_heads:
-            page_keys, page_values = dequantize_pages(self.pages, self.quant.fmt, tail_keys.dtype)
+            page_keys, page_values = dequantized(self.pages, self.quant, tail_keys.dtype)
             res, places = self.residual, self._destinations()
             return (self._laid_out(page_keys, res.keys.to(tail_keys.dtype), places, tail=tail_keys),
                     self._laid_out(page_values, res.values.to(tail_keys.dtype), places, tail=tail_values))
@@ -266,9 +285,11 @@ class QuantizedStore(ValidSlots):
                 split = (batch, heads, full, group, dim)
                 dequantize_pages_into(full_pages, self.quant.fmt, keys[:, :, at:at + full * group].view(split),
                                       values[:, :, at:at + full * group].view(split))
+                for out in (keys, values):
+                    rotate_back_(self.quant, out[:, :, at:at + full * group])
                 at += full * group
             if partial_page is not None:       # a partly used page: its used slots only, through a page buffer
-                page_keys, page_values = dequantize_pages(partial_page, self.quant.fmt, tail_keys.dtype)
+                page_keys, page_values = dequantized(partial_page, self.quant, tail_keys.dtype)
                 keys[:, :, at:at + used] = page_keys.view(batch, heads, group, dim)[:, :, :used]
                 values[:, :, at:at + used] = page_values.view(batch, heads, group, dim)[:, :, :used]
                 at += used
@@ -355,7 +376,7 @@ def roundtrip(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
     to_pages = (valid.sum(-1) - quant.residual).clamp_min(0)
     into_pages, page, slot, counts = _page_slots(valid, to_pages, quant.fmt.group)
     pages = _quantize_slots(keys, values, positions, into_pages, page, slot, int(counts.sum()), quant)
-    page_keys, page_values = dequantize_pages(pages, quant.fmt, keys.dtype)
+    page_keys, page_values = dequantized(pages, quant, keys.dtype)
     keys, values = keys.clone(), values.clone()
     keys[into_pages], values[into_pages] = page_keys[page, slot], page_values[page, slot]
     return keys, values

@@ -13,8 +13,8 @@ import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpipe.core.quantization import Quantization
-from kvpipe.kernels.pages import PackedPages, dequantize_pages
-from kvpipe.runtime.quantized_store import pack_pages
+from kvpipe.kernels.pages import PackedPages
+from kvpipe.runtime.quantized_store import dequantized, pack_pages
 from kvpipe.runtime.store import storage_bytes
 
 
@@ -52,7 +52,7 @@ class QuantizedWindowLayer(DynamicSlidingWindowLayer):
         if not self.pages:
             return self.keys, self.values
         batch, heads, _, dim = self.keys.shape
-        parts = [dequantize_pages(pages, self.quant.fmt, self.keys.dtype) for pages in self.pages]
+        parts = [dequantized(pages, self.quant, self.keys.dtype) for pages in self.pages]
         keys = [k.view(batch, heads, self.group, dim) for k, _ in parts]
         values = [v.view(batch, heads, self.group, dim) for _, v in parts]
         return torch.cat([*keys, self.keys], -2), torch.cat([*values, self.values], -2)
