@@ -34,7 +34,7 @@ class Quantization:
 
     def rotation(self, head_dim: int, device: torch.device) -> torch.Tensor | None:
         """``R [D, D]`` (fp32) tokens are multiplied by before quantization, or ``None`` without rotation."""
-        return None if self.rotate == "none" else randomized_hadamard(head_dim, self.rotation_seed).to(device)
+        return None if self.rotate == "none" else randomized_hadamard(head_dim, self.rotation_seed, device)
 
     def slot_bytes(self, head_dim: int) -> float:
         """Bytes one quantized token costs, metadata included (amortised over its page)."""
