@@ -135,9 +135,9 @@ def test_eviction_on_full_layers_equals_masking_the_models_own_cache(name, attn,
                 ~allowed, torch.finfo(torch.float32).min)
         return base(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("test_masked", masked)
-    AttentionMaskInterface.register("test_masked", sdpa_mask if attn == "sdpa" else eager_mask)
-    model.set_attn_implementation("test_masked")
+    AttentionInterface.register("test_masked_hybrid", masked)
+    AttentionMaskInterface.register("test_masked_hybrid", sdpa_mask if attn == "sdpa" else eager_mask)
+    model.set_attn_implementation("test_masked_hybrid")
     try:
         reference = step_logits(model, ids, DynamicCache(config=model.config), steps=3)
     finally:
