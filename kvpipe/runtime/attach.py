@@ -29,7 +29,8 @@ from kvpipe.runtime.adapters import (
 )
 from kvpipe.runtime.attention import register_attention
 from kvpipe.runtime.backend import resolve_backend
-from kvpipe.runtime.cache import Binding, KVPipeCache, KVPipeLayer, Storage, cache_bytes, reserved_bytes
+from kvpipe.runtime.binding import Binding
+from kvpipe.runtime.cache import KVPipeCache, KVPipeLayer, Storage, cache_bytes, reserved_bytes
 from kvpipe.runtime.held import held_bytes
 from kvpipe.runtime.layout import plan_layout
 from kvpipe.runtime.model_identity import model_identity

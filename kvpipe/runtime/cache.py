@@ -23,7 +23,6 @@ are not the attached model's and tell attention to read quantized stores itself.
 from __future__ import annotations
 
 import copy
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,11 +32,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from kvpipe.core.context import LayerView
 from kvpipe.core.quantization import Quantization
 from kvpipe.core.shards import LOCAL, HeadShards
-from kvpipe.errors import UnsupportedModelError
 from kvpipe.runtime import adapters
 from kvpipe.runtime.backend import packer
+from kvpipe.runtime.binding import Binding
 from kvpipe.runtime.held import held_bytes
 from kvpipe.runtime.quantized_store import QuantizedStore, Workspace
+from kvpipe.runtime.rows import SelectsRows
 from kvpipe.runtime.store import RaggedStore, Store, storage_bytes
 from kvpipe.runtime.tail import STATIC_TAIL_SLOTS, StaticTail
 from kvpipe.runtime.window_layer import release_cut_storage
@@ -51,51 +51,7 @@ class Storage:
     workspace: Workspace = field(default_factory=Workspace)
 
 
-class PerThread:
-    """A flag of the forward running in the calling thread: forwards on two caches may run at once in two threads
-    (each thread's hooks, attention and cache updates run in that thread), and neither may see the other's."""
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, binding, owner=None):
-        return self if binding is None else getattr(binding.threads, self.name, False)
-
-    def __set__(self, binding, value: bool) -> None:
-        setattr(binding.threads, self.name, value)
-
-
-class Binding:
-    """How an attach drives the caches it made, as flags its hooks set (no model, no session). ``attached`` is the
-    attach's; the forward flags are per thread (``PerThread``)."""
-
-    forward_running = PerThread()    # the attached decoder's forward is running
-    fused_decode = PerThread()       # this forward's one-token attention reads quantized stores itself
-    static_decode = PerThread()      # this forward's one-token updates may write into static tails (none observes)
-
-    def __init__(self, model_name: str, identity: dict | None = None, attached: bool = True):
-        self.model_name = model_name         # for messages
-        self.identity = identity             # the model's (``runtime.model_identity``): what saved caches record
-        self.attached = attached
-        self.threads = threading.local()
-
-    def __getstate__(self) -> dict:
-        return {name: value for name, value in self.__dict__.items() if name != "threads"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, threads=threading.local())
-
-    def check(self) -> None:
-        if not self.attached:
-            raise UnsupportedModelError("this cache belongs to a kvpipe handle that was detached; "
-                                        "create a new cache (or attach again) to keep generating")
-        if not self.forward_running:       # the attached decoder's pre-hook did not run: another model's forward
-            raise UnsupportedModelError(
-                f"this cache belongs to the pipeline attached to a {self.model_name}, but a forward that is not "
-                "that model's is filling it; use handle.cache() only with the model it came from")
-
-
-class KVPipeLayer(DynamicLayer):
+class KVPipeLayer(SelectsRows, DynamicLayer):
     is_croppable = False
 
     def __init__(self, storage: Storage, binding: Binding | None = None):
@@ -201,17 +157,6 @@ class KVPipeLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a kvpipe cache cannot be cropped: evicted tokens cannot be put back")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            rows = torch.arange(self.keys.shape[0], device=self.keys.device)
-            self._select_rows(rows.repeat_interleave(repeats))
 
     def reset(self) -> None:
         super().reset()
@@ -329,9 +274,6 @@ class KVPipeLayer(DynamicLayer):
         return self._static.reserved_bytes if self._static is not None else 0
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        index = index.to(self.keys.device)
         if self._static is not None:
             self._static = self._static.select_rows(index)
         else:

@@ -129,7 +129,7 @@ def whole_model_budget(budget: Budget | None, cache: KVPipeCache) -> Budget | No
     others = [layer for layer in cache.layers if not isinstance(layer, KVPipeLayer)]
     if budget is None or budget.kind != "bytes" or not others:
         return budget
-    compressed_full, _ = uncompressed_bytes(cache.compressed_layers)
-    whole, _ = uncompressed_bytes(cache.layers)
-    share = (budget.bytes * whole - sum(layer_bytes(layer) for layer in others)) / max(compressed_full, 1)
+    (compressed_full, _), (others_full, _) = uncompressed_bytes(cache.compressed_layers), uncompressed_bytes(others)
+    share = (budget.bytes * (compressed_full + others_full) - sum(layer_bytes(layer) for layer in others)) \
+        / max(compressed_full, 1)
     return Budget(bytes=min(max(share, 1e-6), 1.0))

@@ -86,7 +86,8 @@ def bytes_by_role(layers: Sequence) -> dict[str, int]:
     """``kv_bytes`` of cache ``layers`` by kind, in the order compressed, window, state; only kinds present."""
     totals: dict[str, int] = {}
     for layer in layers:
-        totals[role(layer)] = totals.get(role(layer), 0) + layer_bytes(layer)
+        kind = role(layer)
+        totals[kind] = totals.get(kind, 0) + layer_bytes(layer)
     return {kind: totals[kind] for kind in (COMPRESSED, WINDOW, STATE) if kind in totals}
 
 

@@ -15,10 +15,11 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from kvpipe.core.quantization import Quantization
 from kvpipe.kernels.pages import PackedPages
 from kvpipe.runtime.quantized_store import dequantized, pack_pages
+from kvpipe.runtime.rows import SelectsRows
 from kvpipe.runtime.store import storage_bytes
 
 
-class QuantizedWindowLayer(DynamicSlidingWindowLayer):
+class QuantizedWindowLayer(SelectsRows, DynamicSlidingWindowLayer):
     is_croppable = False
 
     def __init__(self, sliding_window: int, quant: Quantization):
@@ -87,29 +88,16 @@ class QuantizedWindowLayer(DynamicSlidingWindowLayer):
             return 0
         return storage_bytes(self.keys, self.values, *(t for pages in self.pages for t in pages.tensors()))
 
-    # --- what transformers asks of a layer besides update ---------------------------------------------
+    # --- what transformers asks of a layer besides update (rows: ``SelectsRows``) ----------------------
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a quantized sliding-window layer cannot be cropped: its older tokens are "
                                   "quantized")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def reset(self) -> None:
         super().reset()
         self.pages = ()
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        index = index.to(self.keys.device)
         batch, heads = self.keys.shape[:2]
         # page p of a chunk is (row p // heads, head p % heads): the rows' pages, in the new row order
         pages = (index[:, None] * heads + torch.arange(heads, device=index.device)).flatten()
@@ -119,9 +107,12 @@ class QuantizedWindowLayer(DynamicSlidingWindowLayer):
 
 def release_cut_storage(layer: DynamicSlidingWindowLayer) -> None:
     """Transformers' window layer keeps its window as a view of the forward's concatenation: after a prefill, the
-    storage of the whole prompt. A copy of the window (same values) lets the rest go."""
-    if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+    storage of the whole prompt. A copy of the window (same values) lets the rest go when more than one token is
+    cut off."""
+    if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[-2]:
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
-            if tensor.untyped_storage().nbytes() > tensor.nbytes:
+            # a decode step leaves one token behind the window (its concatenation of window + 1): not worth a copy
+            # of the window every step
+            if tensor.untyped_storage().nbytes() - tensor.nbytes > tensor.nbytes // tensor.shape[-2]:
                 setattr(layer, name, tensor.clone())
